@@ -1,0 +1,31 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install install-dev bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+## Install loopwise and run the demo on the built-in simulated model (no network, no keys).
+demo: install
+	$(BIN)/loopwise demo
+
+## Install everything the tests need and run the whole test suite.
+test: install-dev
+	$(BIN)/python -m pytest
+
+## Run the benchmarks (they print tables; they are not tests).
+bench: install-dev
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .loopwise .pytest_cache

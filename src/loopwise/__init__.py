@@ -1,0 +1,44 @@
+"""loopwise: a runtime for tool-calling LLM agent loops in production.
+
+A loop that always stops, degrades gracefully when tools fail, keeps its cost
+bounded, explains why it did what it did, and can be debugged after the fact.
+"""
+
+from __future__ import annotations
+
+from ._agent import Agent as Agent
+from ._errors import LoopwiseError as LoopwiseError
+from ._errors import ModelError as ModelError
+from ._errors import UserError as UserError
+from ._events import Event as Event
+from ._limits import Limits as Limits
+from ._messages import Message as Message
+from ._messages import ToolSpec as ToolSpec
+from ._result import RunResult as RunResult
+from ._sqlite import SQLiteStore as SQLiteStore
+from ._store import EventStore as EventStore
+from ._store import MemoryStore as MemoryStore
+from ._tools import RunContext as RunContext
+from ._tools import Tool as Tool
+from ._tools import tool as tool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "Event",
+    "EventStore",
+    "Limits",
+    "LoopwiseError",
+    "MemoryStore",
+    "Message",
+    "ModelError",
+    "RunContext",
+    "RunResult",
+    "SQLiteStore",
+    "Tool",
+    "ToolSpec",
+    "UserError",
+    "__version__",
+    "tool",
+]

@@ -1,0 +1,215 @@
+"""`Agent`: a model, instructions, tools and limits; `run` makes one run of the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import anyio
+
+from ._errors import UserError
+from ._events import Event
+from ._limits import Limits
+from ._messages import Message, ToolSpec
+from ._result import RunResult
+from ._run import Run
+from ._store import EventStore
+from ._tools import Tool, tool
+from .models._base import Model
+from .models._resolve import resolve_model
+
+__all__ = ["Agent"]
+
+Task = str | Sequence[Message]
+DEFAULT_MAX_TOKENS = 1024
+_NOT_YET = {"context": "context policies (SlidingWindow)", "control": "the control plane", "expectations": "the decision log"}
+
+# Run ids being executed in this process: a reused id is refused even before its
+# first events are committed.
+_active_run_ids: set[str] = set()
+
+
+def _default_store() -> EventStore:
+    from ._sqlite import SQLiteStore, default_db_path
+
+    path = default_db_path().absolute()
+    store = _default_stores.get(path)
+    if store is None:
+        store = _default_stores[path] = SQLiteStore(path)
+    return store
+
+
+_default_stores: dict[Any, EventStore] = {}
+
+
+def _task_messages(task: Task) -> list[Message]:
+    if isinstance(task, str):
+        return [Message("user", task)]
+    if isinstance(task, Message):
+        return [task]
+    if isinstance(task, Sequence) and task:
+        messages = list(task)
+        for i, m in enumerate(messages):
+            if not isinstance(m, Message):
+                raise UserError(f"task[{i}] is a {type(m).__name__}; a task is a str or a list of loopwise.Message")
+        return messages
+    raise UserError(f"task must be a non-empty str or list of loopwise.Message, got {task!r:.80}")
+
+
+class Agent:
+    """A model with instructions, tools and limits. Each `run` is one run of the loop.
+
+    Args:
+        model: A `Model` instance, or a string such as ``"openai:gpt-4o-mini"``.
+        instructions: The system prompt (the first message of every request).
+        tools: Tools made with `@loopwise.tool` (plain functions are wrapped).
+        limits: The limits each run is held to (default: `Limits()`, 8 iterations).
+        store: Where the event log goes (default: `SQLiteStore` at ``$LOOPWISE_DB`` or
+            ``.loopwise/loopwise.db``).
+        name: A name for logs and `loopwise runs` (default: ``"agent"``).
+        max_tokens: The `max_tokens` sent with every model call.
+        deps: Passed to tools as `RunContext.deps` (a run's own `deps` overrides it).
+    """
+
+    def __init__(
+        self,
+        model: Model | str,
+        *,
+        instructions: str | None = None,
+        tools: Sequence[Tool | Callable[..., Any]] = (),
+        limits: Limits | None = None,
+        store: EventStore | None = None,
+        name: str = "agent",
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        deps: Any = None,
+        **unsupported: Any,
+    ) -> None:
+        if unsupported:
+            names = ", ".join(sorted(unsupported))
+            later = [f"{k} ({_NOT_YET[k]})" for k in sorted(unsupported) if k in _NOT_YET]
+            if later:
+                raise UserError(
+                    f"Agent({names}=...) is not implemented in this version of loopwise: "
+                    f"{', '.join(later)}; remove it rather than rely on a setting that would be ignored"
+                )
+            raise UserError(f"Agent got unknown option(s) {names}")
+        self.model: Model = resolve_model(model)
+        if instructions is not None and not isinstance(instructions, str):
+            raise UserError(f"instructions must be a str, got {type(instructions).__name__}")
+        self.instructions = instructions or None
+        if limits is None:
+            limits = Limits()
+        elif not isinstance(limits, Limits):
+            raise UserError(f"limits must be a loopwise.Limits, got {type(limits).__name__}")
+        self.limits = limits
+        if store is not None and not isinstance(store, EventStore):
+            raise UserError(
+                f"store must be an EventStore such as loopwise.SQLiteStore(path) or loopwise.MemoryStore(), "
+                f"got {type(store).__name__}"
+            )
+        self._store = store
+        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+            raise UserError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
+        self.max_tokens = max_tokens
+        self.name = name
+        self.deps = deps
+        if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
+            raise UserError("tools must be a list of tools (functions decorated with @loopwise.tool)")
+        self.tools: list[Tool] = [t if isinstance(t, Tool) else tool(t) for t in tools]
+        self.tools_by_name: dict[str, Tool] = {}
+        for t in self.tools:
+            if t.name in self.tools_by_name:
+                raise UserError(f"two tools are named {t.name!r}; give one another name with @tool(name=...)")
+            self.tools_by_name[t.name] = t
+        self.tool_specs: list[ToolSpec] = [t.spec for t in self.tools]
+
+    @property
+    def store(self) -> EventStore:
+        """The event store runs are written to."""
+        if self._store is None:
+            self._store = _default_store()
+        return self._store
+
+    def describe(self) -> dict[str, Any]:
+        """What the run-started event records about this agent."""
+        return {
+            "name": self.name,
+            "model": self.model.describe(),
+            "tools": [t.name for t in self.tools],
+            "max_tokens": self.max_tokens,
+        }
+
+    def __repr__(self) -> str:
+        return f"Agent(name={self.name!r}, model={self.model.name!r}, tools={[t.name for t in self.tools]})"
+
+    # -- running -------------------------------------------------------------------
+
+    def _prepare(self, task: Task, run_id: str | None, tags: Sequence[str], deps: Any,
+                 sink: Callable[[Event], None] | None) -> Run:
+        messages = _task_messages(task)
+        if isinstance(tags, str):
+            raise UserError(f"tags must be a list of str, got the str {tags!r}; write tags=[{tags!r}]")
+        tags = tuple(tags)
+        for t in tags:
+            if not isinstance(t, str) or not t:
+                raise UserError(f"each tag must be a non-empty str, got {t!r}")
+        store = self.store
+        if run_id is None:
+            run_id = uuid.uuid4().hex
+        else:
+            if not isinstance(run_id, str) or not run_id:
+                raise UserError(f"run_id must be a non-empty str, got {run_id!r}")
+            if run_id in _active_run_ids or store.has_run(run_id):
+                raise UserError(f"a run with id {run_id!r} already exists; use agent.resume({run_id!r}) "
+                                "to continue it, or choose another id")
+        return Run(self, run_id=run_id, task=messages, tags=tags, deps=self.deps if deps is None else deps,
+                   store=store, sink=sink)
+
+    async def _execute(self, run: Run) -> RunResult:
+        _active_run_ids.add(run.run_id)
+        try:
+            finished = await run.execute()
+        finally:
+            _active_run_ids.discard(run.run_id)
+        return RunResult.from_events([run.started, finished])
+
+    async def run(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None) -> RunResult:
+        """Run the loop on `task` until a stop reason; return the result.
+
+        Limits, model failures and tool errors end the run with a stop reason; they
+        are not raised. Only configuration mistakes raise `UserError`, before the run
+        starts. Cancelling the caller writes the run's end as `killed` and propagates.
+        """
+        return await self._execute(self._prepare(task, run_id, tags, deps, None))
+
+    def run_sync(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None) -> RunResult:
+        """`run`, for code without an event loop. Ctrl-C ends the run as `killed`."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise UserError("run_sync() was called inside a running event loop; use `await agent.run(...)` there")
+        return asyncio.run(self.run(task, run_id=run_id, tags=tags, deps=deps))
+
+    async def stream(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None) -> AsyncIterator[Event]:
+        """Yield the run's events as they happen; the last one is `run_finished`.
+
+        Use it with `contextlib.aclosing` if you may stop iterating early: closing the
+        stream cancels the run, which ends as `killed`.
+        """
+        send, receive = anyio.create_memory_object_stream[Event](math.inf)
+        run = self._prepare(task, run_id, tags, deps, send.send_nowait)
+
+        async def execute() -> None:
+            with send:
+                await self._execute(run)
+
+        async with anyio.create_task_group() as tg, receive:
+            tg.start_soon(execute)
+            async for event in receive:
+                yield event
+

@@ -1,0 +1,63 @@
+"""loopwise's exceptions, in one tree.
+
+```
+LoopwiseError
+├── UserError            a developer mistake, raised before a run starts
+│                        (bad configuration, unknown run id, reused run id, ...)
+└── ModelError           a model call failed; mapped at the adapter edge
+    ├── ModelHTTPError     the provider answered with an error status
+    ├── ModelTimeoutError  the provider did not answer in time
+    ├── ModelConnectionError  the provider could not be reached
+    └── ModelBehaviorError the model returned something the runtime cannot use
+```
+
+A run stopped by a limit, a kill or a model failure is not an exception: it is a
+`RunResult` whose `stop_reason` says why. `ModelError`s end a run as `error`
+(recorded in the log and returned in the result). Only `UserError` is raised to
+the caller, and only before a run starts.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LoopwiseError",
+    "ModelBehaviorError",
+    "ModelConnectionError",
+    "ModelError",
+    "ModelHTTPError",
+    "ModelTimeoutError",
+    "UserError",
+]
+
+
+class LoopwiseError(Exception):
+    """Base class of every exception loopwise raises."""
+
+
+class UserError(LoopwiseError):
+    """A developer mistake: the message names what is wrong and how to fix it."""
+
+
+class ModelError(LoopwiseError):
+    """A model call failed. Ends the run with stop reason `error`."""
+
+
+class ModelHTTPError(ModelError):
+    """The provider answered with an HTTP error status."""
+
+    def __init__(self, message: str, *, status_code: int, body: object = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body
+
+
+class ModelTimeoutError(ModelError):
+    """The provider did not answer within the model's timeout."""
+
+
+class ModelConnectionError(ModelError):
+    """The provider could not be reached."""
+
+
+class ModelBehaviorError(ModelError):
+    """The model (or a test double) returned something the runtime cannot use."""

@@ -1,0 +1,244 @@
+"""The event log's types: every run is an append-only sequence of these.
+
+Each event is a plain dataclass with a `kind` discriminator, the `run_id`, its
+position `seq` in the run (0, 1, 2, ...) and `ts`, the runtime clock's wall time
+(seconds since the epoch) when it happened. Results, the CLI and every other
+view are computed from these events.
+
+```
+run_started          task, instructions, agent, limits, tags
+  iteration_started  iteration
+    model_call_started / model_call_finished     (purpose: think | final_answer)
+    tool_call_started / tool_call_finished       (one pair per tool call)
+    nudge                                         (a user message the runtime adds)
+  limit_hit          which limit stopped the run, and why
+run_finished         stop reason, output, totals
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+
+from ._messages import Message, ToolCall, Usage
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
+
+__all__ = [
+    "ErrorInfo",
+    "Event",
+    "IterationStarted",
+    "LimitHit",
+    "ModelCallFinished",
+    "ModelCallStarted",
+    "Nudge",
+    "RunFinished",
+    "RunStarted",
+    "StopReason",
+    "ToolCallFinished",
+    "ToolCallStarted",
+    "ToolOutcome",
+    "dump_events",
+    "load_events",
+]
+
+StopReason = Literal["done", "max_iterations", "budget", "deadline", "killed", "runaway", "error"]
+STOP_REASONS: tuple[str, ...] = ("done", "max_iterations", "budget", "deadline", "killed", "runaway", "error")
+ToolOutcome = Literal["ok", "error", "invalid_arguments", "unknown_tool", "not_executed"]
+ModelCallPurpose = Literal["think", "final_answer"]
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ErrorInfo:
+    """An exception, as recorded in the log."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, with_traceback: bool = False) -> ErrorInfo:
+        tb = None
+        if with_traceback:
+            import traceback
+
+            tb = "".join(traceback.format_exception(exc))
+        return cls(type=type(exc).__name__, message=str(exc), traceback=tb)
+
+
+@dataclass(kw_only=True, slots=True)
+class RunStarted:
+    kind: Literal["run_started"] = "run_started"
+    run_id: str
+    seq: int
+    ts: float
+    task: list[Message]
+    instructions: str | None = None
+    agent: dict[str, Any] = field(default_factory=dict)
+    limits: dict[str, Any] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True, slots=True)
+class IterationStarted:
+    kind: Literal["iteration_started"] = "iteration_started"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelCallStarted:
+    kind: Literal["model_call_started"] = "model_call_started"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    purpose: ModelCallPurpose = "think"
+    model: str
+    n_messages: int
+    n_tools: int
+    max_tokens: int | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelCallFinished:
+    kind: Literal["model_call_finished"] = "model_call_finished"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    purpose: ModelCallPurpose = "think"
+    text: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    usage_estimated: bool = False
+    cost_usd: float = 0.0
+    latency_s: float = 0.0
+    error: ErrorInfo | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ToolCallStarted:
+    kind: Literal["tool_call_started"] = "tool_call_started"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    call_id: str
+    name: str
+    arguments: dict[str, Any] | str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ToolCallFinished:
+    kind: Literal["tool_call_finished"] = "tool_call_finished"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    call_id: str
+    name: str
+    outcome: ToolOutcome
+    #: The tool message the model reads next.
+    content: str
+    latency_s: float = 0.0
+    error: ErrorInfo | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class Nudge:
+    """A user message the runtime adds to the conversation, and why."""
+
+    kind: Literal["nudge"] = "nudge"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    content: str
+    reason: str
+
+
+@dataclass(kw_only=True, slots=True)
+class LimitHit:
+    kind: Literal["limit_hit"] = "limit_hit"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    limit: StopReason
+    detail: str
+
+
+@dataclass(kw_only=True, slots=True)
+class RunFinished:
+    kind: Literal["run_finished"] = "run_finished"
+    run_id: str
+    seq: int
+    ts: float
+    stop_reason: StopReason
+    output: str | None = None
+    iterations: int = 0
+    model_calls: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    duration_s: float = 0.0
+    reason: str | None = None
+    error: ErrorInfo | None = None
+
+
+Event = Union[
+    RunStarted,
+    IterationStarted,
+    ModelCallStarted,
+    ModelCallFinished,
+    ToolCallStarted,
+    ToolCallFinished,
+    Nudge,
+    LimitHit,
+    RunFinished,
+]
+
+
+@cache
+def _adapter() -> TypeAdapter[list[Event]]:
+    from pydantic import Field, TypeAdapter
+
+    return TypeAdapter(list[Annotated[Event, Field(discriminator="kind")]])
+
+
+@cache
+def _one_adapter() -> TypeAdapter[Event]:
+    from pydantic import Field, TypeAdapter
+
+    return TypeAdapter(Annotated[Event, Field(discriminator="kind")])
+
+
+def dump_events(events: list[Event]) -> list[bytes]:
+    """Each event as JSON bytes (what the stores persist)."""
+    dump = _one_adapter().dump_json
+    return [dump(e) for e in events]
+
+
+def dump_event(event: Event) -> bytes:
+    return _one_adapter().dump_json(event)
+
+
+def load_event(data: str | bytes) -> Event:
+    """One event from its JSON form; raises pydantic's ValidationError if it is not one."""
+    return _one_adapter().validate_json(data)
+
+
+def load_events(rows: list[str | bytes]) -> list[Event]:
+    load = _one_adapter().validate_json
+    return [load(r) for r in rows]
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """An event as plain JSON-compatible data (for `--json` output and exports)."""
+    return _one_adapter().dump_python(event, mode="json")

@@ -1,0 +1,61 @@
+"""Per-run limits. A run stopped by a limit has the limit's name as its stop reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._errors import UserError
+
+__all__ = ["Limits"]
+
+# Limits that PRODUCT.md promises and a later version brings. Accepting one before it
+# is enforced would be the seed post's $47 night, so they are refused by name.
+_NOT_YET = ("budget_usd", "budget_tokens", "deadline_s")
+
+
+class Limits:
+    """The limits every run of an agent is held to.
+
+    Args:
+        max_iterations: The most THINK steps a run may take (the seed post's rule:
+            a hard cap of 8). The THINK that returns the final answer counts.
+        final_answer_on_limit: When a limit stops the run, make one last call with
+            tools disabled asking for a best-effort answer. `stop_reason` still names
+            the limit.
+    """
+
+    __slots__ = ("final_answer_on_limit", "max_iterations")
+
+    def __init__(self, *, max_iterations: int = 8, final_answer_on_limit: bool = True, **unsupported: Any) -> None:
+        if unsupported:
+            pending = sorted(k for k in unsupported if k in _NOT_YET)
+            unknown = sorted(k for k in unsupported if k not in _NOT_YET)
+            if unknown:
+                raise UserError(
+                    f"Limits got unknown option(s) {', '.join(unknown)}; "
+                    "options: max_iterations, final_answer_on_limit"
+                )
+            raise UserError(
+                f"Limits({', '.join(pending)}=...) is not implemented in this version of loopwise; "
+                "remove it rather than rely on a limit that would not be enforced"
+            )
+        if type(max_iterations) is not int or max_iterations < 1:
+            raise UserError(
+                f"Limits(max_iterations={max_iterations!r}) must be an int >= 1 "
+                "(the seed post's rule: 8 for any single task)"
+            )
+        if type(final_answer_on_limit) is not bool:
+            raise UserError(f"Limits(final_answer_on_limit={final_answer_on_limit!r}) must be True or False")
+        self.max_iterations = max_iterations
+        self.final_answer_on_limit = final_answer_on_limit
+
+    def __repr__(self) -> str:
+        return f"Limits(max_iterations={self.max_iterations}, final_answer_on_limit={self.final_answer_on_limit})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Limits) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_iterations": self.max_iterations, "final_answer_on_limit": self.final_answer_on_limit}

@@ -1,0 +1,438 @@
+"""One run of the loop: THINK → ACT → OBSERVE → REFINE → CHECK, until a stop reason.
+
+`Run` holds a run's state and emits its events; it is the only writer of the log
+for that run. Each pass of the loop:
+
+1. THINK: one model call with the context and the tool specs.
+2. ACT: every tool call of that response starts at once and runs concurrently.
+3. OBSERVE: results and errors become tool messages, in the order the model asked.
+4. REFINE: the context the next THINK sees (this version keeps the whole transcript).
+5. CHECK: the iteration cap.
+
+Events are buffered in memory and handed to the store before every model call and at
+the end, so an iteration's events are durable before the next model call starts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._errors import ModelBehaviorError
+from ._events import (
+    ErrorInfo,
+    Event,
+    IterationStarted,
+    LimitHit,
+    ModelCallFinished,
+    ModelCallStarted,
+    Nudge,
+    RunFinished,
+    RunStarted,
+    StopReason,
+    ToolCallFinished,
+    ToolCallStarted,
+)
+from ._messages import Message, ToolCall, Usage
+from ._runvars import CurrentRun, current_run
+from ._tools import RunContext, Tool, ToolArgumentsError
+from .models._base import ModelRequest, ModelResponse
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+    from ._store import EventStore
+
+__all__ = ["Run"]
+
+_wall = time.time
+_mono = time.perf_counter
+
+NOT_EXECUTED = "not executed: iteration limit reached"
+FINAL_ANSWER_PROMPT = (
+    "You have reached the limit of {limit} iterations, so tools are disabled now. "
+    "Give your best final answer from what you already know."
+)
+EMPTY_RESPONSE_NUDGE = (
+    "Your last response was empty (no text and no tool calls). "
+    "Call a tool or give your final answer."
+)
+LENGTH_NUDGE = (
+    "Your last answer was cut off by the max_tokens limit, so it is not a final answer. "
+    "Give a shorter complete answer."
+)
+# How long a stopping run may take to write its last events when shielded from cancellation.
+FINISH_TIMEOUT_S = 5.0
+
+
+def _estimate_tokens(text: str | None) -> int:
+    return 0 if not text else max(1, len(text.encode()) // 4)
+
+
+def _tool_content(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    from pydantic_core import to_json
+
+    return to_json(value, fallback=str).decode()
+
+
+class _Stop(Exception):
+    """Internal: the loop has decided to stop."""
+
+    def __init__(self, reason: StopReason, detail: str | None = None, error: ErrorInfo | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.error = error
+
+
+class Run:
+    """The state of one run, and the loop that advances it."""
+
+    __slots__ = (
+        "agent",
+        "cost_usd",
+        "current",
+        "deps",
+        "iteration",
+        "model_calls",
+        "output",
+        "pending",
+        "run_id",
+        "seq",
+        "sink",
+        "started",
+        "started_mono",
+        "store",
+        "tags",
+        "transcript",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        run_id: str,
+        task: list[Message],
+        tags: tuple[str, ...],
+        deps: Any,
+        store: EventStore,
+        sink: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.agent = agent
+        self.run_id = run_id
+        self.tags = tags
+        self.deps = deps
+        self.store = store
+        self.sink = sink
+        self.pending: list[Event] = []
+        self.seq = 0
+        self.iteration = 0
+        self.model_calls = 0
+        self.usage = Usage()
+        self.cost_usd = 0.0
+        self.output: str | None = None
+        self.transcript: list[Message] = (
+            [Message("system", agent.instructions), *task] if agent.instructions else list(task)
+        )
+        self.current = CurrentRun(run_id)
+        self.started_mono = 0.0
+        self.started = RunStarted(
+                run_id=run_id,
+                seq=0,
+                ts=_wall(),
+                task=task,
+                instructions=agent.instructions,
+                agent=agent.describe(),
+                limits=agent.limits.to_dict(),
+                tags=list(tags),
+        )
+        self._emit(self.started)
+
+    # -- the log -------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        self.seq += 1
+        self.pending.append(event)
+        if self.sink is not None:
+            self.sink(event)
+
+    async def _flush(self) -> None:
+        if self.pending:
+            batch, self.pending = self.pending, []
+            waiter = self.store.write(batch)
+            if waiter is not None:
+                await waiter
+
+    # -- the run -------------------------------------------------------------------
+
+    async def execute(self) -> RunFinished:
+        """Run to a stop reason; the run's end is written to the log in every case."""
+        token = current_run.set(self.current)
+        self.started_mono = _mono()
+        try:
+            try:
+                stop = await self._loop()
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True), anyio.move_on_after(FINISH_TIMEOUT_S):
+                    await self._finish(_Stop("killed", "cancelled by caller"))
+                raise
+            except _Stop as s:
+                stop = s
+            except Exception as exc:  # a bug or a store failure: recorded, not lost
+                stop = _Stop("error", f"internal error: {type(exc).__name__}: {exc}",
+                             ErrorInfo.from_exception(exc, with_traceback=True))
+            return await self._finish(stop)
+        finally:
+            current_run.reset(token)
+
+    async def _finish(self, stop: _Stop) -> RunFinished:
+        event = RunFinished(
+            run_id=self.run_id,
+            seq=self.seq,
+            ts=_wall(),
+            stop_reason=stop.reason,
+            output=self.output,
+            iterations=self.iteration,
+            model_calls=self.model_calls,
+            usage=Usage(
+                self.usage.input_tokens,
+                self.usage.output_tokens,
+                self.usage.cached_input_tokens,
+                self.usage.reasoning_tokens,
+            ),
+            cost_usd=self.cost_usd,
+            duration_s=_mono() - self.started_mono,
+            reason=stop.detail,
+            error=stop.error,
+        )
+        self._emit(event)
+        await self._flush()
+        return event
+
+    async def _loop(self) -> _Stop:
+        agent = self.agent
+        max_iterations = agent.limits.max_iterations
+        specs = agent.tool_specs
+        while True:
+            self.iteration += 1
+            iteration = self.iteration
+            self._emit(IterationStarted(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration))
+            # THINK
+            response = await self._think(iteration, specs, "think")
+            calls = response.tool_calls
+            if not calls:
+                text = response.text
+                if response.finish_reason == "length":
+                    self.transcript.append(Message("assistant", text))
+                    self._nudge(iteration, LENGTH_NUDGE, "the answer was cut by max_tokens")
+                elif text is None or not text.strip():
+                    self._nudge(iteration, EMPTY_RESPONSE_NUDGE, "the model returned an empty response")
+                else:
+                    self.transcript.append(Message("assistant", text))
+                    self.output = text
+                    return _Stop("done")
+            else:
+                calls = self._assign_ids(iteration, calls)
+                self.transcript.append(Message("assistant", response.text, tuple(calls)))
+                if iteration >= max_iterations:
+                    self._skip_tools(iteration, calls)
+                    return await self._limit_stop(iteration, "max_iterations",
+                                                  f"iteration limit of {max_iterations} reached with tool calls pending")
+                # ACT + OBSERVE
+                await self._act(iteration, calls)
+            # CHECK
+            if iteration >= max_iterations:
+                return await self._limit_stop(iteration, "max_iterations",
+                                              f"iteration limit of {max_iterations} reached without a final answer")
+
+    def _nudge(self, iteration: int, content: str, reason: str) -> None:
+        self.transcript.append(Message("user", content))
+        self._emit(Nudge(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, content=content, reason=reason))
+
+    async def _limit_stop(self, iteration: int, limit: StopReason, detail: str) -> _Stop:
+        self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, limit=limit, detail=detail))
+        if self.agent.limits.final_answer_on_limit:
+            self._nudge(iteration, FINAL_ANSWER_PROMPT.format(limit=self.agent.limits.max_iterations),
+                        "best-effort answer after a limit")
+            try:
+                response = await self._think(iteration, [], "final_answer")
+            except _Stop:
+                pass  # the failed call is in the log; the run still stops for the limit
+            else:
+                if response.text and response.text.strip():
+                    self.transcript.append(Message("assistant", response.text))
+                    self.output = response.text
+        return _Stop(limit, detail)
+
+    # -- THINK ---------------------------------------------------------------------
+
+    async def _think(self, iteration: int, specs: list, purpose: str) -> ModelResponse:
+        agent = self.agent
+        model = agent.model
+        request = ModelRequest(messages=list(self.transcript), tools=specs, max_tokens=agent.max_tokens)
+        self.model_calls += 1
+        self.current.model_calls = self.model_calls
+        self._emit(
+            ModelCallStarted(
+                run_id=self.run_id,
+                seq=self.seq,
+                ts=_wall(),
+                iteration=iteration,
+                purpose=purpose,  # type: ignore[arg-type]
+                model=model.name,
+                n_messages=len(request.messages),
+                n_tools=len(specs),
+                max_tokens=agent.max_tokens,
+            )
+        )
+        await self._flush()  # the log is durable before every model call
+        started = _mono()
+        error: ErrorInfo | None = None
+        response: ModelResponse | None = None
+        try:
+            response = await model.request(request)
+            self._check_response(response)
+        except Exception as exc:
+            error = ErrorInfo.from_exception(exc)
+            response = None
+        latency = _mono() - started
+        if response is None:
+            self._emit(
+                ModelCallFinished(
+                    run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
+                    purpose=purpose, latency_s=latency, error=error,  # type: ignore[arg-type]
+                )
+            )
+            raise _Stop("error", f"model call failed: {error.type}: {error.message}", error)  # type: ignore[union-attr]
+        usage, estimated = self._usage_of(request, response)
+        price = model.price
+        cost = price.cost(usage) if price is not None else 0.0
+        self.usage.add(usage)
+        self.cost_usd += cost
+        self._emit(
+            ModelCallFinished(
+                run_id=self.run_id,
+                seq=self.seq,
+                ts=_wall(),
+                iteration=iteration,
+                purpose=purpose,  # type: ignore[arg-type]
+                text=response.text,
+                tool_calls=list(response.tool_calls),
+                finish_reason=response.finish_reason,
+                usage=usage,
+                usage_estimated=estimated,
+                cost_usd=cost,
+                latency_s=latency,
+            )
+        )
+        return response
+
+    @staticmethod
+    def _check_response(response: Any) -> None:
+        if not isinstance(response, ModelResponse):
+            raise ModelBehaviorError(f"the model returned {type(response).__name__}, not a ModelResponse")
+        if response.text is not None and not isinstance(response.text, str):
+            raise ModelBehaviorError(f"ModelResponse.text is {type(response.text).__name__}, not a str")
+        calls = response.tool_calls
+        if not isinstance(calls, (list, tuple)):
+            raise ModelBehaviorError(f"ModelResponse.tool_calls is {type(calls).__name__}, not a list")
+        for call in calls:
+            if not isinstance(call, ToolCall):
+                raise ModelBehaviorError(f"ModelResponse.tool_calls holds a {type(call).__name__}, not a ToolCall")
+
+    @staticmethod
+    def _usage_of(request: ModelRequest, response: ModelResponse) -> tuple[Usage, bool]:
+        usage = response.usage
+        if usage is not None:
+            values = (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.reasoning_tokens)
+            if all(type(v) is int and v >= 0 for v in values):
+                return usage, False
+        # Missing or nonsensical usage: estimate from the text, and say so in the log.
+        input_tokens = sum(4 + _estimate_tokens(m.content) for m in request.messages)
+        output_tokens = _estimate_tokens(response.text) + sum(
+            _estimate_tokens(c.name) + _estimate_tokens(c.arguments if isinstance(c.arguments, str) else repr(c.arguments))
+            for c in response.tool_calls
+        )
+        return Usage(input_tokens, output_tokens), True
+
+    # -- ACT + OBSERVE -------------------------------------------------------------
+
+    @staticmethod
+    def _assign_ids(iteration: int, calls: list[ToolCall]) -> list[ToolCall]:
+        """Give every call a unique id (deterministic where the provider gave none)."""
+        seen: set[str] = set()
+        out = []
+        for index, call in enumerate(calls):
+            call_id = call.id if isinstance(call.id, str) and call.id else f"lw-{iteration}-{index}"
+            if call_id in seen:
+                call_id = f"{call_id}-{index}"
+            seen.add(call_id)
+            out.append(call if call_id == call.id else ToolCall(call.name, call.arguments, call_id))
+        return out
+
+    def _skip_tools(self, iteration: int, calls: list[ToolCall]) -> None:
+        for call in calls:
+            self._tool_started(iteration, call)
+            self._tool_finished(iteration, call, "not_executed", NOT_EXECUTED, 0.0, None)
+            self.transcript.append(Message("tool", NOT_EXECUTED, tool_call_id=call.id))
+
+    def _tool_started(self, iteration: int, call: ToolCall) -> None:
+        self._emit(ToolCallStarted(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
+                                   call_id=call.id, name=str(call.name), arguments=call.arguments))  # type: ignore[arg-type]
+
+    def _tool_finished(self, iteration: int, call: ToolCall, outcome: str, content: str,
+                       latency: float, error: ErrorInfo | None) -> None:
+        self._emit(ToolCallFinished(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
+                                    call_id=call.id, name=str(call.name), outcome=outcome,  # type: ignore[arg-type]
+                                    content=content, latency_s=latency, error=error))  # type: ignore[arg-type]
+
+    async def _act(self, iteration: int, calls: list[ToolCall]) -> None:
+        tools = self.agent.tools_by_name
+        contents: list[str] = [""] * len(calls)
+        runnable: list[tuple[int, ToolCall, Tool, dict[str, Any]]] = []
+        for index, call in enumerate(calls):
+            self._tool_started(iteration, call)
+            tool = tools.get(call.name) if isinstance(call.name, str) else None
+            if tool is None:
+                content = (f"error: unknown tool {call.name!r}; available tools: "
+                           f"{', '.join(tools) or '(none)'}")
+                self._tool_finished(iteration, call, "unknown_tool", content, 0.0, None)
+                contents[index] = content
+                continue
+            try:
+                kwargs = tool.validate(call.arguments)
+            except ToolArgumentsError as exc:
+                content = f"error: {tool.name}: {exc}"
+                self._tool_finished(iteration, call, "invalid_arguments", content, 0.0,
+                                    ErrorInfo(type="ToolArgumentsError", message=str(exc)))
+                contents[index] = content
+                continue
+            runnable.append((index, call, tool, kwargs))
+        if len(runnable) == 1:
+            await self._call_tool(iteration, contents, *runnable[0])
+        elif runnable:
+            async with anyio.create_task_group() as tg:
+                for item in runnable:
+                    tg.start_soon(self._call_tool, iteration, contents, *item)
+        for call, content in zip(calls, contents):
+            self.transcript.append(Message("tool", content, tool_call_id=call.id))
+
+    async def _call_tool(self, iteration: int, contents: list[str], index: int, call: ToolCall,
+                         tool: Tool, kwargs: dict[str, Any]) -> None:
+        ctx = RunContext(run_id=self.run_id, call_id=call.id, iteration=iteration,  # type: ignore[arg-type]
+                         tags=self.tags, deps=self.deps)
+        started = _mono()
+        try:
+            value = await tool.call(kwargs, ctx)
+            content = _tool_content(value)
+        except Exception as exc:
+            latency = _mono() - started
+            content = f"error: {tool.name} raised {type(exc).__name__}: {exc}"
+            self._tool_finished(iteration, call, "error", content, latency, ErrorInfo.from_exception(exc))
+        else:
+            self._tool_finished(iteration, call, "ok", content, _mono() - started, None)
+        contents[index] = content

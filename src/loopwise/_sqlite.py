@@ -1,0 +1,302 @@
+"""The SQLite event store: the default, durable across process crashes.
+
+Writes go through one writer thread per store. The loop hands it a batch (one per
+iteration) and awaits a future; the thread commits every batch waiting in its queue
+in one transaction (group commit: 1,000 concurrent runs cost a few commits, not
+1,000) and resolves the futures. sqlite3 releases the GIL while it does I/O.
+
+The database runs in WAL mode with ``synchronous=NORMAL``: a commit survives a
+crash of the process (the loop only moves on once its batch is committed), but
+not a power loss or an OS crash, which may lose the last commits.
+Several processes may share one file; a busy timeout makes them wait their turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import queue
+import sqlite3
+import threading
+import weakref
+from collections.abc import Awaitable
+from pathlib import Path
+
+from ._errors import UserError
+from ._events import Event, RunFinished, RunStarted, dump_event, load_event
+from ._store import EventStore, RunSummary
+
+__all__ = ["SQLiteStore", "default_db_path"]
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 10_000
+_MAX_BATCH = 1024
+
+# Migrations from version N-1 to N, applied in order inside one transaction.
+_MIGRATIONS: dict[int, str] = {
+    1: """
+        CREATE TABLE events (
+            run_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            ts REAL NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        ) WITHOUT ROWID;
+        CREATE INDEX events_kind_ts ON events (kind, ts);
+    """,
+}
+
+
+def default_db_path() -> Path:
+    """`$LOOPWISE_DB`, or `.loopwise/loopwise.db` in the current directory."""
+    return Path(os.environ.get("LOOPWISE_DB") or Path(".loopwise") / "loopwise.db")
+
+
+def _connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=check_same_thread
+    )
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def _not_ours(path: Path, why: str) -> UserError:
+    return UserError(
+        f"{path} is not a loopwise database ({why}); pass --db / set $LOOPWISE_DB to a loopwise "
+        "database or to a new file path"
+    )
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise _not_ours(path, str(exc)) from None
+    if version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise UserError(
+            f"{path} was written by a newer loopwise (schema {version}, this one knows {SCHEMA_VERSION}); "
+            "upgrade loopwise to read it"
+        )
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
+        if version == 0:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            if tables:
+                raise _not_ours(path, f"it holds other tables: {', '.join(sorted(tables)[:5])}")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+class _Writer(threading.Thread):
+    """Commits queued batches, many at a time, and resolves their futures."""
+
+    def __init__(self, path: Path, q: queue.SimpleQueue) -> None:
+        super().__init__(name=f"loopwise-sqlite-writer:{path.name}", daemon=True)
+        self.path = path
+        self.queue = q
+
+    def run(self) -> None:
+        conn = _connect(self.path)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        get, get_nowait = self.queue.get, self.queue.get_nowait
+        try:
+            while True:
+                item = get()
+                if item is None:
+                    return
+                batch = [item]
+                stop = False
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        nxt = get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                self._commit(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list) -> None:
+        errors: list[BaseException | None]
+        try:
+            self._insert(conn, [e for events, _, _ in batch for e in events])
+            errors = [None] * len(batch)
+        except Exception:
+            # Isolate the failing batch (say, a duplicate run id) from the others.
+            errors = []
+            for events, _, _ in batch:
+                try:
+                    self._insert(conn, events)
+                    errors.append(None)
+                except Exception as exc:
+                    errors.append(exc)
+        by_loop: dict[object, list] = {}
+        for (_, loop, fut), err in zip(batch, errors):
+            if fut is None:
+                if isinstance(loop, threading.Event):
+                    loop.set()
+                continue
+            by_loop.setdefault(loop, []).append((fut, err))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, items)  # type: ignore[attr-defined]
+            except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+                pass
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, events: list[Event]) -> None:
+        rows = [(e.run_id, e.seq, e.kind, e.ts, dump_event(e).decode()) for e in events]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("INSERT INTO events (run_id, seq, kind, ts, data) VALUES (?, ?, ?, ?, ?)", rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _resolve(items: list) -> None:
+    for fut, err in items:
+        if fut.done():
+            continue
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(err)
+
+
+_open_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for store in list(_open_stores):
+        store.close()
+
+
+class SQLiteStore(EventStore):
+    """Events in a SQLite file (WAL mode), committed by a writer thread.
+
+    Args:
+        path: The database file; created (with its directory) if missing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise UserError(f"{self.path} is a directory; give SQLiteStore a file path")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = _connect(self.path)
+        except (OSError, sqlite3.Error) as exc:
+            raise UserError(f"cannot open the loopwise database {self.path}: {exc}") from None
+        try:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.DatabaseError as exc:
+                raise _not_ours(self.path, str(exc)) from None
+            _migrate(conn, self.path)
+        finally:
+            conn.close()
+        self._reader = _connect(self.path, check_same_thread=False)
+        self._read_lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: _Writer | None = None
+        self._writer_lock = threading.Lock()
+        self._closed = False
+        _open_stores.add(self)
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def _start_writer(self) -> None:
+        with self._writer_lock:
+            if self._closed:
+                raise UserError(f"the store {self.path} is closed")
+            if self._writer is None:
+                self._writer = _Writer(self.path, self._queue)
+                self._writer.start()
+
+    def write(self, events: list[Event]) -> Awaitable[None] | None:
+        if self._writer is None:
+            self._start_writer()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            done = threading.Event()
+            self._queue.put((events, done, None))
+            done.wait()
+            return None
+        fut = loop.create_future()
+        self._queue.put((events, loop, fut))
+        return fut
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._read_lock:
+            try:
+                return self._reader.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise UserError(f"cannot read the loopwise database {self.path}: {exc}") from None
+
+    def load(self, run_id: str) -> list[Event]:
+        rows = self._read("SELECT data FROM events WHERE run_id = ? ORDER BY seq", (run_id,))
+        if not rows:
+            raise self._unknown(run_id)
+        return [load_event(r[0]) for r in rows]
+
+    def has_run(self, run_id: str) -> bool:
+        return bool(self._read("SELECT 1 FROM events WHERE run_id = ? LIMIT 1", (run_id,)))
+
+    def list_runs(self, *, limit: int = 20) -> list[RunSummary]:
+        rows = self._read(
+            """
+            SELECT s.data,
+                   (SELECT f.data FROM events f
+                     WHERE f.run_id = s.run_id AND f.kind = 'run_finished'
+                     ORDER BY f.seq DESC LIMIT 1)
+              FROM events s
+             WHERE s.kind = 'run_started'
+             ORDER BY s.ts DESC
+             LIMIT ?
+            """,
+            (limit,),
+        )
+        summaries = []
+        for started_json, finished_json in rows:
+            started = load_event(started_json)
+            finished = load_event(finished_json) if finished_json else None
+            assert isinstance(started, RunStarted)
+            assert finished is None or isinstance(finished, RunFinished)
+            summaries.append(RunSummary.from_events(started, finished))
+        return summaries
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer thread and close the connections."""
+        with self._writer_lock:
+            if self._closed:
+                return
+            self._closed = True
+            writer = self._writer
+        if writer is not None:
+            self._queue.put(None)
+            writer.join(timeout=10)
+        with self._read_lock:
+            self._reader.close()
+        _open_stores.discard(self)

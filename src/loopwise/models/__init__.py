@@ -1,0 +1,38 @@
+"""Models the loop can call, and the types of a model call.
+
+```python
+from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ScriptedModel, ToolCall
+```
+"""
+
+from __future__ import annotations
+
+from .._messages import Message as Message
+from .._messages import ToolCall as ToolCall
+from .._messages import ToolSpec as ToolSpec
+from .._messages import Usage as Usage
+from ._base import Model as Model
+from ._base import ModelRequest as ModelRequest
+from ._base import ModelResponse as ModelResponse
+from ._base import Price as Price
+from ._function import FunctionModel as FunctionModel
+from ._function import ScriptedModel as ScriptedModel
+from ._openai import OpenAIModel as OpenAIModel
+from ._resolve import resolve_model as resolve_model
+from ._simulator import SupportDeskSimulator as SupportDeskSimulator
+
+__all__ = [
+    "FunctionModel",
+    "Message",
+    "Model",
+    "ModelRequest",
+    "ModelResponse",
+    "OpenAIModel",
+    "Price",
+    "ScriptedModel",
+    "SupportDeskSimulator",
+    "ToolCall",
+    "ToolSpec",
+    "Usage",
+    "resolve_model",
+]

@@ -1,0 +1,6 @@
+"""Placeholder."""
+from ._base import Model
+
+
+class SupportDeskSimulator(Model):
+    pass

@@ -1,0 +1,55 @@
+"""The public surface is a contract: changing it is a decision, not an accident."""
+
+import loopwise
+import loopwise.models
+
+
+def test_top_level_exports():
+    assert loopwise.__all__ == sorted(loopwise.__all__)
+    assert set(loopwise.__all__) == {
+        "Agent",
+        "Event",
+        "EventStore",
+        "Limits",
+        "LoopwiseError",
+        "MemoryStore",
+        "Message",
+        "ModelError",
+        "RunContext",
+        "RunResult",
+        "SQLiteStore",
+        "Tool",
+        "ToolSpec",
+        "UserError",
+        "__version__",
+        "tool",
+    }
+    for name in loopwise.__all__:
+        assert hasattr(loopwise, name), name
+
+
+def test_models_exports():
+    assert set(loopwise.models.__all__) == {
+        "FunctionModel",
+        "Message",
+        "Model",
+        "ModelRequest",
+        "ModelResponse",
+        "OpenAIModel",
+        "Price",
+        "ScriptedModel",
+        "SupportDeskSimulator",
+        "ToolCall",
+        "ToolSpec",
+        "Usage",
+        "resolve_model",
+    }
+    for name in loopwise.models.__all__:
+        assert hasattr(loopwise.models, name), name
+
+
+def test_not_yet_exported():
+    # Arrive with the cost issue; no placeholder may be exported before they work.
+    assert not hasattr(loopwise, "SlidingWindow")
+    assert not hasattr(loopwise, "Budget")
+    assert not hasattr(loopwise, "kill")
