@@ -6,6 +6,11 @@ import loopwise as lw
 
 
 @pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
 def store() -> lw.MemoryStore:
     return lw.MemoryStore()
 

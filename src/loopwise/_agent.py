@@ -46,7 +46,7 @@ _default_stores: dict[Any, EventStore] = {}
 
 
 def _task_messages(task: Task) -> list[Message]:
-    if isinstance(task, str):
+    if isinstance(task, str) and task:
         return [Message("user", task)]
     if isinstance(task, Message):
         return [task]
@@ -202,7 +202,14 @@ class Agent:
         stream cancels the run, which ends as `killed`.
         """
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
-        run = self._prepare(task, run_id, tags, deps, send.send_nowait)
+
+        def sink(event: Event) -> None:
+            try:
+                send.send_nowait(event)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the consumer stopped listening; the log still gets every event
+
+        run = self._prepare(task, run_id, tags, deps, sink)
 
         async def execute() -> None:
             with send:
@@ -210,6 +217,11 @@ class Agent:
 
         async with anyio.create_task_group() as tg, receive:
             tg.start_soon(execute)
-            async for event in receive:
-                yield event
+            try:
+                async for event in receive:
+                    yield event
+            except GeneratorExit:
+                # The consumer closed the stream: stop the run (it ends as `killed`),
+                # then finish quietly rather than raise through the task group.
+                tg.cancel_scope.cancel()
 

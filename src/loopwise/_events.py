@@ -47,7 +47,7 @@ __all__ = [
 
 StopReason = Literal["done", "max_iterations", "budget", "deadline", "killed", "runaway", "error"]
 STOP_REASONS: tuple[str, ...] = ("done", "max_iterations", "budget", "deadline", "killed", "runaway", "error")
-ToolOutcome = Literal["ok", "error", "invalid_arguments", "unknown_tool", "not_executed"]
+ToolOutcome = Literal["ok", "error", "invalid_arguments", "unknown_tool", "not_executed", "cancelled"]
 ModelCallPurpose = Literal["think", "final_answer"]
 
 

@@ -15,6 +15,7 @@ the end, so an iteration's events are durable before the next model call starts.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Run"]
 
+_log = logging.getLogger("loopwise")
 _wall = time.time
 _mono = time.perf_counter
 
@@ -93,6 +95,7 @@ class Run:
 
     __slots__ = (
         "agent",
+        "call_ids",
         "cost_usd",
         "current",
         "deps",
@@ -135,6 +138,7 @@ class Run:
         self.usage = Usage()
         self.cost_usd = 0.0
         self.output: str | None = None
+        self.call_ids: set[str] = set()
         self.transcript: list[Message] = (
             [Message("system", agent.instructions), *task] if agent.instructions else list(task)
         )
@@ -210,7 +214,11 @@ class Run:
             error=stop.error,
         )
         self._emit(event)
-        await self._flush()
+        try:
+            await self._flush()
+        except Exception as exc:  # the store itself is failing: say so loudly, still return
+            _log.error("run %s: could not write its end to the event store (%s: %s); the result "
+                       "is returned but the log is incomplete", self.run_id, type(exc).__name__, exc)
         return event
 
     async def _loop(self) -> _Stop:
@@ -296,6 +304,14 @@ class Run:
         try:
             response = await model.request(request)
             self._check_response(response)
+        except anyio.get_cancelled_exc_class():
+            self._emit(
+                ModelCallFinished(
+                    run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, purpose=purpose,  # type: ignore[arg-type]
+                    latency_s=_mono() - started, error=ErrorInfo(type="Cancelled", message="the call was cancelled"),
+                )
+            )
+            raise
         except Exception as exc:
             error = ErrorInfo.from_exception(exc)
             response = None
@@ -361,15 +377,22 @@ class Run:
 
     # -- ACT + OBSERVE -------------------------------------------------------------
 
-    @staticmethod
-    def _assign_ids(iteration: int, calls: list[ToolCall]) -> list[ToolCall]:
-        """Give every call a unique id (deterministic where the provider gave none)."""
-        seen: set[str] = set()
+    def _assign_ids(self, iteration: int, calls: list[ToolCall]) -> list[ToolCall]:
+        """Give every call an id unique in the run: tools use it as an idempotency key.
+
+        Provider ids are kept unless missing or already used (some servers repeat ids
+        across turns); replacements are deterministic, so a replay assigns the same.
+        """
+        seen = self.call_ids
         out = []
         for index, call in enumerate(calls):
             call_id = call.id if isinstance(call.id, str) and call.id else f"lw-{iteration}-{index}"
             if call_id in seen:
-                call_id = f"{call_id}-{index}"
+                base = f"{call_id}-{iteration}-{index}"
+                call_id, n = base, 1
+                while call_id in seen:
+                    n += 1
+                    call_id = f"{base}-{n}"
             seen.add(call_id)
             out.append(call if call_id == call.id else ToolCall(call.name, call.arguments, call_id))
         return out
@@ -429,6 +452,10 @@ class Run:
         try:
             value = await tool.call(kwargs, ctx)
             content = _tool_content(value)
+        except anyio.get_cancelled_exc_class():
+            self._tool_finished(iteration, call, "cancelled", "cancelled", _mono() - started,
+                                ErrorInfo(type="Cancelled", message="the call was cancelled"))
+            raise
         except Exception as exc:
             latency = _mono() - started
             content = f"error: {tool.name} raised {type(exc).__name__}: {exc}"

@@ -1,0 +1,186 @@
+"""The event stores: SQLite durability across real process crashes, sharing, bad files."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import loopwise as lw
+from loopwise._sqlite import SCHEMA_VERSION
+from loopwise.models import ScriptedModel, ToolCall
+
+
+def run_script(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_crashed_process_loses_no_completed_iteration(tmp_path):
+    db = tmp_path / "crash.db"
+    proc = run_script(
+        """
+        import os, sys
+        import loopwise as lw
+        from loopwise.models import ScriptedModel, ToolCall
+
+        @lw.tool
+        def step(n: int) -> str:
+            if n == 3:
+                os._exit(17)   # the process dies hard in the middle of iteration 3
+            return f"step {n} done"
+
+        model = ScriptedModel([ToolCall("step", {"n": 1}), ToolCall("step", {"n": 2}), ToolCall("step", {"n": 3}), "never"])
+        agent = lw.Agent(model, tools=[step], store=lw.SQLiteStore(sys.argv[1]))
+        agent.run_sync("crash me", run_id="doomed")
+        """,
+        str(db),
+    )
+    assert proc.returncode == 17, proc.stderr
+    store = lw.SQLiteStore(db)
+    events = store.load("doomed")
+    store.close()
+    done = [e for e in events if e.kind == "tool_call_finished"]
+    assert [e.content for e in done] == ["step 1 done", "step 2 done"]
+    assert not any(e.kind == "run_finished" for e in events)
+    # Everything before the third model call was committed before that call started.
+    assert events[-1].kind == "model_call_started" and events[-1].iteration == 3
+    assert [e.seq for e in events] == list(range(len(events)))
+
+
+def test_several_processes_share_one_database(tmp_path):
+    db = tmp_path / "shared.db"
+    code = """
+        import asyncio, sys
+        import loopwise as lw
+        from loopwise.models import ScriptedModel, ToolCall
+
+        @lw.tool
+        async def echo(x: int) -> int:
+            return x
+
+        async def main():
+            agent = lw.Agent(ScriptedModel([ToolCall("echo", {"x": 1}), "ok"]), tools=[echo],
+                             store=lw.SQLiteStore(sys.argv[1]))
+            results = await asyncio.gather(*(agent.run(f"task {i}", tags=[sys.argv[2]]) for i in range(30)))
+            assert all(r.stop_reason == "done" for r in results), results
+        asyncio.run(main())
+    """
+    procs = [
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(db), f"p{i}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    store = lw.SQLiteStore(db)
+    runs = store.list_runs(limit=1000)
+    assert len(runs) == 120
+    assert all(r.stop_reason == "done" and r.status == "finished" for r in runs)
+    assert {t for r in runs for t in r.tags} == {"p0", "p1", "p2", "p3"}
+    for r in runs[:5]:
+        assert lw.RunResult.from_events(store.load(r.run_id)).output == "ok"
+    store.close()
+
+
+def test_a_text_file_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "notes.db"
+    path.write_text("these are my notes, not a database\n" * 100)
+    with pytest.raises(lw.UserError, match="is not a loopwise database"):
+        lw.SQLiteStore(path)
+    assert path.read_text().startswith("these are my notes")  # nothing lost
+
+
+def test_a_foreign_sqlite_database_is_refused(tmp_path):
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(lw.UserError, match="holds other tables: users"):
+        lw.SQLiteStore(path)
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "future.db"
+    lw.SQLiteStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(lw.UserError, match="newer loopwise"):
+        lw.SQLiteStore(path)
+
+
+def test_schema_is_versioned_and_in_wal_mode(tmp_path):
+    path = tmp_path / "new" / "dir" / "lw.db"
+    lw.SQLiteStore(path).close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    lw.SQLiteStore(path).close()  # reopening an up-to-date database is a no-op
+
+
+def test_a_directory_is_refused(tmp_path):
+    with pytest.raises(lw.UserError, match="is a directory"):
+        lw.SQLiteStore(tmp_path)
+
+
+@pytest.mark.parametrize("make", [lw.MemoryStore, "sqlite"])
+def test_stores_list_and_load_runs_alike(tmp_path, make):
+    store = lw.SQLiteStore(tmp_path / "x.db") if make == "sqlite" else make()
+    agent = lw.Agent(ScriptedModel(["one"]), store=store, name="a1")
+    first = agent.run_sync("t1", tags=["x"])
+    second = agent.run_sync("t2")
+    runs = store.list_runs()
+    assert [r.run_id for r in runs] == [second.run_id, first.run_id]
+    assert runs[1].tags == ("x",) and runs[1].agent == "a1" and runs[1].stop_reason == "done"
+    assert runs[1].iterations == 1 and runs[1].output == "one"
+    assert store.has_run(first.run_id) and not store.has_run("nope")
+    with pytest.raises(lw.UserError, match="no run with id 'nope'"):
+        store.load("nope")
+    store.close()
+
+
+async def test_running_runs_are_listed_as_running(sqlite_store):
+    import anyio
+
+    gate = anyio.Event()
+
+    @lw.tool
+    async def wait() -> str:
+        """Wait for the gate."""
+        await gate.wait()
+        return "ok"
+
+    agent = lw.Agent(ScriptedModel([ToolCall("wait", {}), "done"]), tools=[wait], store=sqlite_store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(agent.run, "t")
+        while not sqlite_store.list_runs():
+            await anyio.sleep(0.01)
+        assert sqlite_store.list_runs()[0].status == "running"
+        gate.set()
+    assert sqlite_store.list_runs()[0].status == "finished"
+
+
+def test_reusing_a_run_id_is_a_user_error(sqlite_store):
+    agent = lw.Agent(ScriptedModel(["x"]), store=sqlite_store)
+    agent.run_sync("t", run_id="fixed")
+    with pytest.raises(lw.UserError, match="already exists; use agent.resume"):
+        agent.run_sync("t", run_id="fixed")
+
+
+def test_default_store_is_loopwise_db_or_env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOOPWISE_DB")
+    agent = lw.Agent(ScriptedModel(["x"]))
+    result = agent.run_sync("t")
+    assert (tmp_path / ".loopwise" / "loopwise.db").exists()
+    assert lw.SQLiteStore(tmp_path / ".loopwise" / "loopwise.db").load(result.run_id)[-1].kind == "run_finished"
+    monkeypatch.setenv("LOOPWISE_DB", str(tmp_path / "elsewhere.db"))
+    lw.Agent(ScriptedModel(["x"])).run_sync("t")
+    assert (tmp_path / "elsewhere.db").exists()
