@@ -77,6 +77,8 @@ def assert_valid_transcript(messages):
     i = 0
     while i < len(messages):
         m = messages[i]
+        if m.role == "assistant":
+            assert m.content or m.tool_calls, "an assistant message with neither text nor tool calls"
         if m.role == "assistant" and m.tool_calls:
             ids = [c.id for c in m.tool_calls]
             answers = []

@@ -235,7 +235,8 @@ class Run:
             if not calls:
                 text = response.text
                 if response.finish_reason == "length":
-                    self.transcript.append(Message("assistant", text))
+                    if text:
+                        self.transcript.append(Message("assistant", text))
                     self._nudge(iteration, LENGTH_NUDGE, "the answer was cut by max_tokens")
                 elif text is None or not text.strip():
                     self._nudge(iteration, EMPTY_RESPONSE_NUDGE, "the model returned an empty response")
