@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from ._agent import Agent as Agent
 from ._errors import LoopwiseError as LoopwiseError
+from ._errors import ModelBehaviorError as ModelBehaviorError
+from ._errors import ModelConnectionError as ModelConnectionError
 from ._errors import ModelError as ModelError
+from ._errors import ModelHTTPError as ModelHTTPError
+from ._errors import ModelTimeoutError as ModelTimeoutError
 from ._errors import UserError as UserError
 from ._events import Event as Event
 from ._limits import Limits as Limits
@@ -32,7 +36,11 @@ __all__ = [
     "LoopwiseError",
     "MemoryStore",
     "Message",
+    "ModelBehaviorError",
+    "ModelConnectionError",
     "ModelError",
+    "ModelHTTPError",
+    "ModelTimeoutError",
     "RunContext",
     "RunResult",
     "SQLiteStore",

@@ -69,8 +69,15 @@ LENGTH_NUDGE = (
 FINISH_TIMEOUT_S = 5.0
 
 
-def _estimate_tokens(text: str | None) -> int:
-    return 0 if not text else max(1, len(text.encode()) // 4)
+def _estimate_tokens(text: object) -> int:
+    """A rough token count (UTF-8 bytes / 4) for usage a provider did not report."""
+    if not text:
+        return 0
+    return max(1, len((text if isinstance(text, str) else str(text)).encode()) // 4)
+
+
+def _args_text(arguments: Any) -> str:
+    return arguments if isinstance(arguments, str) else str(arguments)
 
 
 def _tool_content(value: Any) -> str:
@@ -369,10 +376,13 @@ class Run:
             if all(type(v) is int and v >= 0 for v in values):
                 return usage, False
         # Missing or nonsensical usage: estimate from the text, and say so in the log.
-        input_tokens = sum(4 + _estimate_tokens(m.content) for m in request.messages)
+        input_tokens = sum(
+            4 + _estimate_tokens(m.content)
+            + sum(_estimate_tokens(c.name) + _estimate_tokens(_args_text(c.arguments)) for c in m.tool_calls)
+            for m in request.messages
+        )
         output_tokens = _estimate_tokens(response.text) + sum(
-            _estimate_tokens(c.name) + _estimate_tokens(c.arguments if isinstance(c.arguments, str) else repr(c.arguments))
-            for c in response.tool_calls
+            _estimate_tokens(c.name) + _estimate_tokens(_args_text(c.arguments)) for c in response.tool_calls
         )
         return Usage(input_tokens, output_tokens), True
 
