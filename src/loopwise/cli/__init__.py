@@ -1,0 +1,74 @@
+"""The `loopwise` command line: `main(argv)` returns the exit status.
+
+```
+loopwise run MODULE:AGENT (--task TEXT | --input FILE.jsonl)   run an agent
+loopwise runs                                                   recent runs
+loopwise show RUN_ID [--json]                                   one run's trace
+loopwise demo                                                   the scenarios
+```
+
+Exit status: 0 on success; 1 when a run ended in `error` (or could not start);
+2 for a bad command line (unknown option, bad MODULE:AGENT, a missing database or
+run id, a bad input line); 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .._errors import UserError
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
+from ._app import app
+from ._common import CLIError
+
+__all__ = ["main", "run_main"]
+
+
+def _error(message: str) -> None:
+    # One line on stderr, never wrapped or styled: scripts and tests read it.
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line on `argv` (default: `sys.argv[1:]`); return the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="loopwise", standalone_mode=False)
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `loopwise` alone: the help was printed
+            if exc.format_message().strip():
+                print(exc.format_message(), file=sys.stderr)
+            return 2
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        _error(exc.format_message() + hint)
+        return 2
+    except ClickException as exc:
+        _error(exc.format_message())
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        _error("aborted")
+        return 130
+    except CLIError as exc:
+        _error(exc.message)
+        return exc.code
+    except UserError as exc:
+        _error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+def run_main() -> None:
+    """The `loopwise` console script."""
+    sys.exit(main())

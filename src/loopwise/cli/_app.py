@@ -1,0 +1,140 @@
+"""The `loopwise` app: `run` (in `_run.py`), `runs` and `show` (which read the log), `demo`."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from .._events import event_to_dict
+from .._render import STOP_STYLES, format_cost, format_duration, render_run
+from .._sqlite import SQLiteStore
+from .._store import EventStore
+from ._common import CLIError, DbOption, open_existing_store, stdout_console, write_json
+from ._run import run_command
+
+__all__ = ["app"]
+
+
+app = typer.Typer(
+    name="loopwise",
+    help="Run tool-calling agents and read their event logs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("run")(run_command)
+
+
+# -- runs ----------------------------------------------------------------------------
+
+
+@app.command("runs")
+def runs_command(
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, metavar="N", help="How many runs to list.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the runs as a JSON list.")] = False,
+    db: DbOption = None,
+) -> int:
+    """The most recently started runs, newest first."""
+    store = open_existing_store(db)
+    try:
+        summaries = store.list_runs(limit=limit)
+    finally:
+        store.close()
+    if as_json:
+        write_json([dataclasses.asdict(s) for s in summaries])
+        return 0
+    console = stdout_console(wide=True)
+    if not summaries:
+        console.print(f"no runs in {store.path}")
+        return 0
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("run id", no_wrap=True, style="cyan")
+    table.add_column("agent", overflow="fold", max_width=16)
+    table.add_column("status", no_wrap=True)
+    table.add_column("stop", no_wrap=True)
+    table.add_column("iter", justify="right", no_wrap=True)
+    table.add_column("cost", justify="right", no_wrap=True)
+    table.add_column("duration", justify="right", no_wrap=True)
+    table.add_column("tags", overflow="fold", max_width=24, style="magenta")
+    table.add_column("started", no_wrap=True)
+    for s in summaries:
+        table.add_row(
+            s.run_id,
+            s.agent,
+            Text(s.status, style="yellow" if s.status == "running" else "dim"),
+            Text(s.stop_reason or "-", style=STOP_STYLES.get(s.stop_reason or "", "")),
+            "-" if s.iterations is None else str(s.iterations),
+            format_cost(s.cost_usd),
+            format_duration(s.duration_s),
+            ", ".join(s.tags),
+            time.strftime("%m-%d %H:%M:%S", time.localtime(s.started_at)),
+        )
+    console.print(table)
+    return 0
+
+
+# -- show ----------------------------------------------------------------------------
+
+
+def resolve_run_id(store: EventStore, run_id: str) -> str:
+    """`run_id`, or the one stored run whose id starts with it."""
+    if not run_id:
+        raise CLIError("RUN_ID is empty; `loopwise runs` lists the stored runs")
+    if store.has_run(run_id):
+        return run_id
+    if isinstance(store, SQLiteStore):
+        rows = store._read(
+            "SELECT run_id FROM events WHERE kind = 'run_started' AND substr(run_id, 1, ?) = ? LIMIT 6",
+            (len(run_id), run_id),
+        )
+        matches = [r[0] for r in rows]
+    else:
+        matches = [s.run_id for s in store.list_runs(limit=10_000) if s.run_id.startswith(run_id)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise CLIError(f"the run id prefix {run_id!r} matches several runs ({shown}); give more of the id")
+    raise store._unknown(run_id)
+
+
+@app.command("show")
+def show_command(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="A run id (or a prefix matching one run).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's events as a JSON list.")] = False,
+    db: DbOption = None,
+) -> int:
+    """One run, read back from its event log."""
+    store = open_existing_store(db)
+    try:
+        events = store.load(resolve_run_id(store, run_id))
+    finally:
+        store.close()
+    if as_json:
+        write_json([event_to_dict(e) for e in events])
+    else:
+        render_run(events, stdout_console())
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_command() -> int:
+    """Show loopwise's scenarios, each one run on a simulated model (no network)."""
+    try:
+        demo = importlib.import_module("loopwise._demo")
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "loopwise._demo":
+            raise CLIError("the demo is not part of this build of loopwise", 1) from None
+        raise CLIError(f"the demo could not be loaded: {type(exc).__name__}: {exc}", 1) from None
+    rv = demo.main(stdout_console())
+    return rv if isinstance(rv, int) else 0
+

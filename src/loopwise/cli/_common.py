@@ -1,0 +1,89 @@
+"""What every command shares: errors, the --db option, consoles, opening the database."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from .._sqlite import SQLiteStore, default_db_path
+
+__all__ = ["CLIError", "DbOption", "open_existing_store", "stderr_console", "stdout_console", "write_json"]
+
+
+class CLIError(Exception):
+    """A one-line error for the user; `code` is the exit status (2: bad command line)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+DbOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        metavar="PATH",
+        help="The loopwise database (default: $LOOPWISE_DB or .loopwise/loopwise.db).",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+
+
+def stdout_console(*, wide: bool = False) -> Console:
+    """The console for stdout; `wide`: a pipe or a file (not a terminal) gets long lines whole."""
+    console = Console(highlight=False)
+    if wide and not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, width=240)
+    return console
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def write_json(value: Any) -> None:
+    """JSON on stdout, as is (rich would wrap long lines)."""
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def open_existing_store(db: Path | None) -> SQLiteStore:
+    """The database a read command reads: it must exist (read commands never create one)."""
+    path = db if db is not None else default_db_path()
+    if not path.exists():
+        raise CLIError(f"no loopwise database at {path}; run an agent first or pass --db")
+    if path.is_file():
+        _check_ours(path)
+    return SQLiteStore(path)
+
+
+def _check_ours(path: Path) -> None:
+    """Refuse, without writing to it, a file that is not a loopwise database.
+
+    (Opening a `SQLiteStore` on another application's SQLite file would switch it to WAL
+    mode before it finds out; a read command must leave such a file as it is.)
+    """
+    hint = "pass --db PATH of a loopwise database"
+    if path.stat().st_size == 0:
+        raise CLIError(f"{path} is an empty file, not a loopwise database; {hint}")
+    try:
+        conn = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise CLIError(f"{path} is not a loopwise database ({exc}); {hint}") from None
+    if version == 0 and tables:
+        raise CLIError(f"{path} is not a loopwise database (it holds other tables: {', '.join(tables[:5])}); {hint}")
+
+

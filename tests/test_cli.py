@@ -1,0 +1,532 @@
+"""The command line: `main(argv)` called directly, plus `python -m loopwise` and the script."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import types
+import uuid
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+import loopwise as lw
+from loopwise._events import event_to_dict
+from loopwise._render import render_run
+from loopwise.cli import main
+from loopwise.models import ModelResponse, ScriptedModel, ToolCall, Usage
+
+AGENT_MODULE = '''
+import asyncio
+import loopwise as lw
+from loopwise.models import FunctionModel, ModelResponse, Price, ToolCall, Usage
+
+in_flight = 0
+max_in_flight = 0
+
+
+@lw.tool
+async def lookup(order_id: str) -> dict:
+    """Look up an order."""
+    await asyncio.sleep(0.01)
+    return {"order_id": order_id, "status": "shipped"}
+
+
+async def think(request):
+    global in_flight, max_in_flight
+    in_flight += 1
+    max_in_flight = max(max_in_flight, in_flight)
+    try:
+        await asyncio.sleep(0.02)
+    finally:
+        in_flight -= 1
+    last = request.messages[-1]
+    if last.role == "user":
+        if "fail" in last.content:
+            raise lw.ModelError("provider down")
+        return ModelResponse(text="Let me check [bold]both[/bold].",
+                             tool_calls=[ToolCall("lookup", {"order_id": "1"}), ToolCall("lookup", {"order_id": "2"})],
+                             usage=Usage(100, 10))
+    return ModelResponse(text="Both orders shipped.", usage=Usage(150, 5))
+
+
+support = lw.Agent(FunctionModel(think, price=Price(1.0, 2.0), name="test:fn"), tools=[lookup], name="support")
+private = lw.Agent(FunctionModel(think), tools=[lookup], name="private", store=lw.MemoryStore())
+not_an_agent = 42
+'''
+
+
+@pytest.fixture
+def agent_module(tmp_path, monkeypatch):
+    """A module defining agents, importable by a unique name from the current directory."""
+    name = f"cli_agents_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(AGENT_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def db(tmp_path) -> Path:
+    """A database holding two finished runs: `alpha-1` (done) and `alpha-2` (max_iterations)."""
+    path = tmp_path / "runs.db"
+    store = lw.SQLiteStore(path)
+
+    @lw.tool
+    def echo(text: str) -> str:
+        """Echo."""
+        return text
+
+    done = lw.Agent(ScriptedModel([ToolCall("echo", {"text": "hi"}), "all done"]), tools=[echo], store=store, name="first")
+    done.run_sync("say hi", run_id="alpha-1", tags=["nightly"])
+    looping = lw.Agent(ScriptedModel([ToolCall("echo", {"text": "again"})] * 3, name="loop-model"), tools=[echo],
+                       store=store, name="looper", limits=lw.Limits(max_iterations=2, final_answer_on_limit=False))
+    looping.run_sync("loop", run_id="alpha-2")
+    store.close()
+    return path
+
+
+def lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, err
+    for fragment in fragments:
+        assert fragment in error_lines[0], err
+
+
+# -- run --task ----------------------------------------------------------------------
+
+
+def test_run_task_prints_the_trace_and_stores_the_run(agent_module, tmp_path, capsys):
+    db = tmp_path / "out.db"
+    assert main(["run", f"{agent_module}:support", "--task", "Where are my orders?", "--tag", "cli", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "agent support" in out and "model test:fn" in out and "tags cli" in out
+    assert "250 in / 15 out tok" in out
+    assert "THINK" in out and "ACT" in out and "2 ran concurrently" in out
+    assert 'lookup(order_id="1")' in out and "ok" in out
+    assert "Let me check [bold]both[/bold]." in out  # model text is shown, not interpreted as markup
+    assert "done" in out and "Both orders shipped." in out and "$0.0003" in out
+    # --db took effect for this command only
+    module = sys.modules[agent_module]
+    assert module.support._store is None
+    store = lw.SQLiteStore(db)
+    try:
+        [summary] = store.list_runs()
+    finally:
+        store.close()
+    assert summary.agent == "support" and summary.tags == ("cli",) and summary.stop_reason == "done"
+
+
+def test_run_task_with_output_writes_one_jsonl_line(agent_module, tmp_path, capsys):
+    out_file = tmp_path / "result.jsonl"
+    assert main(["run", f"{agent_module}:support", "-t", "hi", "--output", str(out_file), "--db", str(tmp_path / "x.db")]) == 0
+    [row] = lines(out_file.read_text())
+    assert row["stop_reason"] == "done" and row["output"] == "Both orders shipped."
+    assert row["input_tokens"] == 250 and row["output_tokens"] == 15 and row["error"] is None
+
+
+def test_run_task_that_ends_in_error_exits_1(agent_module, tmp_path, capsys):
+    assert main(["run", f"{agent_module}:support", "--task", "please fail", "--db", str(tmp_path / "x.db")]) == 1
+    out = capsys.readouterr().out
+    assert "ModelError: provider down" in out and "error" in out
+
+
+def test_run_without_db_uses_the_default_database(agent_module, tmp_path, monkeypatch, capsys):
+    default = tmp_path / "env.db"
+    monkeypatch.setenv("LOOPWISE_DB", str(default))
+    assert main(["run", f"{agent_module}:support", "--task", "hi"]) == 0
+    assert default.exists()
+    assert main(["runs"]) == 0
+    assert "support" in capsys.readouterr().out
+
+
+def test_db_is_ignored_with_a_warning_when_the_agent_has_its_own_store(agent_module, tmp_path, capsys):
+    db = tmp_path / "ignored.db"
+    assert main(["run", f"{agent_module}:private", "--task", "hi", "--db", str(db)]) == 0
+    captured = capsys.readouterr()
+    assert "warning:" in captured.err and "--db" in captured.err and "in-memory store" in captured.err
+    assert "Both orders shipped." in captured.out
+    assert not db.exists()
+    [summary] = sys.modules[agent_module].private.store.list_runs()
+    assert summary.stop_reason == "done"
+
+
+# -- run --input ---------------------------------------------------------------------
+
+
+def test_batch_runs_every_line_at_most_n_at_a_time(agent_module, tmp_path, capsys):
+    input_file = tmp_path / "tasks.jsonl"
+    rows = [{"task": f"order question {i}", "run_id": f"batch-{i}", "tags": ["set-a"]} for i in range(7)]
+    text = "\n".join(json.dumps(r) for r in rows) + '\n\n"a bare string task"\n"another"\n{"task": "third"}\n'
+    input_file.write_text(text)
+    db = tmp_path / "batch.db"
+    assert main(["run", f"{agent_module}:support", "--input", str(input_file), "--concurrency", "4",
+                 "--tag", "nightly", "--db", str(db)]) == 0
+    captured = capsys.readouterr()
+    results = lines(captured.out)  # stdout is pure JSONL
+    assert len(results) == 10
+    assert {r["line"] for r in results} == {1, 2, 3, 4, 5, 6, 7, 9, 10, 11}
+    for r in results:
+        assert set(r) >= {"run_id", "stop_reason", "output", "iterations", "input_tokens", "output_tokens",
+                          "cost_usd", "duration_s", "error"}
+        assert r["stop_reason"] == "done" and r["output"] == "Both orders shipped." and r["error"] is None
+        assert r["iterations"] == 2 and r["input_tokens"] == 250 and r["output_tokens"] == 15
+    assert {f"batch-{i}" for i in range(7)} <= {r["run_id"] for r in results}
+    # At most 4 runs at once, and really concurrent.
+    assert sys.modules[agent_module].max_in_flight == 4
+    # The summary goes to stderr when the results go to stdout.
+    assert "summary" in captured.err and "done 10" in captured.err and "p95" in captured.err
+    assert "10/10" in captured.err  # the progress bar
+    store = lw.SQLiteStore(db)
+    try:
+        summaries = {s.run_id: s for s in store.list_runs(limit=50)}
+    finally:
+        store.close()
+    assert len(summaries) == 10
+    assert summaries["batch-0"].tags == ("set-a", "nightly")
+
+
+def test_batch_with_output_file_and_failures(agent_module, tmp_path, capsys):
+    db = tmp_path / "batch.db"
+    input_file = tmp_path / "tasks.jsonl"
+    input_file.write_text('{"task": "fine", "run_id": "ok-1"}\n{"task": "please fail", "run_id": "bad-1"}\n')
+    out_file = tmp_path / "results.jsonl"
+    argv = ["run", f"{agent_module}:support", "-i", str(input_file), "-o", str(out_file), "--db", str(db)]
+    assert main(argv) == 1  # a run ended in error
+    captured = capsys.readouterr()
+    by_id = {r["run_id"]: r for r in lines(out_file.read_text())}
+    assert by_id["ok-1"]["stop_reason"] == "done" and by_id["ok-1"]["error"] is None
+    assert by_id["bad-1"]["stop_reason"] == "error" and by_id["bad-1"]["error"] == "ModelError: provider down"
+    assert "summary" in captured.out  # the results went to the file: the summary to stdout
+    assert "done 1, error 1" in captured.out or "error 1, done 1" in captured.out
+
+    # Again: the run ids are taken now, so those runs cannot start; the batch still completes.
+    assert main(argv) == 1
+    rows = lines(out_file.read_text())
+    assert all(r["stop_reason"] is None and "already exists" in r["error"] for r in rows)
+    assert "2 could not start" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        ('"fine"\n{"task": "ok"\n', ["line 2", "not valid JSON"]),
+        ('"fine"\n\n{"task": 3}\n', ["line 3", "the task is a number"]),
+        ('{"prompt": "hi"}\n', ["line 1", "'prompt'"]),
+        ('{"run_id": "x"}\n', ["line 1", 'no "task"']),
+        ('[1, 2]\n', ["line 1", "an array"]),
+        ('"   "\n', ["line 1", "empty"]),
+        ('{"task": "a", "tags": "x"}\n', ["line 1", '"tags"']),
+        ('{"task": "a", "run_id": 7}\n', ["line 1", '"run_id"']),
+        ('{"task": "a", "run_id": "r"}\n{"task": "b", "run_id": "r"}\n', ["line 2", "line 1", "'r'"]),
+        ("\n\n", ["holds no tasks"]),
+    ],
+)
+def test_a_bad_input_line_is_an_error_naming_the_line(agent_module, tmp_path, capsys, content, fragments):
+    input_file = tmp_path / "bad.jsonl"
+    input_file.write_text(content)
+    db = tmp_path / "never.db"
+    assert main(["run", f"{agent_module}:support", "--input", str(input_file), "--db", str(db)]) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, *fragments)
+    assert captured.out == ""
+    assert not db.exists()  # nothing ran
+
+
+def test_a_missing_input_file_is_an_error(agent_module, tmp_path, capsys):
+    assert main(["run", f"{agent_module}:support", "--input", str(tmp_path / "nope.jsonl")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "nope.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "--task"),
+        (["--task", "a", "--input", "b.jsonl"], "not both"),
+        (["--task", "a", "--concurrency", "0"], "--concurrency"),
+    ],
+)
+def test_task_or_input_is_required(agent_module, capsys, args, fragment):
+    assert main(["run", f"{agent_module}:support", *args]) == 2
+    assert_one_line_error(capsys.readouterr().err, fragment)
+
+
+@pytest.mark.parametrize(
+    ("target", "fragments"),
+    [
+        ("{module}", ["expected MODULE:AGENT"]),
+        ("{module}:", ["expected MODULE:AGENT"]),
+        ("no_such_module_xyz:agent", ["no module named 'no_such_module_xyz'"]),
+        ("{module}:missing", ["no attribute 'missing'", "support"]),
+        ("{module}:not_an_agent", ["not a loopwise.Agent", "int"]),
+        ("broken_module:agent", ["importing 'broken_module' failed", "RuntimeError: bad import", "broken_module.py:2"]),
+    ],
+)
+def test_a_bad_module_agent_is_a_one_line_error(agent_module, tmp_path, capsys, target, fragments):
+    (tmp_path / "broken_module.py").write_text("x = 1\nraise RuntimeError('bad import')\n")
+    try:
+        assert main(["run", target.format(module=agent_module), "--task", "hi"]) == 2
+    finally:
+        sys.modules.pop("broken_module", None)
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, *fragments)
+    assert captured.out == ""
+
+
+def test_run_accepts_a_file_path(agent_module, tmp_path, capsys):
+    assert main(["run", f"{tmp_path / agent_module}.py:support", "--task", "hi", "--db", str(tmp_path / "x.db")]) == 0
+    assert "Both orders shipped." in capsys.readouterr().out
+
+
+# -- runs and show -------------------------------------------------------------------
+
+
+def test_runs_lists_recent_runs(db, capsys):
+    assert main(["runs", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    for header in ("run id", "status", "stop", "iter", "cost", "duration", "tags", "started"):
+        assert header in out
+    first, second = out.splitlines()[1:3]
+    assert first.startswith("alpha-2") and "max_iterations" in first and "looper" in first  # newest first
+    assert second.startswith("alpha-1") and "done" in second and "nightly" in second and "finished" in second
+
+    assert main(["runs", "--db", str(db), "--limit", "1", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["run_id"] == "alpha-2" and row["stop_reason"] == "max_iterations" and row["iterations"] == 2
+
+
+def test_runs_on_an_empty_database(tmp_path, capsys):
+    path = tmp_path / "empty-but-ours.db"
+    lw.SQLiteStore(path).close()
+    assert main(["runs", "--db", str(path)]) == 0
+    assert "no runs" in capsys.readouterr().out
+
+
+def test_show_renders_a_run(db, capsys):
+    assert main(["show", "alpha-1", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "run alpha-1" in out and "agent first" in out and "tags nightly" in out
+    assert "iteration 1" in out and "iteration 2" in out
+    assert 'echo(text="hi")' in out and "ok" in out
+    assert "all done" in out and "2 iterations" in out
+
+
+def test_show_renders_limits(db, capsys):
+    assert main(["show", "alpha-2", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "LIMIT" in out and "max_iterations" in out and "not_executed" in out
+    assert "no output" in out
+
+
+def test_show_json_prints_the_events(db, capsys):
+    assert main(["show", "alpha-1", "--json", "--db", str(db)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    store = lw.SQLiteStore(db)
+    try:
+        expected = [event_to_dict(e) for e in store.load("alpha-1")]
+    finally:
+        store.close()
+    assert printed == expected
+    assert printed[0]["kind"] == "run_started" and printed[-1]["kind"] == "run_finished"
+
+
+def test_show_accepts_a_unique_prefix(db, capsys):
+    assert main(["show", "alpha-", "--db", str(db)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "matches several runs", "alpha-1", "alpha-2")
+    store = lw.SQLiteStore(db)
+    agent = lw.Agent(ScriptedModel(["ok"]), store=store)
+    agent.run_sync("x", run_id="beta-unique-run")
+    store.close()
+    assert main(["show", "beta", "--json", "--db", str(db)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["run_id"] == "beta-unique-run"
+
+
+def test_show_an_unknown_run(db, capsys):
+    assert main(["show", "nope", "--db", str(db)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "no run with id 'nope'")
+
+
+@pytest.mark.parametrize("command", [["runs"], ["show", "abc"]])
+def test_read_commands_never_create_a_database(tmp_path, capsys, command):
+    missing = tmp_path / "sub" / "missing.db"
+    assert main([*command, "--db", str(missing)]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"no loopwise database at {missing}", "--db")
+    assert not missing.exists() and not missing.parent.exists()
+
+
+def test_read_commands_default_to_loopwise_db(tmp_path, monkeypatch, capsys, db):
+    monkeypatch.setenv("LOOPWISE_DB", str(tmp_path / "nothing-here.db"))
+    assert main(["runs"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "nothing-here.db")
+    monkeypatch.setenv("LOOPWISE_DB", str(db))
+    assert main(["show", "alpha-1", "--json"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["text", "foreign-sqlite", "empty"])
+@pytest.mark.parametrize("command", [["runs"], ["show", "abc"]])
+def test_a_file_that_is_not_a_loopwise_database(tmp_path, capsys, kind, command):
+    path = tmp_path / f"{kind}.db"
+    if kind == "text":
+        path.write_text("hello, I am a text file\n" * 100)
+    elif kind == "foreign-sqlite":
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE users (id INTEGER)")
+        conn.commit()
+        conn.close()
+    else:
+        path.write_bytes(b"")
+    before = path.read_bytes()
+    assert main([*command, "--db", str(path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, str(path), "not a loopwise database")
+    assert path.read_bytes() == before
+
+
+def test_run_into_a_foreign_database_is_an_error(agent_module, tmp_path, capsys):
+    path = tmp_path / "foreign.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.commit()
+    conn.close()
+    assert main(["run", f"{agent_module}:support", "--task", "hi", "--db", str(path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "not a loopwise database", "users")
+
+
+# -- the command line itself -----------------------------------------------------------
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["frobnicate"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "frobnicate")
+    assert main(["runs", "--limit", "0"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--limit")
+    assert main(["show"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "RUN_ID")
+    assert main([]) == 2  # the help, and a usage status
+
+
+def test_help(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("run", "runs", "show", "demo"):
+        assert command in out
+    for later in ("kill", "resume", "profile", "export"):
+        assert f" {later} " not in out
+
+
+def test_demo_calls_the_demo_module(monkeypatch, capsys):
+    seen = []
+    fake = types.ModuleType("loopwise._demo")
+    fake.main = lambda console: seen.append(console) or console.print("the demo ran")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "loopwise._demo", fake)
+    assert main(["demo"]) == 0
+    assert isinstance(seen[0], Console)
+    assert "the demo ran" in capsys.readouterr().out
+
+
+# -- render_run ------------------------------------------------------------------------
+
+
+def render(events) -> str:
+    console = Console(width=120, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    try:
+        render_run(events, console)
+        return console.export_text()
+    finally:
+        console.file.close()
+
+
+def test_render_run_shows_concurrency_nudges_and_limits():
+    store = lw.MemoryStore()
+
+    @lw.tool
+    async def slow(n: int) -> str:
+        """Sleep a little."""
+        import asyncio
+
+        await asyncio.sleep(0.01 * n)
+        return f"slept {n}"
+
+    model = ScriptedModel([
+        ModelResponse(tool_calls=[ToolCall("slow", {"n": 1}), ToolCall("slow", {"n": 3}),
+                                  ToolCall("nope", {}), ToolCall("slow", {"n": "x"})], usage=Usage(10, 2)),
+        ModelResponse(text=""),
+        ToolCall("slow", {"n": 1}),
+        "best effort",
+    ])
+    agent = lw.Agent(model, tools=[slow], store=store, limits=lw.Limits(max_iterations=3))
+    result = agent.run_sync("go", tags=["t1"])
+    text = render(store.load(result.run_id))
+    assert "4 tool calls" in text and "2 ran concurrently" in text
+    assert "▕" in text  # the timeline of the calls that ran
+    assert "unknown_tool" in text and "invalid_arguments" in text and "not_executed" in text
+    assert "NUDGE" in text and "empty" in text
+    assert "LIMIT" in text and "max_iterations" in text
+    assert "ANSWER" in text and "best effort" in text
+    assert "~" in text  # estimated usage is marked
+
+
+def test_render_run_on_an_unfinished_log_and_on_nothing():
+    store = lw.MemoryStore()
+    agent = lw.Agent(ScriptedModel(["done"]), store=store)
+    result = agent.run_sync("x")
+    events = store.load(result.run_id)
+    text = render(events[:3])  # run_started, iteration_started, model_call_started
+    assert "no answer recorded" in text and "not finished" in text
+    assert "(no events)" in render([])
+    assert "no run_started" in render(events[1:])
+
+
+# -- as a program ------------------------------------------------------------------------
+
+
+def test_python_dash_m_loopwise(db):
+    proc = subprocess.run([sys.executable, "-m", "loopwise", "runs", "--db", str(db)],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "alpha-1" in proc.stdout and "alpha-2" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "loopwise", "show", "nope", "--db", str(db)],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no run with id 'nope'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_console_script(db, agent_module, tmp_path):
+    script = Path(sysconfig.get_path("scripts")) / "loopwise"
+    if not script.exists():
+        pytest.skip("the loopwise console script is not installed in this environment")
+    proc = subprocess.run([str(script), "runs", "--db", str(db), "--json"], check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert {r["run_id"] for r in json.loads(proc.stdout)} == {"alpha-1", "alpha-2"}
+    # run, from the current directory, as a user would
+    input_file = tmp_path / "in.jsonl"
+    input_file.write_text(textwrap.dedent("""\
+        "one"
+        {"task": "two", "run_id": "script-2"}
+    """))
+    out_db = tmp_path / "script.db"
+    proc = subprocess.run([str(script), "run", f"{agent_module}:support", "-i", str(input_file), "-c", "2",
+                           "--db", str(out_db)], check=False, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["line"] for r in lines(proc.stdout)) == [1, 2]
+    proc = subprocess.run([str(script), "show", "script-2", "--db", str(out_db)], check=False, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "Both orders shipped." in proc.stdout
+
+
+def test_batch_reads_stdin(agent_module, tmp_path, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO('"one"\n"two"\n'))
+    assert main(["run", f"{agent_module}:support", "--input", "-", "--db", str(tmp_path / "x.db")]) == 0
+    assert len(lines(capsys.readouterr().out)) == 2
