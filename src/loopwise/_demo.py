@@ -1,0 +1,415 @@
+"""`loopwise demo`: the seed post's scenarios, on a simulated model (no network, no keys).
+
+Each scenario runs a real `Agent` through the real loop; only the model
+(`loopwise.models.SupportDeskSimulator`) and the three tools are simulated, with
+latencies like the seed post's (500–900 ms per THINK, a few hundred ms per tool).
+Everything printed about a run is read back from its event log.
+
+1. Triage: one run with parallel tool calls, shown as its trace.
+2. The latency trap: the same work with one tool per model response (tools run
+   one after another) vs all independent calls in one response (run concurrently),
+   with where the time goes per phase.
+3. The cost spiral: a model that never says it is done, stopped by the iteration
+   cap, with its input tokens per iteration.
+
+Not shown yet, because this version does not have them: error recovery (per-tool
+timeouts and fallbacks), budgets and the sliding window, the decision log and the
+kill switch; the demo says so at the end.
+
+Environment:
+    LOOPWISE_DEMO_SPEED: multiplies every simulated latency, the model's and the
+        tools'. ``1`` is real time (about 15 s in all), ``0`` runs the demo almost
+        instantly (CI: ``LOOPWISE_DEMO_SPEED=0 loopwise demo``). A `speed` passed to
+        `main` wins over it.
+
+The runs go to a `MemoryStore` unless `main` is given another store: the demo never
+writes to the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+from ._agent import Agent
+from ._errors import UserError
+from ._events import (
+    Event,
+    LimitHit,
+    ModelCallFinished,
+    RunFinished,
+    ToolCallFinished,
+    ToolCallStarted,
+)
+from ._limits import Limits
+from ._render import format_cost, format_duration, render_run, shorten
+from ._result import RunResult
+from ._store import EventStore, MemoryStore
+from ._tools import Tool, tool
+from .models._base import Price
+from .models._simulator import SupportDeskSimulator
+
+__all__ = ["Phases", "cost_spiral", "demo_tools", "latency_trap", "main", "phase_times", "triage"]
+
+SPEED_ENV = "LOOPWISE_DEMO_SPEED"
+SEED = 4821
+INSTRUCTIONS = (
+    "You are a support agent. Triage the customer's message: check its sentiment and the "
+    "customer's history, then draft a reply."
+)
+TASK = (
+    "I've been waiting 3 weeks for my order and nobody answers my emails. "
+    "This is ridiculous. (customer CUS-4821)"
+)
+#: Simulated tool latency ranges, in seconds at speed 1.
+TOOL_LATENCY_S = {
+    "analyze_sentiment": (0.15, 0.25),
+    "get_customer_history": (0.25, 0.40),
+    "generate_reply": (0.20, 0.30),
+}
+#: An example price for the cost spiral (dollars per million tokens), not any provider's.
+SPIRAL_PRICE = Price(2.50, 10.00)
+SPIRAL_MAX_ITERATIONS = 8
+
+
+# -- the tools -------------------------------------------------------------------------
+
+
+_NEGATIVE = ("waiting", "weeks", "ridiculous", "angry", "nobody", "terrible", "worst", "refund", "never")
+_POSITIVE = ("thanks", "thank you", "great", "love", "perfect")
+
+
+def demo_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
+    """The demo's three async tools, with simulated latency scaled by `speed`."""
+    rng = random.Random(seed)
+
+    async def pause(name: str) -> None:
+        low, high = TOOL_LATENCY_S[name]
+        await anyio.sleep(rng.uniform(low, high) * speed)
+
+    @tool
+    async def analyze_sentiment(text: str) -> str:
+        """Classify the sentiment of a customer message as negative, neutral or positive.
+
+        Args:
+            text: The customer's message.
+        """
+        await pause("analyze_sentiment")
+        lowered = text.lower()
+        negative = sum(word in lowered for word in _NEGATIVE)
+        positive = sum(word in lowered for word in _POSITIVE)
+        return "negative" if negative > positive else "positive" if positive > negative else "neutral"
+
+    @tool
+    async def get_customer_history(customer_id: str) -> dict[str, Any]:
+        """A customer's tier, orders, open tickets and last order.
+
+        Args:
+            customer_id: The customer's id, like "CUS-4821".
+        """
+        await pause("get_customer_history")
+        return _history(customer_id)
+
+    @tool
+    async def generate_reply(sentiment: str, history: str, context: str) -> str:
+        """Draft a reply to the customer.
+
+        Args:
+            sentiment: The message's sentiment.
+            history: What we know about the customer.
+            context: The topic of the request, like "shipping".
+        """
+        await pause("generate_reply")
+        opening = "I'm truly sorry for the wait, and for the silence." if sentiment == "negative" else "Thanks for reaching out."
+        return (
+            f"Hi, {opening} I've checked your account ({history}). I've escalated your {context} "
+            "case to our logistics team and you'll get a tracking update within 24 hours. If it "
+            "hasn't moved by then, we'll ship a replacement at no cost."
+        )
+
+    return [analyze_sentiment, get_customer_history, generate_reply]
+
+
+def _history(customer_id: str) -> dict[str, Any]:
+    if customer_id.upper() == "CUS-4821":  # the seed post's customer
+        return {"customer_id": "CUS-4821", "tier": "gold", "orders": 3, "open_tickets": 1,
+                "last_order": {"id": "ORD-1042", "status": "in transit", "days_waiting": 21}}
+    digits = sum(int(c) for c in customer_id if c.isdigit())
+    return {"customer_id": customer_id, "tier": ("bronze", "silver", "gold")[digits % 3], "orders": 1 + digits % 5,
+            "open_tickets": digits % 2, "last_order": {"id": f"ORD-{1000 + digits}", "status": "delivered"}}
+
+
+# -- reading a run's log ---------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class Phases:
+    """Where a run's time went, read from its events."""
+
+    model_calls: int
+    tool_calls: int
+    #: Iterations in which tools ran.
+    act_phases: int
+    #: Time in model calls (THINK, and any best-effort answer).
+    think_s: float
+    #: Wall time of the ACT phases: per iteration, first tool start to last tool end.
+    act_s: float
+    #: The tools' own time added up, however it overlapped.
+    tool_s: float
+    #: The run's duration.
+    total_s: float
+
+    @property
+    def overhead_s(self) -> float:
+        """What is neither THINK nor ACT: the runtime's own work (the log, the loop)."""
+        return max(self.total_s - self.think_s - self.act_s, 0.0)
+
+
+def phase_times(events: Sequence[Event]) -> Phases:
+    """Add up a run's THINK and ACT time from `model_call_*` and `tool_call_*` events."""
+    think = tool_time = 0.0
+    model_calls = tool_calls = 0
+    spans: dict[int, list[float]] = {}
+    total = 0.0
+    for event in events:
+        if isinstance(event, ModelCallFinished):
+            model_calls += 1
+            think += event.latency_s
+        elif isinstance(event, ToolCallStarted):
+            span = spans.setdefault(event.iteration, [event.ts, event.ts])
+            span[0] = min(span[0], event.ts)
+        elif isinstance(event, ToolCallFinished):
+            tool_calls += 1
+            tool_time += event.latency_s
+            span = spans.setdefault(event.iteration, [event.ts, event.ts])
+            span[1] = max(span[1], event.ts)
+        elif isinstance(event, RunFinished):
+            total = event.duration_s
+    act = sum(end - start for start, end in spans.values())
+    return Phases(model_calls=model_calls, tool_calls=tool_calls, act_phases=len(spans), think_s=think,
+                  act_s=act, tool_s=tool_time, total_s=total)
+
+
+# -- the scenarios -----------------------------------------------------------------------
+
+
+def _heading(console: Console, number: int, title: str, answers: str) -> None:
+    console.print()
+    console.print(Rule(Text(f"{number}. {title}", style="bold"), align="left", style="cyan"))
+    console.print(Text("answers the seed post's ", style="dim") + Text(answers, style="italic"))
+    console.print()
+
+
+def _run(console: Console, agent: Agent, task: str, *, tags: Sequence[str], what: str) -> RunResult:
+    with console.status(f"running {what} on the simulated model…"):
+        return agent.run_sync(task, tags=["demo", *tags])
+
+
+def _agent(store: EventStore, *, speed: float, name: str, **model: Any) -> Agent:
+    return Agent(
+        SupportDeskSimulator(speed=speed, seed=SEED, **model),
+        instructions=INSTRUCTIONS,
+        tools=demo_tools(speed=speed),
+        store=store,
+        name=name,
+    )
+
+
+def triage(console: Console, store: EventStore, *, speed: float) -> RunResult:
+    """Scenario 1: one run whose model asks for independent tools together; its trace."""
+    _heading(console, 1, "Triage: a run that explains itself",
+             '"400 lines of JSON, zero insight" — every step below is read from the event log')
+    agent = _agent(store, speed=speed, name="support-triage")
+    result = _run(console, agent, TASK, tags=["triage"], what="the triage")
+    render_run(store.load(result.run_id), console)
+    return result
+
+
+def latency_trap(console: Console, store: EventStore, *, speed: float) -> tuple[RunResult, RunResult]:
+    """Scenario 2: one tool per response vs all independent calls in one response."""
+    _heading(console, 2, "The latency trap: tools one after another vs concurrently",
+             '"turned a 2-second response into a 14-second loading screen"')
+    console.print(Text(
+        "The same triage twice. First the model asks for one tool per response, so every tool "
+        "waits for a THINK and runs alone; then it asks for the independent lookups in one "
+        "response, and loopwise runs them at once."
+    ))
+    sequential = _run(console, _agent(store, speed=speed, name="support-sequential", parallel_tool_calls=False),
+                      TASK, tags=["latency", "sequential"], what="one tool per response")
+    concurrent = _run(console, _agent(store, speed=speed, name="support-concurrent"),
+                      TASK, tags=["latency", "concurrent"], what="all calls in one response")
+    seq = phase_times(store.load(sequential.run_id))
+    con = phase_times(store.load(concurrent.run_id))
+
+    table = Table(title="where the time goes (from the event log)", title_justify="left", title_style="bold")
+    table.add_column("phase")
+    table.add_column("one tool per response", justify="right")
+    table.add_column("all in one response", justify="right")
+    table.add_column("saved", justify="right")
+
+    def row(label: str, a: float, b: float, a_note: str = "", b_note: str = "") -> None:
+        table.add_row(label, format_duration(a) + a_note, format_duration(b) + b_note,
+                      format_duration(a - b) if a > b else "-")
+
+    row("THINK", seq.think_s, con.think_s, f" · {seq.model_calls} calls", f" · {con.model_calls} calls")
+    row("ACT", seq.act_s, con.act_s, f" · {seq.act_phases} steps", f" · {con.act_phases} steps")
+    row("  tools' own time", seq.tool_s, con.tool_s, f" · {seq.tool_calls} calls", f" · {con.tool_calls} calls")
+    row("overhead", seq.overhead_s, con.overhead_s)
+    table.add_section()
+    row("total", seq.total_s, con.total_s)
+    console.print()
+    console.print(table)
+    console.print(Text("THINK: time in model calls. ACT: wall time from the first tool's start to the last "
+                       "one's end, per step. Overhead: the rest, the loop and its event log.", style="dim"))
+    if speed == 0:
+        console.print(Text("At speed 0 the simulated latencies are off, so these timings are only the "
+                           "runtime's own work; run `loopwise demo` at speed 1 to see the trap.", style="dim"))
+    elif con.total_s > 0:
+        console.print(Text.assemble(
+            ("concurrent is ", ""), (f"{seq.total_s / con.total_s:.1f}× faster", "bold green"),
+            ((f" ({format_duration(seq.total_s)} → {format_duration(con.total_s)}): one model round trip "
+              "fewer, and the lookups overlap. THINK dominates, as in the seed post: fewer, fuller "
+              "iterations are the cure."), ""),
+        ))
+    return sequential, concurrent
+
+
+def cost_spiral(console: Console, store: EventStore, *, speed: float) -> RunResult:
+    """Scenario 3: a model that never says it is done, stopped by the iteration cap."""
+    _heading(console, 3, "The cost spiral: a model that never says it is done",
+             '"burned $47 in 3 minutes"; "ran 23 iterations before a human noticed"')
+    console.print(Text(
+        f"This simulated model always wants more context and recaps everything it has seen, so its "
+        f"output and the context grow every iteration. Limits(max_iterations={SPIRAL_MAX_ITERATIONS}) "
+        f"stops it, then one last call with tools off asks for its best answer. Priced at an example "
+        f"{format_cost(SPIRAL_PRICE.input_per_mtok)} / {format_cost(SPIRAL_PRICE.output_per_mtok)} "
+        "per million input / output tokens."
+    ))
+    agent = Agent(
+        SupportDeskSimulator(mode="never_done", speed=speed, seed=SEED, price=SPIRAL_PRICE),
+        instructions=INSTRUCTIONS,
+        tools=demo_tools(speed=speed),
+        limits=Limits(max_iterations=SPIRAL_MAX_ITERATIONS),
+        store=store,
+        name="support-spiral",
+    )
+    result = _run(console, agent, TASK, tags=["cost-spiral"], what="the never-done model")
+    events = store.load(result.run_id)
+
+    table = Table(title="every model call (from the event log)", title_justify="left", title_style="bold")
+    table.add_column("iteration", justify="right")
+    table.add_column("input tok", justify="right")
+    table.add_column("output tok", justify="right")
+    table.add_column("cost", justify="right")
+    table.add_column("asked for")
+    for event in events:
+        if isinstance(event, ModelCallFinished):
+            if event.purpose == "final_answer":
+                asked = "best-effort answer, tools off"
+            else:
+                asked = ", ".join(c.name for c in event.tool_calls) or shorten(event.text, 40)
+            label = str(event.iteration) if event.purpose == "think" else "answer"
+            table.add_row(label, f"{event.usage.input_tokens:,}", f"{event.usage.output_tokens:,}",
+                          format_cost(event.cost_usd), Text(asked))
+    table.add_section()
+    table.add_row("total", f"{result.usage.input_tokens:,}", f"{result.usage.output_tokens:,}",
+                  format_cost(result.cost_usd), "")
+    console.print()
+    console.print(table)
+    limit = next((e for e in events if isinstance(e, LimitHit)), None)
+    console.print(Text.assemble(("stop reason ", "dim"), (result.stop_reason, "bold yellow"),
+                                (f"   {result.iterations} iterations   {result.model_calls} model calls", "")))
+    if limit is not None:
+        console.print(Text("limit  ", style="dim") + Text(limit.detail))
+    console.print(Text("best-effort answer", style="dim"))
+    console.print(Text(result.output or "(none)"))
+    console.print()
+    console.print(Text(
+        "The cap is a guarantee: the run stopped, with a stop reason and an answer. What this version "
+        "does not do yet is keep each iteration cheap: per-run dollar and token budgets and the sliding "
+        "context window (which keeps input tokens flat) arrive in a later version.", style="yellow",
+    ))
+    try:
+        Limits(max_iterations=SPIRAL_MAX_ITERATIONS, budget_usd=0.50)
+    except UserError as exc:
+        console.print(Text("Until then it refuses them rather than ignore them: ", style="dim")
+                      + Text(f"Limits(budget_usd=0.50) → UserError: {exc}"))
+    return result
+
+
+def _not_yet(console: Console) -> None:
+    console.print()
+    console.print(Rule(Text("not in this version yet", style="bold"), align="left", style="dim"))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for scenario, what in (
+        ("error recovery", "per-tool timeouts, retries and fallbacks (a slow history lookup falling back to a cache)"),
+        ("cost spiral", "budgets and the sliding context window"),
+        ("debugging", "the decision log: expected vs actual at every step"),
+        ("kill switch", "stopping a run mid-flight from another process"),
+    ):
+        grid.add_row(scenario, what)
+    console.print(grid)
+
+
+# -- main --------------------------------------------------------------------------------
+
+
+def _speed(speed: float | None) -> float:
+    if speed is None:
+        raw = os.environ.get(SPEED_ENV, "").strip()
+        if not raw:
+            return 1.0
+        try:
+            speed = float(raw)
+        except ValueError:
+            raise UserError(f"${SPEED_ENV}={raw!r} is not a number; use 1 for real time, 0 for no delays") from None
+        source = f"${SPEED_ENV}={raw!r}"
+    else:
+        source = f"speed={speed!r}"
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 <= speed < float("inf"):
+        raise UserError(f"{source} must be a number >= 0 (1 for real time, 0 for no delays)")
+    return float(speed)
+
+
+def main(console: Console, *, speed: float | None = None, store: EventStore | None = None) -> int:
+    """Run the demo's scenarios, printing to `console`. Returns the exit status.
+
+    Args:
+        console: Where the demo prints.
+        speed: Multiplies every simulated latency (default: ``$LOOPWISE_DEMO_SPEED``, else 1).
+        store: Where the runs go (default: a new `MemoryStore`).
+    """
+    try:
+        speed = _speed(speed)
+    except UserError as exc:
+        console.print(Text(f"error: {exc}", style="red"))
+        return 2
+    if store is None:
+        store = MemoryStore()
+    console.print(Text("loopwise demo", style="bold") + Text(
+        "  the seed post's scenarios on a simulated support-desk model: no network, no keys"
+        + (f" (speed {speed:g})" if speed != 1 else ""), style="dim"))
+    expected: list[tuple[str, RunResult, str]] = []
+    result = triage(console, store, speed=speed)
+    expected.append(("triage", result, "done"))
+    sequential, concurrent = latency_trap(console, store, speed=speed)
+    expected += [("one tool per response", sequential, "done"), ("all calls in one response", concurrent, "done")]
+    result = cost_spiral(console, store, speed=speed)
+    expected.append(("cost spiral", result, "max_iterations"))
+    _not_yet(console)
+    wrong = [(name, r, want) for name, r, want in expected if r.stop_reason != want]
+    for name, r, want in wrong:
+        console.print(Text(f"the {name} run ended as {r.stop_reason!r}, not {want!r} "
+                           f"({r.reason or 'no reason recorded'}); run id {r.run_id}", style="bold red"))
+    return 1 if wrong else 0

@@ -1,0 +1,149 @@
+"""`loopwise demo`: every scenario runs, says what it answers, and reads its numbers from the log."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import pytest
+from rich.console import Console
+
+import loopwise as lw
+from loopwise import _demo
+from loopwise._events import (
+    ModelCallFinished,
+    RunFinished,
+    RunStarted,
+    ToolCallFinished,
+    ToolCallStarted,
+)
+from loopwise._messages import Usage
+
+
+def console() -> Console:
+    return Console(file=io.StringIO(), width=120)
+
+
+def output(c: Console) -> str:
+    return c.file.getvalue()  # type: ignore[attr-defined]
+
+
+def runs_by_tags(store: lw.MemoryStore) -> dict[tuple[str, ...], list]:
+    return {summary.tags: store.load(summary.run_id) for summary in store.list_runs(limit=100)}
+
+
+def act_time(events) -> float:
+    """Wall time of a run's ACT phases: per iteration, first tool start to last tool end."""
+    spans: dict[int, list[float]] = {}
+    for e in events:
+        if e.kind == "tool_call_started":
+            spans.setdefault(e.iteration, [e.ts, e.ts])[0] = min(spans.get(e.iteration, [e.ts])[0], e.ts)
+        elif e.kind == "tool_call_finished":
+            span = spans.setdefault(e.iteration, [e.ts, e.ts])
+            span[1] = max(span[1], e.ts)
+    return sum(end - start for start, end in spans.values())
+
+
+def test_the_demo_runs_every_scenario(store):
+    c = console()
+    assert _demo.main(c, speed=0, store=store) == 0
+    text = output(c)
+    flat = " ".join(text.split())  # phrases may wrap across lines
+    for words in ("1. Triage", "2. The latency trap", "3. The cost spiral", "answers the seed post's",
+                  "400 lines of JSON", "14-second loading screen", "$47"):
+        assert words in text, words
+    # The triage trace comes from the renderer: its iterations and its stop reason.
+    assert "iteration 1" in text and "2 ran concurrently" in text
+    assert "done   3 iterations" in text
+    # The cost spiral: stopped by the cap, with a best-effort answer, and said plainly what is missing.
+    assert "max_iterations" in text and "best-effort answer" in flat
+    assert "arrive in a later version" in flat and "not implemented in this version" in flat
+    assert "not in this version yet" in flat
+
+    runs = runs_by_tags(store)
+    assert set(runs) == {("demo", "triage"), ("demo", "latency", "sequential"), ("demo", "latency", "concurrent"),
+                         ("demo", "cost-spiral")}
+    stops = {tags: events[-1].stop_reason for tags, events in runs.items()}
+    assert stops == {("demo", "triage"): "done", ("demo", "latency", "sequential"): "done",
+                     ("demo", "latency", "concurrent"): "done", ("demo", "cost-spiral"): "max_iterations"}
+    spiral = runs[("demo", "cost-spiral")]
+    assert spiral[-1].iterations == 8 and spiral[-1].output
+    inputs = [e.usage.input_tokens for e in spiral if e.kind == "model_call_finished" and e.purpose == "think"]
+    assert len(inputs) == 8 and all(a < b for a, b in itertools.pairwise(inputs))
+    # Each of the spiral's per-iteration input token counts is in its table.
+    for n in inputs:
+        assert f"{n:,}" in text
+    # One tool per response takes a THINK more than all calls in one response.
+    assert runs[("demo", "latency", "sequential")][-1].model_calls == 4
+    assert runs[("demo", "latency", "concurrent")][-1].model_calls == 3
+
+
+def test_concurrent_tools_spend_less_time_in_act_than_sequential_ones(store):
+    # Simulated latencies must be on for ACT time to mean anything (speed 0 makes them 0);
+    # a quarter of real time keeps the test short with a margin of tens of milliseconds.
+    c = console()
+    sequential, concurrent = _demo.latency_trap(c, store, speed=0.25)
+    seq_events, con_events = store.load(sequential.run_id), store.load(concurrent.run_id)
+    assert act_time(con_events) < act_time(seq_events)
+    # The concurrent run's lookups overlapped: its ACT took less than its tools' own time.
+    con = _demo.phase_times(con_events)
+    assert con.act_s < con.tool_s
+    assert con.act_s == pytest.approx(act_time(con_events))
+    assert "faster" in output(c)
+
+
+def test_phase_times_are_read_from_the_events():
+    def ev(cls, seq, ts, **kw):
+        return cls(run_id="r", seq=seq, ts=ts, **kw)
+
+    events = [
+        ev(RunStarted, 0, 100.0, task=[]),
+        ev(ModelCallFinished, 1, 100.7, iteration=1, latency_s=0.7, usage=Usage(10, 1)),
+        ev(ToolCallStarted, 2, 100.7, iteration=1, call_id="a", name="x"),
+        ev(ToolCallStarted, 3, 100.7, iteration=1, call_id="b", name="y"),
+        ev(ToolCallFinished, 4, 101.0, iteration=1, call_id="a", name="x", outcome="ok", content="", latency_s=0.3),
+        ev(ToolCallFinished, 5, 101.1, iteration=1, call_id="b", name="y", outcome="ok", content="", latency_s=0.4),
+        ev(ModelCallFinished, 6, 101.7, iteration=2, latency_s=0.6),
+        ev(RunFinished, 7, 101.75, stop_reason="done", duration_s=1.75),
+    ]
+    phases = _demo.phase_times(events)
+    assert (phases.model_calls, phases.tool_calls, phases.act_phases) == (2, 2, 1)
+    assert phases.think_s == pytest.approx(1.3)
+    assert phases.act_s == pytest.approx(0.4)
+    assert phases.tool_s == pytest.approx(0.7)
+    assert phases.overhead_s == pytest.approx(0.05)
+    assert phases.total_s == 1.75
+
+
+def test_speed_comes_from_the_environment(monkeypatch, store):
+    monkeypatch.setenv("LOOPWISE_DEMO_SPEED", "0")
+    c = console()
+    assert _demo.main(c, store=store) == 0
+    assert "(speed 0)" in output(c)
+
+
+def test_a_bad_speed_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setenv("LOOPWISE_DEMO_SPEED", "fast")
+    c = console()
+    assert _demo.main(c) == 2
+    assert "$LOOPWISE_DEMO_SPEED='fast' is not a number" in output(c)
+    # An explicit speed wins over the environment.
+    c = console()
+    assert _demo.main(c, speed=-1) == 2
+    assert "speed=-1 must be a number >= 0" in output(c)
+    assert _demo.main(console(), speed=0) == 0
+
+
+def test_the_demo_writes_nothing_to_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _demo.main(console(), speed=0) == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_demo_can_log_to_sqlite(tmp_path):
+    store = lw.SQLiteStore(tmp_path / "demo.db")
+    try:
+        assert _demo.main(console(), speed=0, store=store) == 0
+        assert len(store.list_runs()) == 4
+    finally:
+        store.close()
