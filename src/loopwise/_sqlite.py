@@ -24,7 +24,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 from ._errors import UserError
-from ._events import Event, RunFinished, RunStarted, dump_event, load_event
+from ._events import Event, RunFinished, RunStarted, dump_events, load_event
 from ._store import EventStore, RunSummary
 
 __all__ = ["SQLiteStore", "default_db_path"]
@@ -32,6 +32,13 @@ __all__ = ["SQLiteStore", "default_db_path"]
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
 _MAX_BATCH = 1024
+# Checkpoint the WAL into the database every this many pages (SQLite's default is
+# 1,000). A run's commits rewrite the same few index pages over and over; a longer
+# WAL copies each of them back once per checkpoint instead of four times, which
+# takes about a sixth off the writer's CPU per run. The price: the -wal file grows
+# to ~16 MB (4 KiB pages) before it is reused, and a checkpoint, when it comes,
+# holds that commit up longer (tens of ms, four times rarer).
+WAL_AUTOCHECKPOINT_PAGES = 4000
 
 # Migrations from version N-1 to N, applied in order inside one transaction.
 _MIGRATIONS: dict[int, str] = {
@@ -110,6 +117,7 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         conn = _connect(self.path)
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
         get, get_nowait = self.queue.get, self.queue.get_nowait
         try:
             while True:
@@ -134,19 +142,29 @@ class _Writer(threading.Thread):
             conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list) -> None:
-        errors: list[BaseException | None]
-        try:
-            self._insert(conn, [e for events, _, _ in batch for e in events])
-            errors = [None] * len(batch)
-        except Exception:
-            # Isolate the failing batch (say, a duplicate run id) from the others.
-            errors = []
-            for events, _, _ in batch:
-                try:
-                    self._insert(conn, events)
-                    errors.append(None)
-                except Exception as exc:
-                    errors.append(exc)
+        # Serialize outside the transaction; an event that cannot be serialized fails
+        # its own batch only.
+        rows: list[list[tuple] | None] = []
+        errors: list[BaseException | None] = []
+        for events, _, _ in batch:
+            try:
+                rows.append(_rows(events))
+                errors.append(None)
+            except Exception as exc:
+                rows.append(None)
+                errors.append(exc)
+        good = [r for r in rows if r is not None]
+        if good:
+            try:
+                self._insert(conn, good[0] if len(good) == 1 else [row for r in good for row in r])
+            except Exception:
+                # Isolate the failing batch (say, a duplicate run id) from the others.
+                for i, r in enumerate(rows):
+                    if r is not None:
+                        try:
+                            self._insert(conn, r)
+                        except Exception as exc:
+                            errors[i] = exc
         by_loop: dict[object, list] = {}
         for (_, loop, fut), err in zip(batch, errors):
             if fut is None:
@@ -161,15 +179,22 @@ class _Writer(threading.Thread):
                 pass
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, events: list[Event]) -> None:
-        rows = [(e.run_id, e.seq, e.kind, e.ts, dump_event(e).decode()) for e in events]
+    def _insert(conn: sqlite3.Connection, rows: list[tuple]) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany("INSERT INTO events (run_id, seq, kind, ts, data) VALUES (?, ?, ?, ?, ?)", rows)
+            conn.executemany(_INSERT, rows)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+_INSERT = "INSERT INTO events (run_id, seq, kind, ts, data) VALUES (?, ?, ?, ?, ?)"
+
+
+def _rows(events: list[Event]) -> list[tuple]:
+    """The rows of `events`: the columns the queries use, and the event as JSON text."""
+    return [(e.run_id, e.seq, e.kind, e.ts, data.decode()) for e, data in zip(events, dump_events(events))]
 
 
 def _resolve(items: list) -> None:

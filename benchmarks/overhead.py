@@ -1,0 +1,396 @@
+"""How much does loopwise cost on top of the model and the tools?
+
+Not a test: it prints a table of measurements next to the targets they are held to.
+
+    .venv/bin/python benchmarks/overhead.py            # the full run (about a minute)
+    .venv/bin/python benchmarks/overhead.py --quick    # a smoke run (a few seconds)
+
+The workload is the seed post's support-desk run: call 1 of the model asks for two
+tools (analyze_sentiment, get_customer_history), call 2 for one (generate_reply),
+call 3 answers. Every model call reports `Usage(100, 20)`; a model call sleeps M and
+a tool call T (`asyncio.sleep`, skipped when 0). The model decides which call it is
+from the request (the number of assistant messages), never from global state, so
+concurrent runs do not interfere.
+
+(a) CPU per run, M = T = 0: sequential `await agent.run(...)` in one event loop after
+    a warm-up, with the SQLite event log on (and MemoryStore for comparison). Process
+    CPU (`time.process_time`: every thread, the SQLite writer included) and the event
+    loop thread's CPU (`time.thread_time` in that thread) are reported separately.
+(b) Concurrency, M = 50 ms, T = 20 ms, SQLite on: N runs at once (`asyncio.gather`).
+    Wall time over the critical path 3M + 2T = 190 ms; memory per concurrent run =
+    (peak RSS - RSS before the batch) / N; CPU per run, to check it does not grow
+    with concurrency.
+(c) `import loopwise` in a fresh interpreter (best of 5), and whether it imported openai.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import loopwise as lw
+from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ToolCall, Usage
+
+# The targets the measurements are held to.
+TARGET_CPU_US = 250.0
+TARGET_LOOP_CPU_US = 200.0
+TARGET_WALL_RATIO = 1.5
+TARGET_KB_PER_RUN = 20.0
+TARGET_IMPORT_S = 0.3
+
+TASK = "I've been waiting 3 weeks for my refund on order ORD-1042 and nobody answers. Customer C-881."
+
+
+# -- the workload ------------------------------------------------------------------
+
+
+def make_agent(store: lw.EventStore, model_s: float, tool_s: float) -> lw.Agent:
+    async def pause(seconds: float) -> None:
+        if seconds:
+            await asyncio.sleep(seconds)
+
+    @lw.tool
+    async def analyze_sentiment(text: str) -> str:
+        """Classify the sentiment of a customer message."""
+        await pause(tool_s)
+        return "negative"
+
+    @lw.tool
+    async def get_customer_history(customer_id: str) -> dict:
+        """The customer's past orders and tickets."""
+        await pause(tool_s)
+        return {"customer_id": customer_id, "orders": 7, "open_tickets": 1, "tier": "gold"}
+
+    @lw.tool
+    async def generate_reply(sentiment: str, history: str) -> str:
+        """Draft a reply to the customer."""
+        await pause(tool_s)
+        return "Dear customer, we are sorry about the delay; your refund was issued today."
+
+    async def support_model(request: ModelRequest) -> ModelResponse:
+        await pause(model_s)
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        if turn == 0:
+            calls = [
+                ToolCall("analyze_sentiment", {"text": TASK}),
+                ToolCall("get_customer_history", {"customer_id": "C-881"}),
+            ]
+            return ModelResponse(tool_calls=calls, usage=Usage(100, 20))
+        if turn == 1:
+            calls = [ToolCall("generate_reply", {"sentiment": "negative", "history": "gold, 7 orders"})]
+            return ModelResponse(tool_calls=calls, usage=Usage(100, 20))
+        return ModelResponse(text="Your refund was issued today; sorry for the wait.", usage=Usage(100, 20))
+
+    return lw.Agent(
+        FunctionModel(support_model),
+        instructions="You are a support agent.",
+        tools=[analyze_sentiment, get_customer_history, generate_reply],
+        store=store,
+    )
+
+
+def check(result: lw.RunResult) -> None:
+    if result.stop_reason != "done" or result.iterations != 3 or result.model_calls != 3:
+        raise SystemExit(f"the workload did not run as designed: {result!r}")
+
+
+# -- measuring ---------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    return int(m.group(1)) if m else 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") <= _status_kb("VmRSS") + 64
+
+
+class _RSSSampler:
+    """The fallback: sample VmRSS every few ms in a thread and keep the maximum."""
+
+    def __init__(self, every_s: float = 0.002) -> None:
+        self.every_s = every_s
+        self.peak = _status_kb("VmRSS")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, _status_kb("VmRSS"))
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_kb("VmRSS"))
+
+
+@dataclass
+class Cpu:
+    runs: int
+    wall_s: float
+    process_s: float
+    loop_s: float
+
+    @property
+    def us_per_run(self) -> float:
+        return self.process_s / self.runs * 1e6
+
+    @property
+    def loop_us_per_run(self) -> float:
+        return self.loop_s / self.runs * 1e6
+
+    @property
+    def other_us_per_run(self) -> float:
+        return (self.process_s - self.loop_s) / self.runs * 1e6
+
+
+async def _sequential(agent: lw.Agent, runs: int, warmup: int) -> Cpu:
+    for _ in range(warmup):
+        check(await agent.run(TASK))
+    gc.collect()
+    wall0, cpu0, loop0 = time.perf_counter(), time.process_time(), time.thread_time()
+    for _ in range(runs):
+        await agent.run(TASK)
+    loop1, cpu1, wall1 = time.thread_time(), time.process_time(), time.perf_counter()
+    return Cpu(runs, wall1 - wall0, cpu1 - cpu0, loop1 - loop0)
+
+
+def measure_sequential(store_kind: str, runs: int, warmup: int, repeat: int) -> Cpu:
+    """CPU per run with M = T = 0; the median of `repeat` batches (each in a fresh store)."""
+    results = []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            store = lw.SQLiteStore(Path(tmp) / "bench.db") if store_kind == "sqlite" else lw.MemoryStore()
+            try:
+                results.append(asyncio.run(_sequential(make_agent(store, 0, 0), runs, warmup)))
+            finally:
+                store.close()
+    return sorted(results, key=lambda c: c.process_s)[len(results) // 2]
+
+
+@dataclass
+class Concurrent:
+    runs: int
+    wall_s: float
+    critical_s: float
+    cpu: Cpu
+    rss_before_kb: int
+    rss_peak_kb: int
+    peak_method: str
+
+    @property
+    def ratio(self) -> float:
+        return self.wall_s / self.critical_s
+
+    @property
+    def kb_per_run(self) -> float:
+        return (self.rss_peak_kb - self.rss_before_kb) / self.runs
+
+
+async def _concurrent(agent: lw.Agent, warm_agent: lw.Agent, runs: int, model_s: float, tool_s: float) -> Concurrent:
+    # Warm up: the writer thread, the code paths, the allocator's arenas for a small batch.
+    for result in await asyncio.gather(*(warm_agent.run(TASK) for _ in range(50))):
+        check(result)
+    await asyncio.gather(*(agent.run(TASK) for _ in range(10)))
+    gc.collect()
+    rss_before = _status_kb("VmRSS")
+    reset = _reset_peak_rss()
+    sampler = None if reset else _RSSSampler().__enter__()
+    wall0, cpu0, loop0 = time.perf_counter(), time.process_time(), time.thread_time()
+    results = await asyncio.gather(*(agent.run(TASK) for _ in range(runs)))
+    loop1, cpu1, wall1 = time.thread_time(), time.process_time(), time.perf_counter()
+    if sampler is not None:
+        sampler.__exit__(None)
+        peak, method = sampler.peak, "VmRSS sampled every 2 ms"
+    else:
+        peak, method = _status_kb("VmHWM"), "VmHWM after clear_refs"
+    for result in results:
+        check(result)
+    return Concurrent(
+        runs=runs,
+        wall_s=wall1 - wall0,
+        critical_s=3 * model_s + 2 * tool_s,
+        cpu=Cpu(runs, wall1 - wall0, cpu1 - cpu0, loop1 - loop0),
+        rss_before_kb=rss_before,
+        rss_peak_kb=peak,
+        peak_method=method,
+    )
+
+
+def measure_concurrent(runs: int, model_s: float, tool_s: float) -> Concurrent:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = lw.SQLiteStore(Path(tmp) / "bench.db")
+        try:
+            agent = make_agent(store, model_s, tool_s)
+            warm = make_agent(store, 0, 0)
+            return asyncio.run(_concurrent(agent, warm, runs, model_s, tool_s))
+        finally:
+            store.close()
+
+
+async def _bare(runs: int, model_s: float, tool_s: float) -> tuple[float, Cpu]:
+    """The same sleeps, in the same shape, with no loopwise: what the machine's event loop
+    costs for this workload on its own (timers, wake-ups), to read (b) against."""
+
+    async def pause(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "x"
+
+    async def run() -> None:
+        await pause(model_s)
+        await asyncio.gather(pause(tool_s), pause(tool_s))
+        await pause(model_s)
+        await pause(tool_s)
+        await pause(model_s)
+
+    await asyncio.gather(*(run() for _ in range(50)))
+    gc.collect()
+    wall0, cpu0, loop0 = time.perf_counter(), time.process_time(), time.thread_time()
+    await asyncio.gather(*(run() for _ in range(runs)))
+    loop1, cpu1, wall1 = time.thread_time(), time.process_time(), time.perf_counter()
+    return (wall1 - wall0) / (3 * model_s + 2 * tool_s), Cpu(runs, wall1 - wall0, cpu1 - cpu0, loop1 - loop0)
+
+
+def measure_bare(runs: int, model_s: float, tool_s: float) -> tuple[float, Cpu]:
+    return asyncio.run(_bare(runs, model_s, tool_s))
+
+
+_IMPORT_PROBE = (
+    "import sys, time; t = time.perf_counter(); import loopwise; "
+    "print(time.perf_counter() - t, 'openai' in sys.modules, len(sys.modules))"
+)
+
+
+def measure_import(tries: int = 5) -> tuple[float, bool, int]:
+    best, openai, modules = float("inf"), False, 0
+    for _ in range(tries):
+        out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True)
+        seconds, imported, n = out.stdout.split()
+        if float(seconds) < best:
+            best, openai, modules = float(seconds), imported == "True", int(n)
+    return best, openai, modules
+
+
+# -- the report --------------------------------------------------------------------
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def report(rows: list[tuple[str, str, str, str]], notes: list[str], title: str) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        width = max(len(r[0]) for r in rows)
+        for name, value, target, verdict in rows:
+            print(f"  {name:<{width}}  {value:>16}  {target:>10}  {verdict}")
+        for note in notes:
+            print("  " + note)
+        return
+    table = Table(title=title, title_justify="left")
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    table.add_column("")
+    for name, value, target, verdict in rows:
+        style = "red" if verdict == "MISSED" else None
+        table.add_row(name, value, target, verdict, style=style)
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    for note in notes:
+        console.print("  " + note, highlight=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=1000, help="sequential runs measured in (a) (default 1000)")
+    parser.add_argument("--warmup", type=int, default=200, help="runs before measuring (a) (default 200)")
+    parser.add_argument("--repeat", type=int, default=3, help="batches in (a); the median is shown (default 3)")
+    parser.add_argument("--concurrency", type=int, default=1000, help="concurrent runs in (b) (default 1000)")
+    parser.add_argument("--model-ms", type=float, default=50.0, help="M in (b) (default 50)")
+    parser.add_argument("--tool-ms", type=float, default=20.0, help="T in (b) (default 20)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 200 runs, 200 concurrent, 1 repeat")
+    parser.add_argument("--only", choices=["a", "b", "c"], action="append", help="run only these parts")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.warmup, args.repeat, args.concurrency = 200, 50, 1, 200
+    parts = set(args.only or "abc")
+    model_s, tool_s = args.model_ms / 1000, args.tool_ms / 1000
+
+    rows: list[tuple[str, str, str, str]] = []
+    notes: list[str] = []
+    if "a" in parts:
+        sqlite = measure_sequential("sqlite", args.runs, args.warmup, args.repeat)
+        memory = measure_sequential("memory", args.runs, args.warmup, args.repeat)
+        rows += [
+            ("(a) CPU/run, SQLite log, process", f"{sqlite.us_per_run:.0f} µs", f"≤ {TARGET_CPU_US:.0f} µs",
+             _verdict(sqlite.us_per_run <= TARGET_CPU_US)),
+            ("(a) CPU/run, SQLite log, event-loop thread", f"{sqlite.loop_us_per_run:.0f} µs",
+             f"≤ {TARGET_LOOP_CPU_US:.0f} µs", _verdict(sqlite.loop_us_per_run <= TARGET_LOOP_CPU_US)),
+            ("(a) CPU/run, SQLite log, other threads", f"{sqlite.other_us_per_run:.0f} µs", "", ""),
+            ("(a) wall/run, SQLite log", f"{sqlite.wall_s / sqlite.runs * 1e6:.0f} µs", "", ""),
+            ("(a) CPU/run, MemoryStore, process", f"{memory.us_per_run:.0f} µs", "", ""),
+            ("(a) CPU/run, MemoryStore, event-loop thread", f"{memory.loop_us_per_run:.0f} µs", "", ""),
+        ]
+        notes.append(f"(a) M = T = 0; {args.runs} sequential runs after {args.warmup} warm-up runs, "
+                     f"median of {args.repeat} batches")
+    if "b" in parts:
+        conc = measure_concurrent(args.concurrency, model_s, tool_s)
+        rows += [
+            (f"(b) wall ÷ critical path, {conc.runs} concurrent", f"{conc.ratio:.2f}× ({conc.wall_s * 1000:.0f} ms)",
+             f"≤ {TARGET_WALL_RATIO}×", _verdict(conc.ratio <= TARGET_WALL_RATIO)),
+            ("(b) memory per concurrent run", f"{conc.kb_per_run:.1f} KB", f"≤ {TARGET_KB_PER_RUN:.0f} KB",
+             _verdict(conc.kb_per_run <= TARGET_KB_PER_RUN)),
+            ("(b) CPU/run at concurrency, process", f"{conc.cpu.us_per_run:.0f} µs", "", ""),
+            ("(b) CPU/run at concurrency, event-loop thread", f"{conc.cpu.loop_us_per_run:.0f} µs", "", ""),
+        ]
+        if conc.critical_s > 0:
+            bare_ratio, bare_cpu = measure_bare(args.concurrency, model_s, tool_s)
+            rows += [
+                ("(b) baseline: same sleeps in bare asyncio, no loopwise", f"{bare_ratio:.2f}×, {bare_cpu.us_per_run:.0f} µs/run",
+                 "", ""),
+            ]
+        notes.append(f"(b) M = {args.model_ms:g} ms, T = {args.tool_ms:g} ms, critical path "
+                     f"{conc.critical_s * 1000:.0f} ms; RSS {conc.rss_before_kb / 1024:.1f} → "
+                     f"{conc.rss_peak_kb / 1024:.1f} MiB ({conc.peak_method})")
+    if "c" in parts:
+        seconds, openai, modules = measure_import()
+        rows += [
+            ("(c) import loopwise (best of 5)", f"{seconds:.3f} s", f"≤ {TARGET_IMPORT_S} s",
+             _verdict(seconds <= TARGET_IMPORT_S)),
+            ("(c) openai imported by `import loopwise`", "yes" if openai else "no", "no", _verdict(not openai)),
+        ]
+        notes.append(f"(c) {modules} modules in sys.modules after the import")
+    notes.append(f"Python {sys.version.split()[0]} on {os.cpu_count()} CPUs; "
+                 f"loopwise {lw.__version__}; gc enabled")
+    report(rows, notes, "loopwise overhead")
+
+
+if __name__ == "__main__":
+    main()
