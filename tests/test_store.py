@@ -184,3 +184,29 @@ def test_default_store_is_loopwise_db_or_env(tmp_path, monkeypatch):
     monkeypatch.setenv("LOOPWISE_DB", str(tmp_path / "elsewhere.db"))
     lw.Agent(ScriptedModel(["x"])).run_sync("t")
     assert (tmp_path / "elsewhere.db").exists()
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    from loopwise._sqlite import _MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_MIGRATIONS[1])
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    old = lw.SQLiteStore(path)  # migrates v1 -> current
+    agent = lw.Agent(ScriptedModel(["hi"]), store=old)
+    result = agent.run_sync("t")
+    old.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
+    assert indexes == {"events_started_ts"}
+    plan = " ".join(r[-1] for r in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT data FROM events WHERE kind = 'run_started' ORDER BY ts DESC LIMIT 5"))
+    assert "events_started_ts" in plan
+    conn.close()
+    store = lw.SQLiteStore(path)
+    assert store.list_runs()[0].run_id == result.run_id
+    store.close()
