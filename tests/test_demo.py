@@ -49,9 +49,13 @@ def test_the_demo_runs_every_scenario(store):
     assert _demo.main(c, speed=0, store=store) == 0
     text = output(c)
     flat = " ".join(text.split())  # phrases may wrap across lines
-    for words in ("1. Triage", "2. The latency trap", "3. The cost spiral", "answers the seed post's",
-                  "400 lines of JSON", "14-second loading screen", "$47"):
+    for words in ("1. Triage", "2. Error recovery", "3. The latency trap", "4. The cost spiral",
+                  "answers the seed post's", "400 lines of JSON", "one slow DB call", "14-second loading screen",
+                  "$47"):
         assert words in text, words
+    # The error-recovery trace: the hung lookup timed out, the cache answered, and the trace says so.
+    assert "✗ attempt 1  get_customer_history timed out after" in text
+    assert "↳ answered from get_cached_history" in text
     # The triage trace comes from the renderer: its iterations and its stop reason.
     assert "iteration 1" in text and "2 ran concurrently" in text
     assert "done   3 iterations" in text
@@ -61,10 +65,15 @@ def test_the_demo_runs_every_scenario(store):
     assert "not in this version yet" in flat
 
     runs = runs_by_tags(store)
-    assert set(runs) == {("demo", "triage"), ("demo", "latency", "sequential"), ("demo", "latency", "concurrent"),
-                         ("demo", "cost-spiral")}
+    assert set(runs) == {("demo", "triage"), ("demo", "recovery"), ("demo", "latency", "sequential"),
+                         ("demo", "latency", "concurrent"), ("demo", "cost-spiral")}
+    recovery = runs[("demo", "recovery")]
+    (history,) = [e for e in recovery if e.kind == "tool_call_finished" and e.name == "get_customer_history"]
+    assert (history.outcome, history.fallback) == ("fallback", "get_cached_history")
+    assert "from get_cached_history" in recovery[-1].output  # the model's answer says where the data came from
     stops = {tags: events[-1].stop_reason for tags, events in runs.items()}
-    assert stops == {("demo", "triage"): "done", ("demo", "latency", "sequential"): "done",
+    assert stops == {("demo", "triage"): "done", ("demo", "recovery"): "done",
+                     ("demo", "latency", "sequential"): "done",
                      ("demo", "latency", "concurrent"): "done", ("demo", "cost-spiral"): "max_iterations"}
     spiral = runs[("demo", "cost-spiral")]
     assert spiral[-1].iterations == 8 and spiral[-1].output
@@ -144,6 +153,6 @@ def test_the_demo_can_log_to_sqlite(tmp_path):
     store = lw.SQLiteStore(tmp_path / "demo.db")
     try:
         assert _demo.main(console(), speed=0, store=store) == 0
-        assert len(store.list_runs()) == 4
+        assert len(store.list_runs()) == 5
     finally:
         store.close()

@@ -8,6 +8,11 @@ def test_top_level_exports():
     assert loopwise.__all__ == sorted(loopwise.__all__)
     assert set(loopwise.__all__) == {
         "Agent",
+        "Backoff",
+        "CircuitBreaker",
+        "CircuitOpenError",
+        "Template",
+        "ToolRetry",
         "Event",
         "EventStore",
         "Limits",
@@ -34,10 +39,12 @@ def test_top_level_exports():
 
 def test_models_exports():
     assert set(loopwise.models.__all__) == {
+        "AttemptRecord",
         "FunctionModel",
         "Message",
         "Model",
         "ModelRequest",
+        "ModelPolicy",
         "ModelResponse",
         "OpenAIModel",
         "Price",

@@ -63,7 +63,8 @@ def assert_valid_log(events):
     assert end.model_calls == len(think_calls) == len([e for e in events if e.kind == "model_call_started"])
     assert end.usage.input_tokens == sum(e.usage.input_tokens for e in think_calls)
     assert end.usage.output_tokens == sum(e.usage.output_tokens for e in think_calls)
-    assert end.cost_usd == pytest.approx(sum(e.cost_usd for e in think_calls))
+    tool_calls = [e for e in events if e.kind == "tool_call_finished"]
+    assert end.cost_usd == pytest.approx(sum(e.cost_usd for e in think_calls) + sum(e.cost_usd for e in tool_calls))
     assert end.iterations == len([e for e in events if e.kind == "iteration_started"])
     started_ids = [e.call_id for e in events if e.kind == "tool_call_started"]
     finished_ids = [e.call_id for e in events if e.kind == "tool_call_finished"]

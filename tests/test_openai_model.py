@@ -18,7 +18,7 @@ import pytest
 
 import loopwise as lw
 from loopwise._errors import ModelBehaviorError, ModelConnectionError, ModelHTTPError, ModelTimeoutError
-from loopwise.models import Message, ModelRequest, OpenAIModel, Price, ToolCall, ToolSpec
+from loopwise.models import Message, ModelPolicy, ModelRequest, OpenAIModel, Price, ToolCall, ToolSpec
 from loopwise.models._openai import uses_max_completion_tokens
 
 from .openai_server import OpenAIServer, completion
@@ -52,6 +52,9 @@ TOOLS = [analyze_sentiment, get_customer_history]
 
 
 def agent(model, store, **kw):
+    # No retries by default here: these tests are about the adapter (test_model_resilience
+    # covers the retrying ModelPolicy).
+    kw.setdefault("model_policy", ModelPolicy(retries=0))
     return lw.Agent(model, tools=TOOLS, store=store, instructions="You are a support agent.", **kw)
 
 
@@ -486,3 +489,32 @@ def test_importing_loopwise_does_not_import_openai():
     code = "import sys, loopwise, loopwise.models; print('openai' in sys.modules, 'httpx2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+async def test_the_agent_retries_a_503_and_falls_back_to_another_model(server, store):
+    """Model-call resilience end to end: every attempt is in the log, the answer says who gave it."""
+    from .openai_server import OpenAIServer
+
+    server.reply_error(503, {"error": {"message": "overloaded"}}, headers={"Retry-After": "0"})
+    server.reply_error(503, {"error": {"message": "still overloaded"}}, headers={"Retry-After": "0"})
+    backup_server = OpenAIServer()
+    try:
+        backup_server.reply(text="answered by the backup", usage=(7, 3))
+        async with OpenAIModel("primary", base_url=server.base_url, api_key="k", max_retries=0) as primary, \
+                OpenAIModel("backup", base_url=backup_server.base_url, api_key="k", max_retries=0,
+                            price=Price(1, 2)) as backup:
+            result = await agent(primary, store, fallback_models=[backup],
+                                 model_policy=ModelPolicy(retries=1)).run("go")
+    finally:
+        backup_server.close()
+    assert (result.stop_reason, result.output) == ("done", "answered by the backup")
+    events = store.load(result.run_id)
+    attempts = [e for e in events if e.kind == "model_attempt_failed"]
+    assert [(a.model, a.attempt, a.retry_in_s is not None, a.will_fallback) for a in attempts] == [
+        ("openai:primary", 1, True, False),
+        ("openai:primary", 2, False, True),
+    ]
+    finished = only(events, "model_call_finished")
+    assert finished.model == "openai:backup"
+    assert finished.cost_usd == pytest.approx((7 * 1 + 3 * 2) / 1e6)  # priced at the model that answered
+    assert len(server.requests) == 2 and len(backup_server.requests) == 1

@@ -7,12 +7,15 @@ bounded, explains why it did what it did, and can be debugged after the fact.
 from __future__ import annotations
 
 from ._agent import Agent as Agent
+from ._breaker import CircuitBreaker as CircuitBreaker
+from ._breaker import CircuitOpenError as CircuitOpenError
 from ._errors import LoopwiseError as LoopwiseError
 from ._errors import ModelBehaviorError as ModelBehaviorError
 from ._errors import ModelConnectionError as ModelConnectionError
 from ._errors import ModelError as ModelError
 from ._errors import ModelHTTPError as ModelHTTPError
 from ._errors import ModelTimeoutError as ModelTimeoutError
+from ._errors import ToolRetry as ToolRetry
 from ._errors import UserError as UserError
 from ._events import Event as Event
 from ._limits import Limits as Limits
@@ -22,6 +25,8 @@ from ._result import RunResult as RunResult
 from ._sqlite import SQLiteStore as SQLiteStore
 from ._store import EventStore as EventStore
 from ._store import MemoryStore as MemoryStore
+from ._tool_policy import Backoff as Backoff
+from ._tool_policy import Template as Template
 from ._tools import RunContext as RunContext
 from ._tools import Tool as Tool
 from ._tools import tool as tool
@@ -30,6 +35,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
+    "Backoff",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "Event",
     "EventStore",
     "Limits",
@@ -44,7 +52,9 @@ __all__ = [
     "RunContext",
     "RunResult",
     "SQLiteStore",
+    "Template",
     "Tool",
+    "ToolRetry",
     "ToolSpec",
     "UserError",
     "__version__",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-import uuid
+import os
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,9 @@ from ._result import RunResult
 from ._run import Run
 from ._store import EventStore
 from ._tools import Tool, tool
+from ._watchdog import start_watchdog
 from .models._base import Model
+from .models._resilience import ModelPolicy
 from .models._resolve import resolve_model
 
 __all__ = ["Agent"]
@@ -30,6 +33,15 @@ _NOT_YET = {"context": "context policies (SlidingWindow)", "control": "the contr
 # Run ids being executed in this process: a reused id is refused even before its
 # first events are committed.
 _active_run_ids: set[str] = set()
+
+
+def new_run_id() -> str:
+    """A unique, time-ordered run id: 16 hex digits of nanoseconds, 16 random.
+
+    Time order keeps SQLite's inserts at the end of the primary key's b-tree (random
+    ids cost several times more per row) and lists runs in start order.
+    """
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
 
 
 def _default_store() -> EventStore:
@@ -72,6 +84,13 @@ class Agent:
         name: A name for logs and `loopwise runs` (default: ``"agent"``).
         max_tokens: The `max_tokens` sent with every model call.
         deps: Passed to tools as `RunContext.deps` (a run's own `deps` overrides it).
+        max_parallel_tools: The most tool calls of one response that run at once
+            (default: all of them; the others wait their turn, in the model's order).
+        fallback_models: Models tried in order when a model call fails on the
+            primary model after its retries.
+        model_policy: Timeout per attempt, retries and backoff of every model call
+            (default: `ModelPolicy()`: 60 s, 2 retries on 408/409/429/5xx, timeouts and
+            connection errors, honouring Retry-After).
     """
 
     def __init__(
@@ -85,6 +104,9 @@ class Agent:
         name: str = "agent",
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
         deps: Any = None,
+        max_parallel_tools: int | None = None,
+        fallback_models: Sequence[Model | str] = (),
+        model_policy: ModelPolicy | None = None,
         **unsupported: Any,
     ) -> None:
         if unsupported:
@@ -96,7 +118,19 @@ class Agent:
                     f"{', '.join(later)}; remove it rather than rely on a setting that would be ignored"
                 )
             raise UserError(f"Agent got unknown option(s) {names}")
-        self.model: Model = resolve_model(model)
+        # The policy owns retries: models made from strings get no SDK-level retries of
+        # their own, which would multiply the attempts the log shows.
+        self.model: Model = resolve_model(model, max_retries=0)
+        if isinstance(fallback_models, (str, Model)) or not isinstance(fallback_models, Sequence):
+            raise UserError("fallback_models must be a list of models (Model instances or 'provider:name' strings)")
+        self.fallback_models: list[Model] = [resolve_model(m, max_retries=0) for m in fallback_models]
+        #: The primary model, then the fallbacks: what each model call tries, in order.
+        self.models: list[Model] = [self.model, *self.fallback_models]
+        if model_policy is None:
+            model_policy = ModelPolicy()
+        elif not isinstance(model_policy, ModelPolicy):
+            raise UserError(f"model_policy must be a loopwise.models.ModelPolicy, got {type(model_policy).__name__}")
+        self.model_policy = model_policy
         if instructions is not None and not isinstance(instructions, str):
             raise UserError(f"instructions must be a str, got {type(instructions).__name__}")
         self.instructions = instructions or None
@@ -114,6 +148,9 @@ class Agent:
         if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
             raise UserError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
         self.max_tokens = max_tokens
+        if max_parallel_tools is not None and (type(max_parallel_tools) is not int or max_parallel_tools < 1):
+            raise UserError(f"max_parallel_tools must be an int >= 1 or None (no bound), got {max_parallel_tools!r}")
+        self.max_parallel_tools = max_parallel_tools
         self.name = name
         self.deps = deps
         if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
@@ -125,6 +162,7 @@ class Agent:
                 raise UserError(f"two tools are named {t.name!r}; give one another name with @tool(name=...)")
             self.tools_by_name[t.name] = t
         self.tool_specs: list[ToolSpec] = [t.spec for t in self.tools]
+        self._description: dict[str, Any] | None = None
 
     @property
     def store(self) -> EventStore:
@@ -134,11 +172,20 @@ class Agent:
         return self._store
 
     def describe(self) -> dict[str, Any]:
-        """What the run-started event records about this agent."""
+        """What the run-started event records about this agent (computed once; shared)."""
+        if self._description is None:
+            self._description = self._describe()
+        return self._description
+
+    def _describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "model": self.model.describe(),
+            "fallback_models": [m.describe() for m in self.fallback_models],
+            "model_policy": self.model_policy.describe(),
             "tools": [t.name for t in self.tools],
+            "tool_policies": {t.name: t.policy.describe() for t in self.tools},
+            "max_parallel_tools": self.max_parallel_tools,
             "max_tokens": self.max_tokens,
         }
 
@@ -158,7 +205,7 @@ class Agent:
                 raise UserError(f"each tag must be a non-empty str, got {t!r}")
         store = self.store
         if run_id is None:
-            run_id = uuid.uuid4().hex
+            run_id = new_run_id()
         else:
             if not isinstance(run_id, str) or not run_id:
                 raise UserError(f"run_id must be a non-empty str, got {run_id!r}")
@@ -169,6 +216,8 @@ class Agent:
                    store=store, sink=sink)
 
     async def _execute(self, run: Run) -> RunResult:
+        # A tool that blocks the event loop cannot be timed out; the watchdog says so.
+        start_watchdog()
         _active_run_ids.add(run.run_id)
         try:
             finished = await run.execute()

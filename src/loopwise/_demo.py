@@ -77,6 +77,7 @@ TOOL_LATENCY_S = {
     "generate_reply": (0.20, 0.30),
 }
 #: An example price for the cost spiral (dollars per million tokens), not any provider's.
+HISTORY_TIMEOUT_S = 1.5
 SPIRAL_PRICE = Price(2.50, 10.00)
 SPIRAL_MAX_ITERATIONS = 8
 
@@ -135,6 +136,34 @@ def demo_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
             "case to our logistics team and you'll get a tracking update within 24 hours. If it "
             "hasn't moved by then, we'll ship a replacement at no cost."
         )
+
+    return [analyze_sentiment, get_customer_history, generate_reply]
+
+
+def recovery_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
+    """The triage tools, with the seed's hung history lookup and its cached fallback."""
+    analyze_sentiment, _, generate_reply = demo_tools(speed=speed, seed=seed)
+
+    @tool(timeout=0.2)
+    async def get_cached_history(customer_id: str) -> dict[str, Any]:
+        """Yesterday's copy of a customer's history: cheaper, staler.
+
+        Args:
+            customer_id: The customer's id, like "CUS-4821".
+        """
+        return {**_history(customer_id), "as_of": "yesterday"}
+
+    # The live lookup hangs, as the seed's slow DB call did; its timeout does not.
+    @tool(timeout=max(HISTORY_TIMEOUT_S * speed, 0.05), fallback=get_cached_history,
+          alternatives=["get_cached_history"])
+    async def get_customer_history(customer_id: str) -> dict[str, Any]:
+        """A customer's live tier, orders, open tickets and last order.
+
+        Args:
+            customer_id: The customer's id, like "CUS-4821".
+        """
+        await anyio.sleep(3600)
+        return _history(customer_id)
 
     return [analyze_sentiment, get_customer_history, generate_reply]
 
@@ -234,9 +263,25 @@ def triage(console: Console, store: EventStore, *, speed: float) -> RunResult:
     return result
 
 
+def error_recovery(console: Console, store: EventStore, *, speed: float) -> RunResult:
+    """Scenario: the history lookup hangs; its timeout holds and the cache answers, saying why."""
+    _heading(console, 2, "Error recovery: a hung lookup, a timeout that holds, a fallback that says why",
+             '"one slow DB call froze the whole loop"; "in production, error handling is the product"')
+    console.print(Text(
+        f"get_customer_history hangs. @tool(timeout={HISTORY_TIMEOUT_S:g}, fallback=get_cached_history) cuts it "
+        "off and answers from yesterday's cache; the model reads which fallback answered and why, and the "
+        "log keeps every attempt."))
+    console.print()
+    agent = Agent(SupportDeskSimulator(speed=speed, seed=SEED), instructions=INSTRUCTIONS,
+                  tools=recovery_tools(speed=speed), store=store, name="support-recovery")
+    result = _run(console, agent, TASK, tags=["recovery"], what="the triage with a hung lookup")
+    render_run(store.load(result.run_id), console)
+    return result
+
+
 def latency_trap(console: Console, store: EventStore, *, speed: float) -> tuple[RunResult, RunResult]:
     """Scenario 2: one tool per response vs all independent calls in one response."""
-    _heading(console, 2, "The latency trap: tools one after another vs concurrently",
+    _heading(console, 3, "The latency trap: tools one after another vs concurrently",
              '"turned a 2-second response into a 14-second loading screen"')
     console.print(Text(
         "The same triage twice. First the model asks for one tool per response, so every tool "
@@ -285,7 +330,7 @@ def latency_trap(console: Console, store: EventStore, *, speed: float) -> tuple[
 
 def cost_spiral(console: Console, store: EventStore, *, speed: float) -> RunResult:
     """Scenario 3: a model that never says it is done, stopped by the iteration cap."""
-    _heading(console, 3, "The cost spiral: a model that never says it is done",
+    _heading(console, 4, "The cost spiral: a model that never says it is done",
              '"burned $47 in 3 minutes"; "ran 23 iterations before a human noticed"')
     console.print(Text(
         f"This simulated model always wants more context and recaps everything it has seen, so its "
@@ -353,7 +398,6 @@ def _not_yet(console: Console) -> None:
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
     for scenario, what in (
-        ("error recovery", "per-tool timeouts, retries and fallbacks (a slow history lookup falling back to a cache)"),
         ("cost spiral", "budgets and the sliding context window"),
         ("debugging", "the decision log: expected vs actual at every step"),
         ("kill switch", "stopping a run mid-flight from another process"),
@@ -403,6 +447,8 @@ def main(console: Console, *, speed: float | None = None, store: EventStore | No
     expected: list[tuple[str, RunResult, str]] = []
     result = triage(console, store, speed=speed)
     expected.append(("triage", result, "done"))
+    result = error_recovery(console, store, speed=speed)
+    expected.append(("error recovery", result, "done"))
     sequential, concurrent = latency_trap(console, store, speed=speed)
     expected += [("one tool per response", sequential, "done"), ("all calls in one response", concurrent, "done")]
     result = cost_spiral(console, store, speed=speed)

@@ -1,6 +1,7 @@
 """loopwise's exceptions, in one tree.
 
 ```
+ToolRetry                a signal a tool raises to ask for another attempt
 LoopwiseError
 ├── UserError            a developer mistake, raised before a run starts
 │                        (bad configuration, unknown run id, reused run id, ...)
@@ -19,8 +20,11 @@ the caller, and only before a run starts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = [
     "LoopwiseError",
+    "ToolRetry",
     "ModelBehaviorError",
     "ModelConnectionError",
     "ModelError",
@@ -43,12 +47,27 @@ class ModelError(LoopwiseError):
 
 
 class ModelHTTPError(ModelError):
-    """The provider answered with an HTTP error status."""
+    """The provider answered with an HTTP error status.
 
-    def __init__(self, message: str, *, status_code: int, body: object = None) -> None:
+    `headers` are the answer's headers (names in lower case) when the adapter has
+    them; `retry_after` is the wait in seconds the server asked for (`Retry-After`),
+    which model retries honour.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        body: object = None,
+        headers: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.body = body
+        self.headers = headers
+        self.retry_after = retry_after
 
 
 class ModelTimeoutError(ModelError):
@@ -61,3 +80,11 @@ class ModelConnectionError(ModelError):
 
 class ModelBehaviorError(ModelError):
     """The model (or a test double) returned something the runtime cannot use."""
+
+
+class ToolRetry(Exception):
+    """Raise it in a tool to ask for another attempt (within the tool's `retries`).
+
+    The message is recorded with the attempt; when no attempt is left, the fallback
+    chain answers, or the model reads the message as the tool's error.
+    """

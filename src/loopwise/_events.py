@@ -9,7 +9,10 @@ view are computed from these events.
 run_started          task, instructions, agent, limits, tags
   iteration_started  iteration
     model_call_started / model_call_finished     (purpose: think | final_answer)
+      model_attempt_failed                        (retries and fallback models)
     tool_call_started / tool_call_finished       (one pair per tool call)
+      tool_attempt_failed, tool_fallback          (retries and fallbacks, as they happen)
+      breaker_changed, thread_abandoned           (the runtime's own decisions)
     nudge                                         (a user message the runtime adds)
   limit_hit          which limit stopped the run, and why
 run_finished         stop reason, output, totals
@@ -33,14 +36,19 @@ __all__ = [
     "Event",
     "IterationStarted",
     "LimitHit",
+    "ModelAttemptFailed",
     "ModelCallFinished",
     "ModelCallStarted",
     "Nudge",
     "RunFinished",
     "RunStarted",
     "StopReason",
+    "ThreadAbandoned",
+    "ToolAttemptFailed",
     "ToolCallFinished",
     "ToolCallStarted",
+    "ToolFallback",
+    "BreakerChanged",
     "ToolOutcome",
     "dump_events",
     "load_events",
@@ -48,7 +56,8 @@ __all__ = [
 
 StopReason = Literal["done", "max_iterations", "budget", "deadline", "killed", "runaway", "error"]
 STOP_REASONS: tuple[str, ...] = ("done", "max_iterations", "budget", "deadline", "killed", "runaway", "error")
-ToolOutcome = Literal["ok", "error", "invalid_arguments", "unknown_tool", "not_executed", "cancelled"]
+ToolOutcome = Literal["ok", "fallback", "error", "invalid_arguments", "unknown_tool", "not_executed", "cancelled"]
+BreakerState = Literal["closed", "open", "half_open"]
 ModelCallPurpose = Literal["think", "final_answer"]
 
 
@@ -122,6 +131,27 @@ class ModelCallFinished:
     cost_usd: float = 0.0
     latency_s: float = 0.0
     error: ErrorInfo | None = None
+    #: The model that answered (a fallback model, when the primary failed).
+    model: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelAttemptFailed:
+    """One attempt of a model call failed; it is retried, or the next model is tried."""
+
+    kind: Literal["model_attempt_failed"] = "model_attempt_failed"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    purpose: ModelCallPurpose = "think"
+    model: str
+    attempt: int
+    error: ErrorInfo
+    latency_s: float
+    retry_in_s: float | None = None
+    will_fallback: bool = False
+    reason: str = ""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -150,6 +180,73 @@ class ToolCallFinished:
     content: str
     latency_s: float = 0.0
     error: ErrorInfo | None = None
+    #: Attempts made (0 when the call never reached the tool: invalid, unknown, breaker open).
+    attempts: int = 1
+    #: The fallback that answered, when `outcome == "fallback"`.
+    fallback: str | None = None
+    cost_usd: float = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class ToolAttemptFailed:
+    """One attempt of a tool call failed (it may be retried after `retry_in_s`)."""
+
+    kind: Literal["tool_attempt_failed"] = "tool_attempt_failed"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    call_id: str
+    name: str
+    attempt: int
+    error: ErrorInfo
+    latency_s: float
+    retry_in_s: float | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ToolFallback:
+    """A fallback of a failed tool call was tried, and whether it answered."""
+
+    kind: Literal["tool_fallback"] = "tool_fallback"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    call_id: str
+    name: str
+    fallback: str
+    ok: bool
+    reason: str
+
+
+@dataclass(kw_only=True, slots=True)
+class BreakerChanged:
+    """A tool's circuit breaker changed state (shared by all runs in the process)."""
+
+    kind: Literal["breaker_changed"] = "breaker_changed"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    name: str
+    old: BreakerState
+    new: BreakerState
+    reason: str
+
+
+@dataclass(kw_only=True, slots=True)
+class ThreadAbandoned:
+    """A sync tool's thread was abandoned on timeout; it runs on detached until it ends."""
+
+    kind: Literal["thread_abandoned"] = "thread_abandoned"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    call_id: str
+    name: str
+    thread: str
 
 
 @dataclass(kw_only=True, slots=True)
@@ -198,8 +295,13 @@ Event = Union[
     IterationStarted,
     ModelCallStarted,
     ModelCallFinished,
+    ModelAttemptFailed,
     ToolCallStarted,
     ToolCallFinished,
+    ToolAttemptFailed,
+    ToolFallback,
+    BreakerChanged,
+    ThreadAbandoned,
     Nudge,
     LimitHit,
     RunFinished,

@@ -37,16 +37,21 @@ from rich.rule import Rule
 from rich.text import Text
 
 from ._events import (
+    BreakerChanged,
     Event,
     IterationStarted,
     LimitHit,
+    ModelAttemptFailed,
     ModelCallFinished,
     ModelCallStarted,
     Nudge,
     RunFinished,
     RunStarted,
+    ThreadAbandoned,
+    ToolAttemptFailed,
     ToolCallFinished,
     ToolCallStarted,
+    ToolFallback,
 )
 from ._messages import ToolCall
 
@@ -66,6 +71,7 @@ STOP_STYLES = {
 }
 OUTCOME_STYLES = {
     "ok": "green",
+    "fallback": "yellow",
     "error": "red",
     "invalid_arguments": "yellow",
     "unknown_tool": "yellow",
@@ -223,11 +229,12 @@ def _asks(calls: Sequence[ToolCall]) -> Text:
     return Text(", ".join(format_call(str(c.name), c.arguments, width) for c in calls))
 
 
-def _act(calls: list[tuple[ToolCallStarted, ToolCallFinished | None]], console: Console) -> None:
+def _act(calls: list[tuple[ToolCallStarted, ToolCallFinished | None]], console: Console,
+         notes: dict[str, list[Text]] | None = None, extra: list[Text] | None = None) -> None:
     # Tools that ran: their span is [finished.ts - latency, finished.ts] on the wall clock.
     spans: dict[str, tuple[float, float]] = {}
     for started, finished in calls:
-        if finished is not None and finished.outcome in ("ok", "error", "cancelled"):
+        if finished is not None and finished.outcome in ("ok", "fallback", "error", "cancelled"):
             spans[started.call_id] = (finished.ts - finished.latency_s, finished.ts)
     concurrent = _overlapping(spans)
     summary: list[str | tuple[str, str]] = [f"{len(calls)} tool call{'s' if len(calls) != 1 else ''}"]
@@ -251,6 +258,8 @@ def _act(calls: list[tuple[ToolCallStarted, ToolCallFinished | None]], console: 
         if finished is None:
             line.append("no result recorded", style="yellow")
             console.print(line, no_wrap=True, overflow="ellipsis")
+            for note in (notes or {}).get(started.call_id, ()):
+                console.print(Padding(note, (0, 0, 0, LABEL_WIDTH + 2), expand=False))
             continue
         style = OUTCOME_STYLES.get(finished.outcome, "")
         line.append(finished.outcome.ljust(outcome_width + 2), style=style)
@@ -265,6 +274,25 @@ def _act(calls: list[tuple[ToolCallStarted, ToolCallFinished | None]], console: 
         else:
             line.append(shorten(finished.content, 80), style=style)
         console.print(line, no_wrap=True, overflow="ellipsis")
+        for note in (notes or {}).get(started.call_id, ()):
+            console.print(Padding(note, (0, 0, 0, LABEL_WIDTH + 2), expand=False))
+    for line in extra or ():
+        console.print(Padding(line, (0, 0, 0, LABEL_WIDTH), expand=False))
+
+
+def _tool_note(event: ToolAttemptFailed | ToolFallback | ThreadAbandoned) -> Text:
+    if isinstance(event, ToolAttemptFailed):
+        text = Text(f"✗ attempt {event.attempt}  ", style="red")
+        text.append(shorten(event.error.message or event.error.type, 80))
+        text.append(f"  {format_duration(event.latency_s)}", style="dim")
+        if event.retry_in_s is not None:
+            text.append(f"  → retry in {format_duration(event.retry_in_s)}", style="dim")
+        return text
+    if isinstance(event, ToolFallback):
+        if event.ok:
+            return Text(f"↳ answered from {event.fallback}", style="yellow")
+        return Text(f"↳ fallback {event.fallback} did not answer: {shorten(event.reason, 80)}", style="red")
+    return Text(f"⚠ thread {event.thread} abandoned (the sync tool runs on detached)", style="yellow")
 
 
 def _overlapping(spans: dict[str, tuple[float, float]]) -> set[str]:
@@ -359,12 +387,16 @@ def render_run(events: list[Event], console: Console) -> None:
     pending_model: ModelCallStarted | None = None
     calls: list[tuple[ToolCallStarted, ToolCallFinished | None]] = []
     index: dict[str, int] = {}
+    notes: dict[str, list[Text]] = {}
+    extra: list[Text] = []
 
     def flush_act() -> None:
-        if calls:
-            _act(calls, console)
+        if calls or extra:
+            _act(calls, console, notes, extra)
             calls.clear()
             index.clear()
+            notes.clear()
+            extra.clear()
 
     def flush_model() -> None:
         nonlocal pending_model
@@ -374,6 +406,19 @@ def render_run(events: list[Event], console: Console) -> None:
             pending_model = None
 
     for event in events:
+        if isinstance(event, (ToolAttemptFailed, ToolFallback, ThreadAbandoned)):
+            notes.setdefault(event.call_id, []).append(_tool_note(event))
+            continue
+        if isinstance(event, BreakerChanged):
+            extra.append(Text(f"breaker {event.name}: {event.old} → {event.new} ({event.reason})",
+                              style="bold yellow" if event.new == "open" else "yellow"))
+            continue
+        if isinstance(event, ModelAttemptFailed):
+            retry = (f"; retry in {format_duration(event.retry_in_s)}" if event.retry_in_s is not None
+                     else "; next model" if event.will_fallback else "")
+            console.print(_line("RETRY", "bold yellow", f"{event.model} attempt {event.attempt}",
+                                (shorten(f"{event.error.type}: {event.error.message}", 90) + retry, "yellow")))
+            continue
         if isinstance(event, (ToolCallStarted, ToolCallFinished)):
             flush_model()
             if isinstance(event, ToolCallStarted):

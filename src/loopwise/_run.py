@@ -23,8 +23,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._errors import ModelBehaviorError
+from ._breaker import BreakerChange
 from ._events import (
+    BreakerChanged,
     ErrorInfo,
+    ModelAttemptFailed,
     Event,
     IterationStarted,
     LimitHit,
@@ -34,13 +37,18 @@ from ._events import (
     RunFinished,
     RunStarted,
     StopReason,
+    ThreadAbandoned,
+    ToolAttemptFailed,
     ToolCallFinished,
     ToolCallStarted,
+    ToolFallback,
 )
+from ._execute import execute
 from ._messages import Message, ToolCall, Usage
 from ._runvars import CurrentRun, current_run
 from ._tools import RunContext, Tool, ToolArgumentsError
 from .models._base import ModelRequest, ModelResponse
+from .models._resilience import AttemptRecord, call_with_policy
 
 if TYPE_CHECKING:
     from ._agent import Agent
@@ -78,14 +86,6 @@ def _estimate_tokens(text: object) -> int:
 
 def _args_text(arguments: Any) -> str:
     return arguments if isinstance(arguments, str) else str(arguments)
-
-
-def _tool_content(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    from pydantic_core import to_json
-
-    return to_json(value, fallback=str).decode()
 
 
 class _Stop(Exception):
@@ -310,8 +310,10 @@ class Run:
         error: ErrorInfo | None = None
         response: ModelResponse | None = None
         try:
-            response = await model.request(request)
-            self._check_response(response)
+            response, model = await call_with_policy(
+                agent.models, request, agent.model_policy,
+                on_attempt=_ModelAttemptReporter(self, iteration, purpose), check=self._check_response,
+            )
         except anyio.get_cancelled_exc_class():
             self._emit(
                 ModelCallFinished(
@@ -351,6 +353,7 @@ class Run:
                 usage_estimated=estimated,
                 cost_usd=cost,
                 latency_s=latency,
+                model=model.name,
             )
         )
         return response
@@ -419,10 +422,12 @@ class Run:
                                    call_id=call.id, name=str(call.name), arguments=call.arguments))  # type: ignore[arg-type]
 
     def _tool_finished(self, iteration: int, call: ToolCall, outcome: str, content: str,
-                       latency: float, error: ErrorInfo | None) -> None:
+                       latency: float, error: ErrorInfo | None, *, attempts: int = 0,
+                       fallback: str | None = None, cost_usd: float = 0.0) -> None:
         self._emit(ToolCallFinished(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
                                     call_id=call.id, name=str(call.name), outcome=outcome,  # type: ignore[arg-type]
-                                    content=content, latency_s=latency, error=error))  # type: ignore[arg-type]
+                                    content=content, latency_s=latency, error=error,  # type: ignore[arg-type]
+                                    attempts=attempts, fallback=fallback, cost_usd=cost_usd))
 
     async def _act(self, iteration: int, calls: list[ToolCall]) -> None:
         tools = self.agent.tools_by_name
@@ -449,28 +454,90 @@ class Run:
         if len(runnable) == 1:
             await self._call_tool(iteration, contents, *runnable[0])
         elif runnable:
+            bound = self.agent.max_parallel_tools
+            limiter = anyio.CapacityLimiter(bound) if bound is not None and bound < len(runnable) else None
             async with anyio.create_task_group() as tg:
                 for item in runnable:
-                    tg.start_soon(self._call_tool, iteration, contents, *item)
+                    tg.start_soon(self._call_tool, iteration, contents, *item, limiter)
         for call, content in zip(calls, contents):
             self.transcript.append(Message("tool", content, tool_call_id=call.id))
 
     async def _call_tool(self, iteration: int, contents: list[str], index: int, call: ToolCall,
-                         tool: Tool, kwargs: dict[str, Any]) -> None:
+                         tool: Tool, kwargs: dict[str, Any], limiter: anyio.CapacityLimiter | None = None) -> None:
         ctx = RunContext(run_id=self.run_id, call_id=call.id, iteration=iteration,  # type: ignore[arg-type]
                          tags=self.tags, deps=self.deps)
         started = _mono()
         try:
-            value = await tool.call(kwargs, ctx)
-            content = _tool_content(value)
+            if limiter is None:
+                result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id))  # type: ignore[arg-type]
+            else:
+                async with limiter:
+                    started = _mono()
+                    result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id))  # type: ignore[arg-type]
         except anyio.get_cancelled_exc_class():
             self._tool_finished(iteration, call, "cancelled", "cancelled", _mono() - started,
                                 ErrorInfo(type="Cancelled", message="the call was cancelled"))
             raise
-        except Exception as exc:
-            latency = _mono() - started
-            content = f"error: {tool.name} raised {type(exc).__name__}: {exc}"
-            self._tool_finished(iteration, call, "error", content, latency, ErrorInfo.from_exception(exc))
-        else:
-            self._tool_finished(iteration, call, "ok", content, _mono() - started, None)
-        contents[index] = content
+        self.cost_usd += result.cost_usd
+        self._tool_finished(iteration, call, result.outcome, result.content, _mono() - started, result.error,
+                            attempts=result.attempts, fallback=result.fallback, cost_usd=result.cost_usd)
+        contents[index] = result.content
+
+
+class _CallReporter:
+    """Writes what `execute` reports about one tool call to the run's log, as it happens."""
+
+    __slots__ = ("call_id", "iteration", "run")
+
+    def __init__(self, run: Run, iteration: int, call_id: str) -> None:
+        self.run = run
+        self.iteration = iteration
+        self.call_id = call_id
+
+    def attempt_failed(self, tool: str, attempt: int, error: ErrorInfo, latency_s: float,
+                       retry_in_s: float | None) -> None:
+        run = self.run
+        run._emit(ToolAttemptFailed(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
+                                    call_id=self.call_id, name=tool, attempt=attempt, error=error,
+                                    latency_s=latency_s, retry_in_s=retry_in_s))
+
+    def fallback_tried(self, tool: str, fallback: str, ok: bool, reason: str, error: ErrorInfo | None) -> None:
+        run = self.run
+        run._emit(ToolFallback(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
+                               call_id=self.call_id, name=tool, fallback=fallback, ok=ok, reason=reason))
+
+    def breaker_changed(self, change: BreakerChange) -> None:
+        run = self.run
+        _log.warning("circuit breaker of %s: %s -> %s (%s)", change.tool, change.old, change.new, change.reason)
+        run._emit(BreakerChanged(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
+                                 name=change.tool, old=change.old, new=change.new, reason=change.reason))
+
+    def thread_abandoned(self, tool: str, thread: str) -> None:
+        run = self.run
+        _log.warning("run %s: sync tool %s timed out; its thread %s is abandoned and runs on detached",
+                     run.run_id, tool, thread)
+        run._emit(ThreadAbandoned(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
+                                  call_id=self.call_id, name=tool, thread=thread))
+
+
+class _ModelAttemptReporter:
+    """Writes each failed attempt of a model call to the run's log, as it happens."""
+
+    __slots__ = ("iteration", "purpose", "run")
+
+    def __init__(self, run: Run, iteration: int, purpose: str) -> None:
+        self.run = run
+        self.iteration = iteration
+        self.purpose = purpose
+
+    def __call__(self, record: AttemptRecord) -> None:
+        if record.ok or record.error is None:
+            return
+        run = self.run
+        _log.warning("run %s: model call attempt %d on %s failed: %s", run.run_id, record.attempt,
+                     record.model, record.reason)
+        run._emit(ModelAttemptFailed(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
+                                     purpose=self.purpose, model=record.model,  # type: ignore[arg-type]
+                                     attempt=record.attempt, error=record.error, latency_s=record.latency_s,
+                                     retry_in_s=record.retry_in_s, will_fallback=record.will_fallback,
+                                     reason=record.reason))

@@ -30,8 +30,9 @@ from typing import Any, overload
 
 from ._errors import UserError
 from ._messages import ToolSpec
+from ._tool_policy import ToolPolicy
 
-__all__ = ["RunContext", "Tool", "ToolArgumentsError", "tool"]
+__all__ = ["RunContext", "Tool", "ToolArgumentsError", "parse_arguments", "tool"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -53,6 +54,25 @@ class RunContext:
 
 class ToolArgumentsError(Exception):
     """The model's arguments for a tool could not be used; the message is for the model."""
+
+
+def parse_arguments(arguments: dict[str, Any] | str | None) -> dict[str, Any]:
+    """A tool call's arguments as a dict: parsed from the provider's raw JSON if need be.
+
+    Raises `ToolArgumentsError`, worded for the model, when they are not a JSON object.
+    """
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments.strip() or "{}")
+        except (ValueError, RecursionError) as exc:
+            raise ToolArgumentsError(
+                f"arguments are not valid JSON ({exc}); send a JSON object matching the tool's schema"
+            ) from None
+    elif arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        raise ToolArgumentsError(f"arguments must be a JSON object, got {type(arguments).__name__}")
+    return arguments
 
 
 def _parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
@@ -102,49 +122,57 @@ class Tool:
     spec: ToolSpec
     is_async: bool
     context_param: str | None
-    _validator: Any = field(repr=False)
+    policy: ToolPolicy = field(default_factory=ToolPolicy)
+    _validator: Any = field(repr=False, default=None)
     _param_names: tuple[str, ...] = field(repr=False, default=())
 
     def validate(self, arguments: dict[str, Any] | str | None) -> dict[str, Any]:
         """The validated keyword arguments, or `ToolArgumentsError` explaining what is wrong."""
         from pydantic import ValidationError
 
-        if isinstance(arguments, str):
-            raw = arguments.strip() or "{}"
-            try:
-                arguments = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                raise ToolArgumentsError(
-                    f"arguments are not valid JSON ({exc}); send a JSON object matching the tool's schema"
-                ) from None
-        elif arguments is None:
-            arguments = {}
-        if not isinstance(arguments, dict):
-            raise ToolArgumentsError(
-                f"arguments must be a JSON object, got {type(arguments).__name__}"
-            )
+        arguments = parse_arguments(arguments)
         try:
             model = self._validator.model_validate(arguments)
         except ValidationError as exc:
             raise ToolArgumentsError(f"invalid arguments: {_format_validation_error(exc)}") from None
         return {name: getattr(model, name) for name in self._param_names}
 
-    async def call(self, kwargs: dict[str, Any], ctx: RunContext) -> Any:
-        """Run the tool with validated arguments."""
+    async def call(self, kwargs: dict[str, Any], ctx: RunContext, events: Any = None) -> Any:
+        """One attempt with validated arguments (the policy around it is `_execute`'s).
+
+        Async tools run on the event loop and are cancelled on timeout. Sync tools run
+        in a daemon worker thread and are abandoned on timeout (`events.thread_abandoned`
+        is told). `isolation="process"` tools run in a child process, killed on timeout.
+        """
         if self.context_param is not None:
             kwargs = {**kwargs, self.context_param: ctx}
         if self.is_async:
             return await self.fn(**kwargs)
-        import anyio.to_thread
+        if self.policy.isolation == "process":
+            from ._isolation import run_in_subprocess
 
-        return await anyio.to_thread.run_sync(lambda: self.fn(**kwargs), abandon_on_cancel=True)
+            return await run_in_subprocess(self.fn, kwargs, timeout=None, label=self.name)
+        from ._threads import default_pool
+
+        fn = self.fn
+        on_abandon = None
+        if events is not None:
+            name = self.name
+
+            def on_abandon(info: Any) -> None:
+                events.thread_abandoned(name, getattr(info, "thread_name", str(info)))
+
+        return await default_pool().run(lambda: fn(**kwargs), label=self.name, on_abandon=on_abandon)
 
 
-def _make_tool(fn: Callable[..., Any], *, name: str | None, description: str | None) -> Tool:
+def _make_tool(fn: Callable[..., Any], *, name: str | None, description: str | None,
+               options: dict[str, Any]) -> Tool:
     from pydantic import ConfigDict, Field, create_model
 
     if isinstance(fn, Tool):
-        return fn
+        if name is None and description is None and not options:
+            return fn
+        raise UserError(f"{fn.name!r} is already a tool; give the options to its @tool decorator")
     if not callable(fn):
         raise UserError(f"@tool needs a function, got {type(fn).__name__}")
     tool_name = name or getattr(fn, "__name__", None) or type(fn).__name__
@@ -188,6 +216,15 @@ def _make_tool(fn: Callable[..., Any], *, name: str | None, description: str | N
             prop.pop("title", None)
     tool_description = description if description is not None else doc_description
     is_async = inspect.iscoroutinefunction(fn)
+    policy = ToolPolicy.build(tool_name, **options)
+    if policy.isolation == "process":
+        if is_async:
+            raise UserError(f"tool {tool_name!r}: isolation='process' is for sync functions; make it a plain def")
+        if context_param is not None:
+            raise UserError(f"tool {tool_name!r}: isolation='process' tools cannot take a RunContext "
+                            "(it does not cross into the child process); pass what it needs as arguments")
+    elif policy.isolation == "thread" and is_async:
+        raise UserError(f"tool {tool_name!r}: isolation='thread' is for sync functions; async tools run on the event loop")
     return Tool(
         fn=fn,
         name=tool_name,
@@ -195,23 +232,16 @@ def _make_tool(fn: Callable[..., Any], *, name: str | None, description: str | N
         spec=ToolSpec(name=tool_name, description=tool_description, parameters=parameters),
         is_async=is_async,
         context_param=context_param,
+        policy=policy,
         _validator=validator,
         _param_names=tuple(fields),
     )
 
 
-_NOT_YET = {
-    "timeout": "per-tool timeouts",
-    "total_timeout": "per-tool timeouts",
-    "retries": "retries",
-    "retry_on": "retries",
-    "fallback": "fallbacks",
-    "idempotent": "resume",
-    "cost_usd": "tool costs in budgets",
-    "max_result_chars": "result truncation",
-    "isolation": "process isolation",
-    "alternatives": "alternatives",
-}
+_OPTIONS = frozenset(
+    ("timeout", "total_timeout", "retries", "retry_on", "backoff", "fallback", "idempotent", "cost_usd",
+     "max_result_chars", "isolation", "alternatives", "secret", "breaker")
+)
 
 
 @overload
@@ -224,16 +254,28 @@ def tool(fn: Callable[..., Any] | None = None, /, *, name: str | None = None, de
     Args:
         name: The name the model sees (default: the function's name).
         description: What the model is told the tool does (default: the docstring).
+        timeout: Seconds one attempt may take (default 30; None: no limit).
+        total_timeout: Seconds all attempts, backoff and the fallback chain may take
+            together (default: derived from the others).
+        retries: Extra attempts after a failure (`retries=1`: up to two attempts).
+        retry_on: Exception types worth retrying (default: any; a timeout always is).
+        backoff: A `loopwise.Backoff` for the waits between attempts.
+        fallback: What answers after the last failure: a plain value, a
+            `loopwise.Template`, a tool or callable taking the same arguments, or a
+            list of these tried in order.
+        idempotent: Whether running the call twice is safe (resume re-runs it then).
+        cost_usd: Dollars one call costs (counted in the run's cost).
+        max_result_chars: The most characters of one result the model reads.
+        isolation: ``"process"`` runs a sync tool in a child process that is killed
+            on timeout, for code that must truly stop.
+        alternatives: Names of tools the model may use instead when this one fails.
+        secret: Argument names whose values are redacted from error messages.
+        breaker: A `loopwise.CircuitBreaker`, True (the default breaker) or False.
     """
-    if options:
-        known = [k for k in options if k in _NOT_YET]
-        unknown = [k for k in options if k not in _NOT_YET]
-        if unknown:
-            raise UserError(f"@tool got unknown option(s) {', '.join(sorted(unknown))}; options: name, description")
-        raise UserError(
-            f"@tool option(s) {', '.join(sorted(known))} are not implemented in this version of "
-            "loopwise; remove them rather than rely on a policy that would not be applied"
-        )
+    unknown = sorted(k for k in options if k not in _OPTIONS)
+    if unknown:
+        raise UserError(f"@tool got unknown option(s) {', '.join(unknown)}; options: name, description, "
+                        f"{', '.join(sorted(_OPTIONS))}")
     if fn is not None:
-        return _make_tool(fn, name=name, description=description)
-    return lambda f: _make_tool(f, name=name, description=description)
+        return _make_tool(fn, name=name, description=description, options=options)
+    return lambda f: _make_tool(f, name=name, description=description, options=options)

@@ -18,14 +18,18 @@ from ._base import Price as Price
 from ._function import FunctionModel as FunctionModel
 from ._function import ScriptedModel as ScriptedModel
 from ._openai import OpenAIModel as OpenAIModel
+from ._resilience import AttemptRecord as AttemptRecord
+from ._resilience import ModelPolicy as ModelPolicy
 from ._resolve import resolve_model as resolve_model
 from ._simulator import SupportDeskSimulator as SupportDeskSimulator
 
 __all__ = [
+    "AttemptRecord",
     "FunctionModel",
     "Message",
     "Model",
     "ModelRequest",
+    "ModelPolicy",
     "ModelResponse",
     "OpenAIModel",
     "Price",

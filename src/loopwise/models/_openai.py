@@ -7,7 +7,7 @@ OpenAI itself, vLLM, Ollama, the llama.cpp server, LM Studio... through the offi
 SDK errors are mapped here, at the adapter edge, to the most specific loopwise error:
 
 ```
-openai.APIStatusError              → ModelHTTPError (status_code, body)
+openai.APIStatusError              → ModelHTTPError (status_code, body, headers, retry_after)
 openai.APITimeoutError             → ModelTimeoutError
 openai.APIConnectionError          → ModelConnectionError
 openai.APIResponseValidationError  → ModelBehaviorError
@@ -34,6 +34,7 @@ from .._errors import (
 )
 from .._messages import Message, ToolCall, ToolSpec, Usage
 from ._base import Model, ModelRequest, ModelResponse, Price
+from ._resilience import parse_retry_after
 
 if TYPE_CHECKING:
     import openai
@@ -72,6 +73,7 @@ class OpenAIModel(Model):
             `ModelTimeoutError`.
         max_retries: Retries of a failed attempt (connection errors, timeouts, 408,
             409, 429 and 5xx), with the SDK's backoff. ``0`` fails on the first error.
+            Under a `ModelPolicy`, which retries itself, use ``0``: the two multiply.
         client: An `openai.AsyncOpenAI` to use instead of making one (its base URL and
             key; `timeout` and `max_retries` still apply). The caller closes it.
     """
@@ -218,10 +220,13 @@ class OpenAIModel(Model):
         try:
             completion = await client.chat.completions.create(**params)
         except openai.APIStatusError as exc:
+            headers = {name.lower(): value for name, value in exc.response.headers.items()}
             raise ModelHTTPError(
                 self._redact(f"{self.name} at {self.base_url} answered HTTP {exc.status_code}: {_detail(exc)}"),
                 status_code=exc.status_code,
                 body=exc.body,
+                headers=headers,
+                retry_after=parse_retry_after(headers),
             ) from exc
         except openai.APITimeoutError as exc:
             raise ModelTimeoutError(

@@ -10,11 +10,13 @@ __all__ = ["resolve_model"]
 _PROVIDERS = ("openai",)
 
 
-def resolve_model(model: Model | str) -> Model:
+def resolve_model(model: Model | str, *, max_retries: int | None = None) -> Model:
     """A `Model` as is; a string ``"provider:model-name"`` as that provider's model.
 
     ``"openai:gpt-4o-mini"`` becomes ``OpenAIModel("gpt-4o-mini")`` (which reads
     ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` as the `openai` SDK does).
+    `max_retries` sets the SDK-level retries of a model made from a string (the
+    `Agent` passes 0: its `ModelPolicy` owns retries).
     """
     if isinstance(model, Model):
         return model
@@ -32,7 +34,7 @@ def resolve_model(model: Model | str) -> Model:
     if provider == "openai":
         from ._openai import OpenAIModel
 
-        return OpenAIModel(name)
+        return OpenAIModel(name) if max_retries is None else OpenAIModel(name, max_retries=max_retries)
     raise UserError(
         f"unknown model provider {provider!r} in {model!r}; known providers: "
         f"{', '.join(_PROVIDERS)}. For another server that speaks the OpenAI protocol use "

@@ -110,9 +110,15 @@ class _Reading:
     def ok(self, name: str) -> str | None:
         """The tool's latest result, or None if it is missing or an error."""
         value = self.results.get(name)
-        if value is None or value.lstrip().lower().startswith("error"):
+        if value is None or _is_error(value):
             return None
         return value
+
+
+def _is_error(content: str) -> bool:
+    """A tool error as loopwise reports it: 'error: ...' text or a {"error": ...} object."""
+    stripped = content.lstrip()
+    return stripped.lower().startswith("error") or stripped.startswith('{"error"')
 
 
 def _read(request: ModelRequest, default_customer: str) -> _Reading:
@@ -146,6 +152,18 @@ def _history_summary(content: str | None) -> str:
     """A customer history result in a few words (JSON objects are read by key)."""
     if content is None:
         return "history unknown"
+    # A fallback answered: "<tool> timed out after 1 s; answered from <fallback>: <result>"
+    source = ""
+    head, sep, rest = content.partition("; answered from ")
+    if sep:
+        fallback, _, content = rest.partition(": ")
+        why = head.split(" ", 1)[1] if " " in head else "failed"
+        source = f" (from {fallback}: the live lookup {why})"
+    summary = _history_fields(content)
+    return summary + source
+
+
+def _history_fields(content: str) -> str:
     try:
         data = json.loads(content)
     except ValueError:
@@ -166,6 +184,8 @@ def _history_summary(content: str | None) -> str:
         status = last.get("status", "")
         days = last.get("days_waiting")
         parts.append(f"last order {last['id']} {status}" + (f" for {days} days" if days else ""))
+    if data.get("as_of"):
+        parts.append(f"as of {data['as_of']}")
     return ", ".join(parts) if parts else _short(content, 120)
 
 

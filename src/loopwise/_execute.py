@@ -1,0 +1,238 @@
+"""One tool call under its policy: breaker → attempts (each under `timeout`, retried with
+backoff) → fallback chain, all inside `total_timeout`.
+
+The loop calls `execute` for each tool call of a response (concurrently) and writes
+what it reports through `CallEvents` to the event log as it happens: each failed
+attempt, each fallback tried, breaker state changes and abandoned threads. The
+returned `CallOutcome` is what the model reads.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+
+from ._breaker import BreakerChange, CircuitOpenError
+from ._errors import ToolRetry
+from ._events import ErrorInfo
+from ._tool_policy import Fallback, ToolPolicy
+
+if TYPE_CHECKING:
+    from ._tools import RunContext, Tool
+
+__all__ = ["CallEvents", "CallOutcome", "execute", "tool_content"]
+
+_mono = time.perf_counter
+_MAX_FALLBACK_DEPTH = 3
+# A derived total_timeout fits the attempts exactly; the loop's own microseconds must
+# not turn the last attempt's timeout into a "total_timeout ran out".
+_SLACK_S = 0.001
+
+
+class CallEvents(Protocol):
+    """What `execute` reports while it runs (the loop writes each to the log)."""
+
+    def attempt_failed(self, tool: str, attempt: int, error: ErrorInfo, latency_s: float,
+                       retry_in_s: float | None) -> None: ...
+    def fallback_tried(self, tool: str, fallback: str, ok: bool, reason: str, error: ErrorInfo | None) -> None: ...
+    def breaker_changed(self, change: BreakerChange) -> None: ...
+    def thread_abandoned(self, tool: str, thread: str) -> None: ...
+
+
+@dataclass(slots=True)
+class CallOutcome:
+    outcome: str  # "ok" | "error" | "fallback"
+    content: str
+    attempts: int
+    fallback: str | None = None
+    error: ErrorInfo | None = None
+    cost_usd: float = 0.0
+
+
+def tool_content(value: Any) -> str:
+    """A tool's return value as the text the model reads."""
+    if isinstance(value, str):
+        return value
+    from pydantic_core import to_json
+
+    return to_json(value, fallback=str).decode()
+
+
+def _truncate(content: str, limit: int | None) -> str:
+    if limit is None or len(content) <= limit:
+        return content
+    return (f"{content[:limit]}\n[truncated by loopwise: the result had {len(content):,} characters; "
+            f"the first {limit:,} are shown (max_result_chars)]")
+
+
+class _Failure:
+    __slots__ = ("error", "summary")
+
+    def __init__(self, summary: str, error: ErrorInfo) -> None:
+        self.summary = summary  # "timed out after 5.0 s", "raised ValueError: ..."
+        self.error = error
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _redactor(policy: ToolPolicy, kwargs: dict[str, Any]) -> Callable[[str], str]:
+    secrets = [str(kwargs[name]) for name in policy.secret if kwargs.get(name) not in (None, "")]
+    if not secrets:
+        return lambda text: text
+
+    def redact(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    return redact
+
+
+async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext, events: CallEvents,
+                  *, depth: int = 0) -> CallOutcome:
+    """Run one tool call under its policy; never raises except for cancellation."""
+    policy = tool.policy
+    name = tool.name
+    redact = _redactor(policy, kwargs)
+    started = _mono()
+    total = policy.total_timeout
+    reserve = policy.fallback_reserve() or 0.0
+    attempts = 0
+    cost = 0.0
+    failure: _Failure | None = None
+    breaker = policy.breaker
+
+    # -- attempts ----------------------------------------------------------------------
+    # The attempts and the waits between them must end in time for the fallbacks.
+    deadline = None if total is None else started + max(0.0, total - reserve)
+    for attempt in range(1, policy.attempts + 1):
+        if breaker is not None:
+            try:
+                change = breaker.before_call(name)
+            except CircuitOpenError as exc:
+                failure = _Failure(str(exc), ErrorInfo(type="CircuitOpenError", message=str(exc)))
+                break
+            if change is not None:
+                events.breaker_changed(change)
+        limit = policy.timeout
+        cut_by_total = False
+        if deadline is not None:
+            left = deadline - _mono()
+            if limit is None or left < limit - _SLACK_S:
+                limit, cut_by_total = max(0.0, left), True
+        attempts += 1
+        cost += policy.cost_usd
+        t0 = _mono()
+        exc: BaseException | None = None
+        try:
+            with anyio.move_on_after(limit) as scope:
+                value = await tool.call(kwargs, ctx, events)
+        except anyio.get_cancelled_exc_class():
+            if breaker is not None:
+                breaker.on_abort()
+            raise
+        except Exception as e:  # the tool failed (cancellation is not an Exception on asyncio)
+            exc = e
+        latency = _mono() - t0
+        if exc is None and not scope.cancelled_caught:
+            if breaker is not None and (change := breaker.on_success(name)) is not None:
+                events.breaker_changed(change)
+            content = _truncate(tool_content(value), policy.max_result_chars)
+            return CallOutcome("ok", content, attempts, cost_usd=cost)
+        if exc is None:
+            if cut_by_total:
+                summary = f"ran out of its total_timeout of {total:g} s after {_plural(attempts, 'attempt')}"
+            else:
+                summary = f"timed out after {policy.timeout:g} s"
+            error = ErrorInfo(type="TimeoutError", message=f"{name} {summary}")
+            retryable = not cut_by_total
+        else:
+            summary = redact(f"raised {type(exc).__name__}: {exc}")
+            error = ErrorInfo(type=type(exc).__name__, message=redact(str(exc)))
+            retryable = isinstance(exc, (ToolRetry, *policy.retry_on))
+        failure = _Failure(summary, error)
+        if breaker is not None and (change := breaker.on_failure(name)) is not None:
+            events.breaker_changed(change)
+        delay = policy.backoff.delay(attempt) if retryable and attempt < policy.attempts else None
+        if delay is not None and deadline is not None and _mono() + delay >= deadline:
+            delay = None  # no time left for another attempt within total_timeout
+        events.attempt_failed(name, attempt, error, latency, delay)
+        if delay is None:
+            break
+        await anyio.sleep(delay)
+    assert failure is not None
+
+    # -- fallbacks -----------------------------------------------------------------------
+    reason = f"{name} {failure.summary}"
+    for step in policy.fallback:
+        remaining = None if total is None else total - (_mono() - started)
+        answered, content, step_cost, why = await _try_fallback(step, kwargs, ctx, events, remaining, depth)
+        cost += step_cost
+        events.fallback_tried(name, step.label, answered, reason if answered else why, None)
+        if answered:
+            content = _truncate(f"{redact(reason)}; answered from {step.label}: {content}", policy.max_result_chars)
+            return CallOutcome("fallback", content, attempts, fallback=step.label, error=failure.error,
+                               cost_usd=cost)
+        reason = f"{reason}; fallback {step.label} {why}"
+
+    body: dict[str, Any] = {"tool": name, "type": failure.error.type, "message": redact(reason),
+                            "attempts": attempts}
+    if policy.alternatives:
+        body["alternatives"] = list(policy.alternatives)
+    return CallOutcome("error", json.dumps({"error": body}, ensure_ascii=False), attempts,
+                       error=failure.error, cost_usd=cost)
+
+
+async def _try_fallback(step: Fallback, kwargs: dict[str, Any], ctx: RunContext, events: CallEvents,
+                        remaining: float | None, depth: int) -> tuple[bool, str, float, str]:
+    """(answered, content, cost, why it did not answer)."""
+    if step.kind == "value":
+        return True, tool_content(step.target), 0.0, ""
+    if step.kind == "template":
+        return True, step.target.render(kwargs), 0.0, ""
+    if remaining is not None and remaining <= 0:
+        return False, "", 0.0, "was skipped: no time left in total_timeout"
+    if step.kind == "tool":
+        if depth >= _MAX_FALLBACK_DEPTH:
+            return False, "", 0.0, f"was skipped: fallbacks nested deeper than {_MAX_FALLBACK_DEPTH}"
+        target: Tool = step.target
+        from ._tools import ToolArgumentsError
+
+        try:
+            sub_kwargs = target.validate(kwargs)
+        except ToolArgumentsError as exc:
+            return False, "", 0.0, f"cannot take these arguments ({exc})"
+        with anyio.move_on_after(remaining) as scope:
+            sub = await execute(target, sub_kwargs, ctx, events, depth=depth + 1)
+        if scope.cancelled_caught:
+            return False, "", 0.0, f"did not answer in the {remaining:g} s left"
+        if sub.outcome == "ok":
+            return True, sub.content, sub.cost_usd, ""
+        if sub.outcome == "fallback":
+            return True, sub.content, sub.cost_usd, ""
+        return False, "", sub.cost_usd, f"failed too ({sub.error.type if sub.error else 'error'})"
+    # a plain callable taking the same arguments
+    fn = step.target
+    with anyio.move_on_after(remaining) as scope:
+        try:
+            if inspect.iscoroutinefunction(fn):
+                value = await fn(**kwargs)
+            else:
+                from ._threads import default_pool
+
+                value = await default_pool().run(lambda: fn(**kwargs))
+                if inspect.isawaitable(value):
+                    value = await value
+        except Exception as exc:
+            return False, "", 0.0, f"raised {type(exc).__name__}: {exc}"
+    if scope.cancelled_caught:
+        return False, "", 0.0, f"did not answer in the {remaining:g} s left"
+    return True, tool_content(value), 0.0, ""
