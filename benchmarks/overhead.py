@@ -21,6 +21,12 @@ concurrent runs do not interfere.
     (peak RSS - RSS before the batch) / N; CPU per run, to check it does not grow
     with concurrency.
 (c) `import loopwise` in a fresh interpreter (best of 5), and whether it imported openai.
+(d) The policy wrappers alone, per call, on the event-loop thread: a tool call through
+    `loopwise._execute.execute` (the default `@tool` policy: a 30 s timeout scope and a
+    circuit breaker) vs a bare `await tool.fn(**kwargs)`, and a model call through
+    `call_with_policy` (the default `ModelPolicy`, as the loop makes it, less the
+    reporter of failed attempts) vs a bare `await model.request(request)`; the median
+    of several interleaved batches.
 """
 
 from __future__ import annotations
@@ -35,12 +41,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
 import loopwise as lw
-from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ToolCall, Usage
+from loopwise._execute import execute
+from loopwise._run import Run
+from loopwise.models import FunctionModel, ModelPolicy, ModelRequest, ModelResponse, ToolCall, Usage
+from loopwise.models._resilience import call_with_policy
 
 # The targets the measurements are held to.
 TARGET_CPU_US = 250.0
@@ -48,6 +58,7 @@ TARGET_LOOP_CPU_US = 200.0
 TARGET_WALL_RATIO = 1.5
 TARGET_KB_PER_RUN = 20.0
 TARGET_IMPORT_S = 0.3
+TARGET_TOOL_WRAPPER_US = 20.0
 
 TASK = "I've been waiting 3 weeks for my refund on order ORD-1042 and nobody answers. Customer C-881."
 
@@ -294,6 +305,95 @@ def measure_import(tries: int = 5) -> tuple[float, bool, int]:
     return best, openai, modules
 
 
+class _NoEvents:
+    """A `CallEvents` that drops what it is told (the loop would write it to the log)."""
+
+    def attempt_failed(self, *args: object) -> None:
+        pass
+
+    def fallback_tried(self, *args: object) -> None:
+        pass
+
+    def breaker_changed(self, *args: object) -> None:
+        pass
+
+    def thread_abandoned(self, *args: object) -> None:
+        pass
+
+
+@dataclass
+class PerCall:
+    bare_us: float
+    wrapped_us: float
+
+    @property
+    def added_us(self) -> float:
+        return self.wrapped_us - self.bare_us
+
+
+async def _per_call(bare: Callable[[], Awaitable[object]], wrapped: Callable[[], Awaitable[object]],
+                    calls: int, batches: int) -> PerCall:
+    """The event-loop thread's CPU µs per call of each, in interleaved batches; medians."""
+
+    async def batch(fn: Callable[[], Awaitable[object]]) -> float:
+        t0 = time.thread_time()
+        for _ in range(calls):
+            await fn()
+        return (time.thread_time() - t0) / calls * 1e6
+
+    await batch(bare)
+    await batch(wrapped)  # warm-up
+    bare_us, wrapped_us = [], []
+    for _ in range(batches):
+        gc.collect()
+        bare_us.append(await batch(bare))
+        wrapped_us.append(await batch(wrapped))
+    return PerCall(sorted(bare_us)[batches // 2], sorted(wrapped_us)[batches // 2])
+
+
+async def _wrappers(calls: int, batches: int) -> tuple[PerCall, PerCall]:
+    @lw.tool
+    async def get_tier(customer_id: str) -> str:
+        """The customer's tier."""
+        return "gold"
+
+    kwargs = get_tier.validate({"customer_id": "C-881"})
+    ctx = lw.RunContext(run_id="bench", call_id="call-1", iteration=1)
+    events = _NoEvents()
+    fn = get_tier.fn
+
+    async def bare_tool() -> object:
+        return await fn(**kwargs)
+
+    async def wrapped_tool() -> object:
+        return await execute(get_tier, kwargs, ctx, events)
+
+    response = ModelResponse(text="Your refund was issued today.", usage=Usage(100, 20))
+
+    async def answer(request: ModelRequest) -> ModelResponse:
+        return response
+
+    model = FunctionModel(answer)
+    models = [model]
+    request = ModelRequest(messages=[lw.Message("user", TASK)], max_tokens=1024)
+    policy = ModelPolicy()
+    check = Run._check_response
+
+    async def bare_model() -> object:
+        return await model.request(request)
+
+    async def wrapped_model() -> object:
+        # As the loop makes it, less the attempt reporter, which only hears of failures.
+        return await call_with_policy(models, request, policy, check=check)
+
+    return (await _per_call(bare_tool, wrapped_tool, calls, batches),
+            await _per_call(bare_model, wrapped_model, calls, batches))
+
+
+def measure_wrappers(calls: int, batches: int) -> tuple[PerCall, PerCall]:
+    return asyncio.run(_wrappers(calls, batches))
+
+
 # -- the report --------------------------------------------------------------------
 
 
@@ -335,12 +435,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=1000, help="concurrent runs in (b) (default 1000)")
     parser.add_argument("--model-ms", type=float, default=50.0, help="M in (b) (default 50)")
     parser.add_argument("--tool-ms", type=float, default=20.0, help="T in (b) (default 20)")
+    parser.add_argument("--calls", type=int, default=5000, help="calls per batch in (d) (default 5000)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 200 runs, 200 concurrent, 1 repeat")
-    parser.add_argument("--only", choices=["a", "b", "c"], action="append", help="run only these parts")
+    parser.add_argument("--only", choices=["a", "b", "c", "d"], action="append", help="run only these parts")
     args = parser.parse_args(argv)
     if args.quick:
-        args.runs, args.warmup, args.repeat, args.concurrency = 200, 50, 1, 200
-    parts = set(args.only or "abc")
+        args.runs, args.warmup, args.repeat, args.concurrency, args.calls = 200, 50, 1, 200, 1000
+    parts = set(args.only or "abcd")
     model_s, tool_s = args.model_ms / 1000, args.tool_ms / 1000
 
     rows: list[tuple[str, str, str, str]] = []
@@ -387,6 +488,18 @@ def main(argv: list[str] | None = None) -> None:
             ("(c) openai imported by `import loopwise`", "yes" if openai else "no", "no", _verdict(not openai)),
         ]
         notes.append(f"(c) {modules} modules in sys.modules after the import")
+    if "d" in parts:
+        batches = 5 if not args.quick else 3
+        tool_call, model_call = measure_wrappers(args.calls, batches)
+        rows += [
+            ("(d) tool call: added by the policy wrappers", f"{tool_call.added_us:.1f} µs",
+             f"≤ {TARGET_TOOL_WRAPPER_US:.0f} µs", _verdict(tool_call.added_us <= TARGET_TOOL_WRAPPER_US)),
+            ("(d) model call: added by call_with_policy", f"{model_call.added_us:.1f} µs", "", ""),
+        ]
+        notes.append(f"(d) event-loop thread CPU per call, median of {batches} interleaved batches of "
+                     f"{args.calls}: tool {tool_call.wrapped_us:.1f} µs through execute vs "
+                     f"{tool_call.bare_us:.1f} µs bare; model {model_call.wrapped_us:.1f} µs through "
+                     f"call_with_policy vs {model_call.bare_us:.1f} µs bare")
     notes.append(f"Python {sys.version.split()[0]} on {os.cpu_count()} CPUs; "
                  f"loopwise {lw.__version__}; gc enabled")
     report(rows, notes, "loopwise overhead")

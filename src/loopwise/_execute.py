@@ -83,10 +83,16 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _as_is(text: str) -> str:
+    return text
+
+
 def _redactor(policy: ToolPolicy, kwargs: dict[str, Any]) -> Callable[[str], str]:
+    if not policy.secret:
+        return _as_is  # no closure to make for the common case
     secrets = [str(kwargs[name]) for name in policy.secret if kwargs.get(name) not in (None, "")]
     if not secrets:
-        return lambda text: text
+        return _as_is
 
     def redact(text: str) -> str:
         for secret in secrets:
@@ -104,7 +110,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext, events: C
     redact = _redactor(policy, kwargs)
     started = _mono()
     total = policy.total_timeout
-    reserve = policy.fallback_reserve() or 0.0
+    reserve = (policy.fallback_reserve() or 0.0) if policy.fallback else 0.0
     attempts = 0
     cost = 0.0
     failure: _Failure | None = None

@@ -124,18 +124,22 @@ class Tool:
     context_param: str | None
     policy: ToolPolicy = field(default_factory=ToolPolicy)
     _validator: Any = field(repr=False, default=None)
-    _param_names: tuple[str, ...] = field(repr=False, default=())
 
     def validate(self, arguments: dict[str, Any] | str | None) -> dict[str, Any]:
         """The validated keyword arguments, or `ToolArgumentsError` explaining what is wrong."""
-        from pydantic import ValidationError
-
         arguments = parse_arguments(arguments)
         try:
-            model = self._validator.model_validate(arguments)
-        except ValidationError as exc:
+            # `model_validate` without its Python wrapper: every tool call passes here.
+            model = self._validator.__pydantic_validator__.validate_python(arguments)
+        except Exception as exc:
+            from pydantic import ValidationError
+
+            if not isinstance(exc, ValidationError):
+                raise
             raise ToolArgumentsError(f"invalid arguments: {_format_validation_error(exc)}") from None
-        return {name: getattr(model, name) for name in self._param_names}
+        # The validated fields, in the signature's order: the dict of a model instance
+        # that nothing else holds, so it needs no copy.
+        return model.__dict__
 
     async def call(self, kwargs: dict[str, Any], ctx: RunContext, events: Any = None) -> Any:
         """One attempt with validated arguments (the policy around it is `_execute`'s).
@@ -234,7 +238,6 @@ def _make_tool(fn: Callable[..., Any], *, name: str | None, description: str | N
         context_param=context_param,
         policy=policy,
         _validator=validator,
-        _param_names=tuple(fields),
     )
 
 

@@ -32,6 +32,9 @@ _log = logging.getLogger("loopwise")
 
 _watchdogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Watchdog] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
+# The watchdog `start_watchdog` returned last: every run asks for its loop's watchdog,
+# and nearly always of the same loop as the run before.
+_last: Watchdog | None = None
 
 
 class Watchdog:
@@ -75,9 +78,12 @@ class Watchdog:
             self._thread.join(timeout=max(1.0, 2 * self.interval))
 
     def _unregister(self) -> None:
+        global _last
         with _registry_lock:
             if _watchdogs.get(self.loop) is self:
                 del _watchdogs[self.loop]
+            if _last is self:
+                _last = None  # hold no reference to a loop that may be gone
 
     def _pong(self, answered: threading.Event) -> None:
         self._loop_thread = threading.get_ident()
@@ -155,13 +161,18 @@ def start_watchdog(
     A loop has at most one watchdog: a second call returns the first one, with
     its settings. The watchdog stops by itself when the loop is closed.
     """
+    global _last
     if loop is None:
         loop = asyncio.get_running_loop()
     if threshold <= 0 or interval <= 0:
         raise ValueError(f"threshold and interval must be positive, got {threshold} and {interval}")
+    last = _last
+    if last is not None and last.loop is loop and last.running:
+        return last  # the fast path: no lock, no registry lookup
     with _registry_lock:
         existing = _watchdogs.get(loop)
         if existing is not None and existing.running:
+            _last = existing
             return existing
         watchdog = Watchdog(loop, threshold=threshold, interval=interval, on_stall=on_stall)
         try:
@@ -171,4 +182,5 @@ def start_watchdog(
             pass  # started from another thread: the first answer tells which thread runs it
         _watchdogs[loop] = watchdog
         watchdog._thread.start()
+        _last = watchdog
     return watchdog

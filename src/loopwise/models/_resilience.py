@@ -161,6 +161,7 @@ async def call_with_policy(
     check: Callable[[ModelResponse], None] | None = None,
     sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
     rng: Callable[[], float] = random.random,
+    report_ok: bool = True,
 ) -> tuple[ModelResponse, Model]:
     """Make one model call under `policy`: the first model, then each fallback in turn.
 
@@ -173,6 +174,8 @@ async def call_with_policy(
             (a `ModelBehaviorError` is not retried, so the fallback is tried).
         sleep: Waits between attempts (tests pass one that records instead).
         rng: Returns a float in [0, 1) for the backoff jitter.
+        report_ok: False: `on_attempt` hears only of failed attempts (the loop logs
+            nothing for an attempt that answered, so it asks for none).
 
     Returns:
         The response and the model that gave it (its `price` is the one to charge).
@@ -184,6 +187,7 @@ async def call_with_policy(
     if not models:
         raise UserError("call_with_policy needs at least one model")
     failures: list[tuple[str, int, ModelError]] = []
+    timeout = policy.timeout
     for index, model in enumerate(models):
         fallback = models[index + 1] if index + 1 < len(models) else None
         attempt = 0
@@ -193,7 +197,17 @@ async def call_with_policy(
             # Only errors are caught below: cancellation (a BaseException on asyncio
             # and trio alike) passes through every `except` here untouched.
             try:
-                response = await _attempt(model, request, policy.timeout)
+                # A cancel scope of our own (what `anyio.fail_after` uses), so a deadline
+                # we set is told apart from a `TimeoutError` the model raises itself, and
+                # from a cancellation from outside, which the scope lets through. (Inline
+                # rather than in a helper coroutine: every model call passes here.)
+                with anyio.move_on_after(timeout) as scope:
+                    response = await model.request(request)
+                if scope.cancelled_caught:
+                    raise ModelTimeoutError(
+                        f"{model.name} did not answer within timeout={timeout:g}s (ModelPolicy.timeout)")
+                if not isinstance(response, ModelResponse):
+                    raise ModelBehaviorError(f"{model.name} returned {type(response).__name__}, not a ModelResponse")
                 if check is not None:
                     check(response)
             except ModelError as exc:
@@ -203,7 +217,8 @@ async def call_with_policy(
                         f"{type(exc).__name__} is not a ModelError: not retried, no fallback")
                 raise
             else:
-                _report(on_attempt, model, attempt, None, _perf() - started, None, False, "answered")
+                if report_ok:
+                    _report(on_attempt, model, attempt, None, _perf() - started, None, False, "answered")
                 return response, model
             latency = _perf() - started
             failures.append((model.name, attempt, error))
@@ -219,19 +234,6 @@ async def call_with_policy(
     if len(failures) > 1:
         last.args = (f"{_summary(failures)}; last error: {last}", *last.args[1:])
     raise last
-
-
-async def _attempt(model: Model, request: ModelRequest, timeout: float | None) -> ModelResponse:
-    # A cancel scope of our own (what `anyio.fail_after` uses), so a deadline we set
-    # is told apart from a `TimeoutError` the model raises itself, and from a
-    # cancellation from outside, which the scope lets through.
-    with anyio.move_on_after(timeout) as scope:
-        response = await model.request(request)
-        if not isinstance(response, ModelResponse):
-            raise ModelBehaviorError(f"{model.name} returned {type(response).__name__}, not a ModelResponse")
-        return response
-    assert scope.cancelled_caught
-    raise ModelTimeoutError(f"{model.name} did not answer within timeout={timeout:g}s (ModelPolicy.timeout)")
 
 
 def _retry_decision(error: ModelError, attempt: int, policy: ModelPolicy,
