@@ -55,6 +55,8 @@ def agent(model, store, **kw):
     # No retries by default here: these tests are about the adapter (test_model_resilience
     # covers the retrying ModelPolicy).
     kw.setdefault("model_policy", ModelPolicy(retries=0))
+    if getattr(model, "price", None) is None:  # a loopback server has no known price: no dollar budget
+        kw.setdefault("limits", lw.Limits(budget_usd=None))
     return lw.Agent(model, tools=TOOLS, store=store, instructions="You are a support agent.", **kw)
 
 
@@ -182,7 +184,7 @@ async def test_answer_cut_by_max_tokens_is_not_final(server, model, store):
 
 async def test_no_tools_sends_no_tools_key(server, model, store):
     server.reply(text="hello")
-    result = await lw.Agent(model, store=store, max_tokens=None).run("hi")
+    result = await lw.Agent(model, store=store, max_tokens=None, limits=lw.Limits(budget_usd=None)).run("hi")
     assert result.stop_reason == "done"
     (request,) = server.requests
     assert "tools" not in request and "max_tokens" not in request and "max_completion_tokens" not in request
@@ -191,7 +193,7 @@ async def test_no_tools_sends_no_tools_key(server, model, store):
 async def test_best_effort_answer_after_the_limit_is_asked_without_tools(server, model, store):
     server.reply(tool_calls=[("call_1", "analyze_sentiment", {"text": "x"})])
     server.reply(text="best effort")
-    result = await agent(model, store, limits=lw.Limits(max_iterations=1)).run("go")
+    result = await agent(model, store, limits=lw.Limits(max_iterations=1, budget_usd=None)).run("go")
     assert result.stop_reason == "max_iterations" and result.output == "best effort"
     assert "tools" in server.requests[0] and "tools" not in server.requests[1]
 
@@ -518,3 +520,16 @@ async def test_the_agent_retries_a_503_and_falls_back_to_another_model(server, s
     assert finished.model == "openai:backup"
     assert finished.cost_usd == pytest.approx((7 * 1 + 3 * 2) / 1e6)  # priced at the model that answered
     assert len(server.requests) == 2 and len(backup_server.requests) == 1
+
+
+def test_an_unknown_price_under_a_dollar_budget_is_refused_before_the_run(server, store):
+    """PRODUCT.md: a provider model with no known price, under the default $0.50 budget."""
+    model = OpenAIModel("my-finetune", base_url=server.base_url, api_key="k")
+    agent_ = lw.Agent(model, store=store)
+    with pytest.raises(lw.UserError, match=r"price of openai:my-finetune is unknown.*Price\(0, 0\).*budget_usd=None"):
+        agent_.run_sync("hi")
+    assert server.requests == [] and store.list_runs() == []  # refused before anything was sent or logged
+    priced = lw.Agent(OpenAIModel("my-finetune", base_url=server.base_url, api_key="k", price=Price(0, 0)),
+                      store=store)
+    server.reply(text="ok")
+    assert priced.run_sync("hi").stop_reason == "done"

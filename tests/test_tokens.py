@@ -209,7 +209,8 @@ def test_calibration_converges_and_stays_an_upper_bound_when_the_true_ratio_vari
     high = low * 1.25
     factors, ratios = [], []
     for _ in range(60):
-        request = ModelRequest(messages=[Message("user", "x" * rng.randint(10, 5000))])
+        # big enough to tighten on (small requests are dominated by fixed allowances)
+        request = ModelRequest(messages=[Message("user", "x" * rng.randint(5000, 20000))])
         estimated = estimator.estimate(request)
         actual = int(estimated.raw * rng.uniform(low, high))
         assert estimated >= actual
@@ -255,10 +256,21 @@ def test_a_report_of_zero_tokens_does_not_collapse_the_bound():
 
 def test_plain_int_estimates_can_be_observed_too():
     estimator = TokenEstimator()
-    request = ModelRequest(messages=[Message("user", "hello world " * 100)])
+    request = ModelRequest(messages=[Message("user", "hello world " * 1000)])
     first = estimator.estimate(request)
     estimator.observe(int(first), first // 4)
     assert 0.25 <= estimator.factor <= 0.25 * 1.25 + 1e-9
+
+
+def test_small_requests_only_widen_the_byte_bound():
+    """Found by the budget fuzz: tightening on a tiny request (mostly fixed allowances)
+    under-reserved the next, bigger one."""
+    estimator = TokenEstimator()
+    small = estimator.estimate(ModelRequest(messages=[Message("user", "hi")]))
+    estimator.observe(small, 4)
+    assert estimator.factor == 1.0
+    big = ModelRequest(messages=[Message("user", "y" * 30_000)])
+    assert estimator.estimate(big) >= 30_000 // 3
 
 
 # -- the cache -------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from ._agent import Agent as Agent
 from ._breaker import CircuitBreaker as CircuitBreaker
+from ._budget import Budget as Budget
+from ._budget import BudgetExceeded as BudgetExceeded
 from ._breaker import CircuitOpenError as CircuitOpenError
 from ._errors import LoopwiseError as LoopwiseError
 from ._errors import ModelBehaviorError as ModelBehaviorError
@@ -36,6 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Agent",
     "Backoff",
+    "Budget",
+    "BudgetExceeded",
     "CircuitBreaker",
     "CircuitOpenError",
     "Event",

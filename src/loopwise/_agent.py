@@ -13,14 +13,17 @@ import anyio
 
 from ._errors import UserError
 from ._events import Event
+from ._budget import Budget
 from ._limits import Limits
+from ._prices import price_for, worst_price
+from ._tokens import TokenEstimator, for_model
 from ._messages import Message, ToolSpec
 from ._result import RunResult
 from ._run import Run
 from ._store import EventStore
 from ._tools import Tool, tool
 from ._watchdog import start_watchdog
-from .models._base import Model
+from .models._base import Model, Price
 from .models._resilience import ModelPolicy
 from .models._resolve import resolve_model
 
@@ -163,6 +166,52 @@ class Agent:
             self.tools_by_name[t.name] = t
         self.tool_specs: list[ToolSpec] = [t.spec for t in self.tools]
         self._description: dict[str, Any] | None = None
+        self._prices: list[Price | None] | None = None
+        self._worst_price: Price | None = None
+        self._estimators: list[TokenEstimator] = []
+
+    def _budgets(self, run_id: str, shared: Budget | None) -> tuple[Budget, ...]:
+        """The budgets a run draws from: its own (from `limits`), then a shared one.
+
+        A dollar limit needs every model's price: an unknown one is refused here,
+        before the run, rather than spending money that cannot be counted.
+        """
+        limits = self.limits
+        budgets: list[Budget] = []
+        if limits.budget_usd is not None or limits.budget_tokens is not None:
+            budgets.append(Budget(limits.budget_usd, tokens=limits.budget_tokens))  # "budget of $0.50"
+        if shared is not None:
+            budgets.append(shared)
+        if any(b.usd is not None for b in budgets):
+            for model, price in zip(self.models, self.prices):
+                if price is None:
+                    raise UserError(
+                        f"the price of {model.name} is unknown, so the run's dollar budget cannot be kept: pass "
+                        f"price=lw.models.Price(input_per_mtok=..., output_per_mtok=...) to the model "
+                        "(Price(0, 0) for a self-hosted server), or Limits(budget_usd=None) for no dollar limit"
+                    )
+        return tuple(budgets)
+
+    @property
+    def prices(self) -> list[Price | None]:
+        """Each model's price (`self.models` order), looked up once: the model's own, or genai-prices."""
+        if self._prices is None:
+            self._prices = [price_for(m) for m in self.models]
+        return self._prices
+
+    @property
+    def worst_price(self) -> Price | None:
+        """The highest rates among the models a call may reach: what a reservation assumes."""
+        if self._worst_price is None:
+            self._worst_price = worst_price(self.prices)
+        return self._worst_price
+
+    def estimator(self, index: int) -> TokenEstimator:
+        """The input-token estimator of `self.models[index]` (kept: it caches and calibrates)."""
+        estimators = self._estimators
+        while len(estimators) <= index:
+            estimators.append(for_model(self.models[len(estimators)]))
+        return estimators[index]
 
     @property
     def store(self) -> EventStore:
@@ -195,7 +244,7 @@ class Agent:
     # -- running -------------------------------------------------------------------
 
     def _prepare(self, task: Task, run_id: str | None, tags: Sequence[str], deps: Any,
-                 sink: Callable[[Event], None] | None) -> Run:
+                 sink: Callable[[Event], None] | None, budget: Budget | None = None) -> Run:
         messages = _task_messages(task)
         if isinstance(tags, str):
             raise UserError(f"tags must be a list of str, got the str {tags!r}; write tags=[{tags!r}]")
@@ -212,7 +261,11 @@ class Agent:
             if run_id in _active_run_ids or store.has_run(run_id):
                 raise UserError(f"a run with id {run_id!r} already exists; use agent.resume({run_id!r}) "
                                 "to continue it, or choose another id")
+        if budget is not None and not isinstance(budget, Budget):
+            raise UserError(f"budget must be a loopwise.Budget, got {type(budget).__name__}")
+        budgets = self._budgets(run_id, budget)
         return Run(self, run_id=run_id, task=messages, tags=tags, deps=self.deps if deps is None else deps,
+                   budgets=budgets,
                    store=store, sink=sink)
 
     async def _execute(self, run: Run) -> RunResult:
@@ -225,16 +278,18 @@ class Agent:
             _active_run_ids.discard(run.run_id)
         return RunResult.from_events([run.started, finished])
 
-    async def run(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None) -> RunResult:
+    async def run(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None,
+                  budget: Budget | None = None) -> RunResult:
         """Run the loop on `task` until a stop reason; return the result.
 
         Limits, model failures and tool errors end the run with a stop reason; they
         are not raised. Only configuration mistakes raise `UserError`, before the run
         starts. Cancelling the caller writes the run's end as `killed` and propagates.
         """
-        return await self._execute(self._prepare(task, run_id, tags, deps, None))
+        return await self._execute(self._prepare(task, run_id, tags, deps, None, budget))
 
-    def run_sync(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None) -> RunResult:
+    def run_sync(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None,
+                 budget: Budget | None = None) -> RunResult:
         """`run`, for code without an event loop. Ctrl-C ends the run as `killed`."""
         try:
             asyncio.get_running_loop()
@@ -242,9 +297,10 @@ class Agent:
             pass
         else:
             raise UserError("run_sync() was called inside a running event loop; use `await agent.run(...)` there")
-        return asyncio.run(self.run(task, run_id=run_id, tags=tags, deps=deps))
+        return asyncio.run(self.run(task, run_id=run_id, tags=tags, deps=deps, budget=budget))
 
-    async def stream(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None) -> AsyncIterator[Event]:
+    async def stream(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None,
+                     budget: Budget | None = None) -> AsyncIterator[Event]:
         """Yield the run's events as they happen; the last one is `run_finished`.
 
         Use it with `contextlib.aclosing` if you may stop iterating early: closing the
@@ -258,7 +314,7 @@ class Agent:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass  # the consumer stopped listening; the log still gets every event
 
-        run = self._prepare(task, run_id, tags, deps, sink)
+        run = self._prepare(task, run_id, tags, deps, sink, budget)
 
         async def execute() -> None:
             with send:

@@ -80,6 +80,7 @@ TOOL_LATENCY_S = {
 HISTORY_TIMEOUT_S = 1.5
 SPIRAL_PRICE = Price(2.50, 10.00)
 SPIRAL_MAX_ITERATIONS = 8
+SPIRAL_BUDGET_USD = 0.03
 
 
 # -- the tools -------------------------------------------------------------------------
@@ -378,16 +379,30 @@ def cost_spiral(console: Console, store: EventStore, *, speed: float) -> RunResu
     console.print(Text("best-effort answer", style="dim"))
     console.print(Text(result.output or "(none)"))
     console.print()
+    budgeted = Agent(
+        SupportDeskSimulator(mode="never_done", speed=speed, seed=SEED, price=SPIRAL_PRICE),
+        instructions=INSTRUCTIONS,
+        tools=demo_tools(speed=speed),
+        limits=Limits(max_iterations=SPIRAL_MAX_ITERATIONS, budget_usd=SPIRAL_BUDGET_USD),
+        store=store,
+        name="support-spiral-budget",
+    )
+    capped = _run(console, budgeted, TASK, tags=["cost-spiral", "budget"], what="the never-done model on a budget")
+    events = store.load(capped.run_id)
+    limit = next((e for e in events if isinstance(e, LimitHit)), None)
     console.print(Text(
-        "The cap is a guarantee: the run stopped, with a stop reason and an answer. What this version "
-        "does not do yet is keep each iteration cheap: per-run dollar and token budgets and the sliding "
-        "context window (which keeps input tokens flat) arrive in a later version.", style="yellow",
-    ))
-    try:
-        Limits(max_iterations=SPIRAL_MAX_ITERATIONS, budget_usd=0.50)
-    except UserError as exc:
-        console.print(Text("Until then it refuses them rather than ignore them: ", style="dim")
-                      + Text(f"Limits(budget_usd=0.50) → UserError: {exc}"))
+        f"The same model with Limits(budget_usd={SPIRAL_BUDGET_USD:g}): before every model call loopwise "
+        "reserves its worst case (the input, counted, plus the max_tokens it sends) and makes no call "
+        "that could not be paid for.", style=""))
+    console.print(Text.assemble(("stop reason ", "dim"), (capped.stop_reason, "bold yellow"),
+                                (f"   {capped.iterations} iterations   spent {format_cost(capped.cost_usd)} "
+                                 f"of {format_cost(SPIRAL_BUDGET_USD)}", "")))
+    if limit is not None:
+        console.print(Text("limit  ", style="dim") + Text(limit.detail))
+    console.print(Text(
+        "The sliding context window, which keeps each iteration's input flat, and runaway detection "
+        "arrive in a later version.", style="yellow"))
+    return result
     return result
 
 
@@ -398,7 +413,7 @@ def _not_yet(console: Console) -> None:
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
     for scenario, what in (
-        ("cost spiral", "budgets and the sliding context window"),
+        ("cost spiral", "the sliding context window and runaway detection"),
         ("debugging", "the decision log: expected vs actual at every step"),
         ("kill switch", "stopping a run mid-flight from another process"),
     ):

@@ -112,7 +112,12 @@ class ModelCallStarted:
     model: str
     n_messages: int
     n_tools: int
+    #: The `max_tokens` sent: the agent's, capped to what the budgets can pay for.
     max_tokens: int | None = None
+    #: The input-token estimate the budget reservation was made from (an upper bound).
+    estimated_input_tokens: int | None = None
+    #: Dollars reserved for this call's worst case before making it.
+    reserved_usd: float | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -133,6 +138,8 @@ class ModelCallFinished:
     error: ErrorInfo | None = None
     #: The model that answered (a fallback model, when the primary failed).
     model: str | None = None
+    #: Dollars billed above the call's reservation (a provider that ignored max_tokens...).
+    overrun_usd: float = 0.0
 
 
 @dataclass(kw_only=True, slots=True)

@@ -10,7 +10,8 @@ __all__ = ["Limits"]
 
 # Limits that PRODUCT.md promises and a later version brings. Accepting one before it
 # is enforced would be the seed post's $47 night, so they are refused by name.
-_NOT_YET = ("budget_usd", "budget_tokens", "deadline_s")
+_NOT_YET = ("deadline_s",)
+DEFAULT_BUDGET_USD = 0.50
 
 
 class Limits:
@@ -19,21 +20,27 @@ class Limits:
     Args:
         max_iterations: The most THINK steps a run may take (the seed post's rule:
             a hard cap of 8). The THINK that returns the final answer counts.
+        budget_usd: The most dollars one run may spend (the seed post's rule: $0.50),
+            or `None` for no dollar limit. Checked before every model call: the call's
+            worst case is reserved first, and a call that cannot fit is not made.
+        budget_tokens: The most tokens (input + output) one run may use, or `None`.
         final_answer_on_limit: When a limit stops the run, make one last call with
-            tools disabled asking for a best-effort answer. `stop_reason` still names
-            the limit.
+            tools disabled asking for a best-effort answer (if the budget allows).
+            `stop_reason` still names the limit.
     """
 
-    __slots__ = ("final_answer_on_limit", "max_iterations")
+    __slots__ = ("budget_tokens", "budget_usd", "final_answer_on_limit", "max_iterations")
 
-    def __init__(self, *, max_iterations: int = 8, final_answer_on_limit: bool = True, **unsupported: Any) -> None:
+    def __init__(self, *, max_iterations: int = 8, budget_usd: float | None = DEFAULT_BUDGET_USD,
+                 budget_tokens: int | None = None, final_answer_on_limit: bool = True,
+                 **unsupported: Any) -> None:
         if unsupported:
             pending = sorted(k for k in unsupported if k in _NOT_YET)
             unknown = sorted(k for k in unsupported if k not in _NOT_YET)
             if unknown:
                 raise UserError(
                     f"Limits got unknown option(s) {', '.join(unknown)}; "
-                    "options: max_iterations, final_answer_on_limit"
+                    "options: max_iterations, budget_usd, budget_tokens, final_answer_on_limit"
                 )
             raise UserError(
                 f"Limits({', '.join(pending)}=...) is not implemented in this version of loopwise; "
@@ -46,11 +53,19 @@ class Limits:
             )
         if type(final_answer_on_limit) is not bool:
             raise UserError(f"Limits(final_answer_on_limit={final_answer_on_limit!r}) must be True or False")
+        if budget_usd is not None and (isinstance(budget_usd, bool) or not isinstance(budget_usd, (int, float))
+                                       or not 0 <= budget_usd < float("inf")):
+            raise UserError(f"Limits(budget_usd={budget_usd!r}) must be a number of dollars >= 0, or None for no limit")
+        if budget_tokens is not None and (type(budget_tokens) is not int or budget_tokens < 1):
+            raise UserError(f"Limits(budget_tokens={budget_tokens!r}) must be an int >= 1, or None for no limit")
         self.max_iterations = max_iterations
+        self.budget_usd = None if budget_usd is None else float(budget_usd)
+        self.budget_tokens = budget_tokens
         self.final_answer_on_limit = final_answer_on_limit
 
     def __repr__(self) -> str:
-        return f"Limits(max_iterations={self.max_iterations}, final_answer_on_limit={self.final_answer_on_limit})"
+        return (f"Limits(max_iterations={self.max_iterations}, budget_usd={self.budget_usd!r}, "
+                f"budget_tokens={self.budget_tokens!r}, final_answer_on_limit={self.final_answer_on_limit})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Limits) and self.to_dict() == other.to_dict()
@@ -58,4 +73,5 @@ class Limits:
     __hash__ = None  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_iterations": self.max_iterations, "final_answer_on_limit": self.final_answer_on_limit}
+        return {"max_iterations": self.max_iterations, "budget_usd": self.budget_usd,
+                "budget_tokens": self.budget_tokens, "final_answer_on_limit": self.final_answer_on_limit}

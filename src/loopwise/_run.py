@@ -24,6 +24,7 @@ import anyio
 
 from ._errors import ModelBehaviorError
 from ._breaker import BreakerChange
+from ._budget import Budget, BudgetExceeded, CallReservation, reserve, reserve_call
 from ._events import (
     BreakerChanged,
     ErrorInfo,
@@ -102,6 +103,7 @@ class Run:
 
     __slots__ = (
         "agent",
+        "budgets",
         "call_ids",
         "cost_usd",
         "current",
@@ -131,6 +133,7 @@ class Run:
         deps: Any,
         store: EventStore,
         sink: Callable[[Event], None] | None = None,
+        budgets: tuple[Budget, ...] = (),
     ) -> None:
         self.agent = agent
         self.run_id = run_id
@@ -146,6 +149,7 @@ class Run:
         self.cost_usd = 0.0
         self.output: str | None = None
         self.call_ids: set[str] = set()
+        self.budgets = budgets
         self.transcript: list[Message] = (
             [Message("system", agent.instructions), *task] if agent.instructions else list(task)
         )
@@ -290,6 +294,23 @@ class Run:
         agent = self.agent
         model = agent.model
         request = ModelRequest(messages=list(self.transcript), tools=specs, max_tokens=agent.max_tokens)
+        held: CallReservation | None = None
+        estimate = None
+        if self.budgets:
+            # Reserve the call's worst case on every budget before making it: the input
+            # (an upper bound, for the costliest model that may answer) and max_tokens,
+            # capped to what the budgets can still pay for. No fit, no call.
+            estimate = max(agent.estimator(i).estimate(request) for i in range(len(agent.models)))
+            try:
+                held = reserve_call(self.budgets, input_tokens=int(estimate), price=agent.worst_price,
+                                    max_tokens=agent.max_tokens)
+            except BudgetExceeded as exc:
+                if purpose == "think":
+                    self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
+                                        limit="budget", detail=str(exc)))
+                raise _Stop("budget", str(exc)) from None
+            if held.max_tokens != request.max_tokens:
+                request = ModelRequest(messages=request.messages, tools=specs, max_tokens=held.max_tokens)
         self.model_calls += 1
         self.current.model_calls = self.model_calls
         self._emit(
@@ -302,13 +323,21 @@ class Run:
                 model=model.name,
                 n_messages=len(request.messages),
                 n_tools=len(specs),
-                max_tokens=agent.max_tokens,
+                max_tokens=request.max_tokens,
+                estimated_input_tokens=None if estimate is None else int(estimate),
+                reserved_usd=None if held is None else held.usd,
             )
         )
-        await self._flush()  # the log is durable before every model call
         started = _mono()
         error: ErrorInfo | None = None
         response: ModelResponse | None = None
+        try:
+            await self._flush()  # the log is durable before every model call
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
+        started = _mono()
         try:
             response, model = await call_with_policy(
                 agent.models, request, agent.model_policy,
@@ -316,6 +345,8 @@ class Run:
                 report_ok=False,
             )
         except anyio.get_cancelled_exc_class():
+            if held is not None:
+                held.release()
             self._emit(
                 ModelCallFinished(
                     run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, purpose=purpose,  # type: ignore[arg-type]
@@ -328,6 +359,8 @@ class Run:
             response = None
         latency = _mono() - started
         if response is None:
+            if held is not None:
+                held.release()  # nothing reported as billed (see docs/budgets.md on timeouts)
             self._emit(
                 ModelCallFinished(
                     run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
@@ -336,10 +369,22 @@ class Run:
             )
             raise _Stop("error", f"model call failed: {error.type}: {error.message}", error)  # type: ignore[union-attr]
         usage, estimated = self._usage_of(request, response)
-        price = model.price
+        index = next(i for i, m in enumerate(agent.models) if m is model)
+        price = agent.prices[index]
         cost = price.cost(usage) if price is not None else 0.0
         self.usage.add(usage)
         self.cost_usd += cost
+        overrun_usd = 0.0
+        if held is not None:
+            overrun = held.settle(cost, usage.input_tokens + usage.output_tokens)
+            if overrun is not None:
+                overrun_usd = overrun.actual_usd - overrun.reserved_usd
+                _log.error("run %s: %s billed more than its reservation: %s", self.run_id, model.name, overrun)
+            if not estimated:
+                low_by = agent.estimator(index).observe(int(estimate), usage.input_tokens)  # type: ignore[arg-type]
+                if low_by > 0:
+                    _log.error("run %s: the input estimate for %s was %d tokens low; later reservations "
+                               "are widened", self.run_id, model.name, low_by)
         self._emit(
             ModelCallFinished(
                 run_id=self.run_id,
@@ -355,6 +400,7 @@ class Run:
                 cost_usd=cost,
                 latency_s=latency,
                 model=model.name,
+                overrun_usd=overrun_usd,
             )
         )
         return response
@@ -476,6 +522,18 @@ class Run:
                          tool: Tool, kwargs: dict[str, Any], limiter: anyio.CapacityLimiter | None = None) -> None:
         ctx = RunContext(run_id=self.run_id, call_id=call.id, iteration=iteration,  # type: ignore[arg-type]
                          tags=self.tags, deps=self.deps)
+        held = None
+        cost_usd = tool.policy.cost_usd
+        if cost_usd and self.budgets:
+            # A paid tool reserves its worst case (every attempt) before it runs.
+            try:
+                held = reserve(self.budgets, usd=cost_usd * tool.policy.attempts)
+            except BudgetExceeded as exc:
+                content = f"not executed: {exc}"
+                self._tool_finished(iteration, call, "not_executed", content, 0.0,
+                                    ErrorInfo(type="BudgetExceeded", message=str(exc)))
+                contents[index] = content
+                return
         started = _mono()
         try:
             if limiter is None:
@@ -485,9 +543,13 @@ class Run:
                     started = _mono()
                     result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id))  # type: ignore[arg-type]
         except anyio.get_cancelled_exc_class():
+            if held is not None:
+                held.settle(cost_usd, 0)  # an attempt may have been made and billed
             self._tool_finished(iteration, call, "cancelled", "cancelled", _mono() - started,
                                 ErrorInfo(type="Cancelled", message="the call was cancelled"))
             raise
+        if held is not None:
+            held.settle(result.cost_usd, 0)
         self.cost_usd += result.cost_usd
         self._tool_finished(iteration, call, result.outcome, result.content, _mono() - started, result.error,
                             attempts=result.attempts, fallback=result.fallback, cost_usd=result.cost_usd)

@@ -178,6 +178,10 @@ def _tool_text(spec: ToolSpec) -> str:
     )
 
 
+# The byte bound is tightened by calibration only from requests at least this big.
+_MIN_RAW_TO_TIGHTEN = 4096
+
+
 class TokenEstimator:
     """Estimates a request's input tokens before the call, and learns from the usage after.
 
@@ -300,6 +304,10 @@ class TokenEstimator:
             if actual <= 0 or raw <= 0:
                 return error
             ratio = actual / raw
+            if not self.exact and raw < _MIN_RAW_TO_TIGHTEN and ratio * self.margin < self._factor:
+                # A small request's ratio is mostly the template's fixed allowances: tightening
+                # on it would under-reserve the next, larger request. It may only widen.
+                return error
             if self._max_ratio is None or ratio > self._max_ratio:
                 self._max_ratio = ratio
             top = self._max_ratio
@@ -333,7 +341,7 @@ class TokenEstimator:
         if message.content:
             units += text(message.content)
         for call in message.tool_calls:
-            units += template.per_tool_call + text(call.name) + text(_arguments_text(call.arguments))
+            units += template.per_tool_call + text(call.name if isinstance(call.name, str) else str(call.name)) + text(_arguments_text(call.arguments))
             if template.count_ids and call.id:
                 units += text(call.id)
         if message.role == "tool":

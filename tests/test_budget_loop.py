@@ -1,0 +1,147 @@
+"""Budgets in the loop: a run never spends more than its budget, tried with hostile inputs.
+
+The guarantee (docs/budgets.md): before every model call the worst case is reserved;
+a run never spends more than its budget unless a provider bills more than the
+reservation (which is then recorded as an overrun and logged loudly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import loopwise as lw
+from loopwise.models import FunctionModel, ModelRequest, ModelResponse, Price, ToolCall, Usage
+
+from .test_loop import assert_valid_log
+
+
+def _request_bytes(request: ModelRequest) -> int:
+    total = 0
+    for m in request.messages:
+        total += len((m.content or "").encode())
+        for c in m.tool_calls:
+            total += len(str(c.arguments).encode()) + len(str(c.name))
+    return total
+
+
+def greedy_model(price: Price, wants: int, result_size: int, honest: bool = True) -> FunctionModel:
+    """Never done; always wants `wants` output tokens; bills like a real tokenizer (fewer tokens than bytes)."""
+
+    def fn(request: ModelRequest) -> ModelResponse:
+        input_tokens = max(1, _request_bytes(request) // 3)
+        output = wants if not honest or request.max_tokens is None else min(wants, request.max_tokens)
+        if not request.tools:
+            return ModelResponse(text="best effort", usage=Usage(input_tokens, output))
+        return ModelResponse(text="x" * 50, tool_calls=[ToolCall("fetch", {"n": result_size})],
+                             usage=Usage(input_tokens, output))
+
+    return FunctionModel(fn, price=price)
+
+
+@lw.tool
+async def fetch(n: int) -> str:
+    """Returns n characters."""
+    return "r" * n
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    input_rate=st.floats(0.01, 50), output_rate=st.floats(0.01, 200),
+    budget=st.floats(0.0001, 0.5), wants=st.integers(1, 20_000), result_size=st.integers(0, 30_000),
+    max_tokens=st.one_of(st.none(), st.integers(1, 8192)), instructions=st.text(max_size=300),
+)
+def test_a_run_never_spends_more_than_its_budget(input_rate, output_rate, budget, wants, result_size,
+                                                 max_tokens, instructions):
+    store = lw.MemoryStore()
+    agent = lw.Agent(greedy_model(Price(input_rate, output_rate), wants, result_size), tools=[fetch],
+                     instructions=instructions or None, store=store, max_tokens=max_tokens,
+                     limits=lw.Limits(max_iterations=20, budget_usd=budget))
+    result = agent.run_sync("spend it all")
+    assert result.cost_usd <= budget + 1e-9, (result.cost_usd, budget)
+    assert result.stop_reason in ("budget", "max_iterations")
+    events = store.load(result.run_id)
+    assert_valid_log(events)
+    started = [e for e in events if e.kind == "model_call_started"]
+    finished = [e for e in events if e.kind == "model_call_finished"]
+    for s, f in zip(started, finished):
+        assert f.cost_usd <= s.reserved_usd + 1e-9  # every call fit its reservation
+        assert f.overrun_usd == 0
+
+
+def test_the_budget_stops_the_run_before_the_call_that_would_overspend():
+    store = lw.MemoryStore()
+    agent = lw.Agent(greedy_model(Price(2.5, 10), wants=1000, result_size=2000), tools=[fetch], store=store,
+                     limits=lw.Limits(max_iterations=50, budget_usd=0.02))
+    result = agent.run_sync("go")
+    assert result.stop_reason == "budget"
+    assert "budget of $0.02 would be exceeded" in result.reason
+    events = store.load(result.run_id)
+    (limit,) = [e for e in events if e.kind == "limit_hit"]
+    assert limit.limit == "budget"
+    assert events[-2].kind == "limit_hit"  # no model call after the limit: not even a best-effort one
+    # max_tokens sent was capped to what the budget could pay for, as it ran low
+    sent = [e.max_tokens for e in events if e.kind == "model_call_started"]
+    assert sent[0] == 1024 and min(sent) < 1024
+
+
+async def test_concurrent_runs_on_a_shared_budget_never_overspend_together():
+    shared = lw.Budget(usd=0.05, name="batch-42")
+    store = lw.MemoryStore()
+
+    async def slow_fn(request: ModelRequest) -> ModelResponse:
+        await asyncio.sleep(0.001)
+        return greedy_model(Price(2.5, 10), 800, 1500).fn(request)
+
+    agent = lw.Agent(FunctionModel(slow_fn, price=Price(2.5, 10)), tools=[fetch], store=store,
+                     limits=lw.Limits(max_iterations=30, budget_usd=None))
+    results = await asyncio.gather(*(agent.run(f"task {i}", budget=shared) for i in range(25)))
+    total = sum(r.cost_usd for r in results)
+    assert total <= 0.05 + 1e-9
+    assert shared.spent_usd == pytest.approx(total, abs=1e-8)
+    assert shared.reserved_usd == 0
+    assert {r.stop_reason for r in results} <= {"budget", "max_iterations"}
+    assert any(r.stop_reason == "budget" for r in results)
+
+
+def test_a_provider_that_ignores_max_tokens_is_logged_as_an_overrun(caplog):
+    store = lw.MemoryStore()
+    agent = lw.Agent(greedy_model(Price(1, 100), wants=50_000, result_size=10, honest=False), tools=[fetch],
+                     store=store, max_tokens=100, limits=lw.Limits(max_iterations=3, budget_usd=10))
+    with caplog.at_level(logging.ERROR, logger="loopwise"):
+        result = agent.run_sync("go")
+    finished = [e for e in store.load(result.run_id) if e.kind == "model_call_finished"]
+    assert finished[0].overrun_usd > 0
+    assert "billed more than its reservation" in caplog.text
+
+
+def test_paid_tools_are_reserved_before_they_run():
+    calls = []
+
+    @lw.tool(cost_usd=0.2)
+    async def paid_search(q: str) -> str:
+        """A search API that costs 20 cents a call."""
+        calls.append(q)
+        return "hits"
+
+    model = FunctionModel(lambda r: ModelResponse(tool_calls=[ToolCall("paid_search", {"q": "x"})])
+                          if r.tools else "done", price=Price(0, 0))
+    store = lw.MemoryStore()
+    result = lw.Agent(model, tools=[paid_search], store=store,
+                      limits=lw.Limits(max_iterations=5, budget_usd=0.5)).run_sync("go")
+    assert len(calls) == 2 and result.cost_usd == pytest.approx(0.4)
+    skipped = [e for e in store.load(result.run_id) if e.kind == "tool_call_finished" and e.outcome == "not_executed"]
+    assert skipped and "budget of $0.50 would be exceeded" in skipped[0].content
+
+
+def test_token_budget():
+    store = lw.MemoryStore()
+    agent = lw.Agent(greedy_model(Price(0, 0), wants=500, result_size=100), tools=[fetch], store=store,
+                     limits=lw.Limits(max_iterations=50, budget_usd=None, budget_tokens=5_000))
+    result = agent.run_sync("go")
+    assert result.stop_reason == "budget"
+    assert result.usage.input_tokens + result.usage.output_tokens <= 5_000
