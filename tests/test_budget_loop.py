@@ -19,6 +19,9 @@ from loopwise.models import FunctionModel, ModelRequest, ModelResponse, Price, T
 
 from .test_loop import assert_valid_log
 
+# These models repeat one call on purpose: runaway detection would stop them first.
+NO_RUNAWAY = lw.RunawayDetector(enabled=False)
+
 
 def _request_bytes(request: ModelRequest) -> int:
     total = 0
@@ -60,7 +63,7 @@ def test_a_run_never_spends_more_than_its_budget(input_rate, output_rate, budget
     store = lw.MemoryStore()
     agent = lw.Agent(greedy_model(Price(input_rate, output_rate), wants, result_size), tools=[fetch],
                      instructions=instructions or None, store=store, max_tokens=max_tokens,
-                     limits=lw.Limits(max_iterations=20, budget_usd=budget))
+                     limits=lw.Limits(max_iterations=20, budget_usd=budget), runaway=NO_RUNAWAY)
     result = agent.run_sync("spend it all")
     assert result.cost_usd <= budget + 1e-9, (result.cost_usd, budget)
     assert result.stop_reason in ("budget", "max_iterations")
@@ -76,7 +79,7 @@ def test_a_run_never_spends_more_than_its_budget(input_rate, output_rate, budget
 def test_the_budget_stops_the_run_before_the_call_that_would_overspend():
     store = lw.MemoryStore()
     agent = lw.Agent(greedy_model(Price(2.5, 10), wants=1000, result_size=2000), tools=[fetch], store=store,
-                     limits=lw.Limits(max_iterations=50, budget_usd=0.02))
+                     limits=lw.Limits(max_iterations=50, budget_usd=0.02), runaway=NO_RUNAWAY)
     result = agent.run_sync("go")
     assert result.stop_reason == "budget"
     assert "budget of $0.02 would be exceeded" in result.reason
@@ -98,7 +101,7 @@ async def test_concurrent_runs_on_a_shared_budget_never_overspend_together():
         return greedy_model(Price(2.5, 10), 800, 1500).fn(request)
 
     agent = lw.Agent(FunctionModel(slow_fn, price=Price(2.5, 10)), tools=[fetch], store=store,
-                     limits=lw.Limits(max_iterations=30, budget_usd=None))
+                     limits=lw.Limits(max_iterations=30, budget_usd=None), runaway=NO_RUNAWAY)
     results = await asyncio.gather(*(agent.run(f"task {i}", budget=shared) for i in range(25)))
     total = sum(r.cost_usd for r in results)
     assert total <= 0.05 + 1e-9
@@ -111,7 +114,7 @@ async def test_concurrent_runs_on_a_shared_budget_never_overspend_together():
 def test_a_provider_that_ignores_max_tokens_is_logged_as_an_overrun(caplog):
     store = lw.MemoryStore()
     agent = lw.Agent(greedy_model(Price(1, 100), wants=50_000, result_size=10, honest=False), tools=[fetch],
-                     store=store, max_tokens=100, limits=lw.Limits(max_iterations=3, budget_usd=10))
+                     store=store, max_tokens=100, limits=lw.Limits(max_iterations=3, budget_usd=10), runaway=NO_RUNAWAY)
     with caplog.at_level(logging.ERROR, logger="loopwise"):
         result = agent.run_sync("go")
     finished = [e for e in store.load(result.run_id) if e.kind == "model_call_finished"]
@@ -132,7 +135,7 @@ def test_paid_tools_are_reserved_before_they_run():
                           if r.tools else "done", price=Price(0, 0))
     store = lw.MemoryStore()
     result = lw.Agent(model, tools=[paid_search], store=store,
-                      limits=lw.Limits(max_iterations=5, budget_usd=0.5)).run_sync("go")
+                      limits=lw.Limits(max_iterations=5, budget_usd=0.5), runaway=NO_RUNAWAY).run_sync("go")
     assert len(calls) == 2 and result.cost_usd == pytest.approx(0.4)
     skipped = [e for e in store.load(result.run_id) if e.kind == "tool_call_finished" and e.outcome == "not_executed"]
     assert skipped and "budget of $0.50 would be exceeded" in skipped[0].content
@@ -141,7 +144,7 @@ def test_paid_tools_are_reserved_before_they_run():
 def test_token_budget():
     store = lw.MemoryStore()
     agent = lw.Agent(greedy_model(Price(0, 0), wants=500, result_size=100), tools=[fetch], store=store,
-                     limits=lw.Limits(max_iterations=50, budget_usd=None, budget_tokens=5_000))
+                     limits=lw.Limits(max_iterations=50, budget_usd=None, budget_tokens=5_000), runaway=NO_RUNAWAY)
     result = agent.run_sync("go")
     assert result.stop_reason == "budget"
     assert result.usage.input_tokens + result.usage.output_tokens <= 5_000

@@ -61,13 +61,13 @@ def test_the_demo_runs_every_scenario(store):
     assert "done   3 iterations" in text
     # The cost spiral: stopped by the cap, with a best-effort answer, and said plainly what is missing.
     assert "max_iterations" in text and "best-effort answer" in flat
-    assert "Limits(budget_usd=0.03)" in flat and "arrive in a later version" in flat
+    assert "Limits(budget_usd=0.03)" in flat and "runaway" in flat
     assert "not in this version yet" in flat
 
     runs = runs_by_tags(store)
     assert set(runs) == {("demo", "triage"), ("demo", "recovery"), ("demo", "latency", "sequential"),
                          ("demo", "latency", "concurrent"), ("demo", "cost-spiral"),
-                         ("demo", "cost-spiral", "budget")}
+                         ("demo", "cost-spiral", "budget"), ("demo", "cost-spiral", "defaults")}
     recovery = runs[("demo", "recovery")]
     (history,) = [e for e in recovery if e.kind == "tool_call_finished" and e.name == "get_customer_history"]
     assert (history.outcome, history.fallback) == ("fallback", "get_cached_history")
@@ -76,7 +76,7 @@ def test_the_demo_runs_every_scenario(store):
     assert stops == {("demo", "triage"): "done", ("demo", "recovery"): "done",
                      ("demo", "latency", "sequential"): "done",
                      ("demo", "latency", "concurrent"): "done", ("demo", "cost-spiral"): "max_iterations",
-                     ("demo", "cost-spiral", "budget"): "budget"}
+                     ("demo", "cost-spiral", "budget"): "budget", ("demo", "cost-spiral", "defaults"): "runaway"}
     budgeted = runs[("demo", "cost-spiral", "budget")][-1]
     assert budgeted.cost_usd <= 0.03
     spiral = runs[("demo", "cost-spiral")]
@@ -157,6 +157,6 @@ def test_the_demo_can_log_to_sqlite(tmp_path):
     store = lw.SQLiteStore(tmp_path / "demo.db")
     try:
         assert _demo.main(console(), speed=0, store=store) == 0
-        assert len(store.list_runs()) == 6
+        assert len(store.list_runs()) == 7
     finally:
         store.close()

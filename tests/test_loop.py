@@ -238,8 +238,19 @@ def test_final_answer_on_limit_can_be_turned_off(store):
 
 def test_default_cap_is_eight(store):
     model = FunctionModel(lambda r: ModelResponse(tool_calls=[ToolCall("whoami", {})]) if r.tools else "gave up")
-    result = make_agent(model, store).run_sync("t")
+    result = make_agent(model, store, runaway=lw.RunawayDetector(enabled=False)).run_sync("t")
     assert (result.stop_reason, result.iterations, result.output) == ("max_iterations", 8, "gave up")
+
+
+def test_the_seeds_loop_is_stopped_as_runaway_within_a_handful_of_iterations(store):
+    model = FunctionModel(lambda r: ModelResponse(tool_calls=[ToolCall("whoami", {})]) if r.tools else "gave up")
+    result = make_agent(model, store).run_sync("t")
+    assert (result.stop_reason, result.output) == ("runaway", "gave up")
+    assert result.iterations <= 5
+    events = store.load(result.run_id)
+    nudges = [e for e in events if e.kind == "nudge" and e.reason.startswith("runaway")]
+    assert len(nudges) == 1  # warned once, then stopped
+    assert_valid_log(events)
 
 
 def test_best_effort_call_failure_still_stops_for_the_limit(store):

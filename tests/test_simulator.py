@@ -309,7 +309,8 @@ async def test_the_same_seed_replays_the_same_run(store):
 
 async def test_never_done_is_stopped_by_the_iteration_cap(store):
     model = SupportDeskSimulator(mode="never_done", speed=0)
-    agent = lw.Agent(model, tools=TOOLS, store=store, limits=lw.Limits(max_iterations=5, final_answer_on_limit=False))
+    agent = lw.Agent(model, tools=TOOLS, store=store, limits=lw.Limits(max_iterations=5, final_answer_on_limit=False),
+                     runaway=lw.RunawayDetector(enabled=False))
     result = await agent.run(TASK)
     assert result.stop_reason == "max_iterations"
     assert result.output is None

@@ -11,6 +11,8 @@ from ._breaker import CircuitBreaker as CircuitBreaker
 from ._budget import Budget as Budget
 from ._budget import BudgetExceeded as BudgetExceeded
 from ._breaker import CircuitOpenError as CircuitOpenError
+from ._context import FullContext as FullContext
+from ._context import SlidingWindow as SlidingWindow
 from ._errors import LoopwiseError as LoopwiseError
 from ._errors import ModelBehaviorError as ModelBehaviorError
 from ._errors import ModelConnectionError as ModelConnectionError
@@ -24,6 +26,7 @@ from ._limits import Limits as Limits
 from ._messages import Message as Message
 from ._messages import ToolSpec as ToolSpec
 from ._result import RunResult as RunResult
+from ._runaway import RunawayDetector as RunawayDetector
 from ._sqlite import SQLiteStore as SQLiteStore
 from ._store import EventStore as EventStore
 from ._store import MemoryStore as MemoryStore
@@ -44,6 +47,7 @@ __all__ = [
     "CircuitOpenError",
     "Event",
     "EventStore",
+    "FullContext",
     "Limits",
     "LoopwiseError",
     "MemoryStore",
@@ -55,7 +59,9 @@ __all__ = [
     "ModelTimeoutError",
     "RunContext",
     "RunResult",
+    "RunawayDetector",
     "SQLiteStore",
+    "SlidingWindow",
     "Template",
     "Tool",
     "ToolRetry",

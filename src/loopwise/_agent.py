@@ -14,11 +14,13 @@ import anyio
 from ._errors import UserError
 from ._events import Event
 from ._budget import Budget
+from ._context import ContextPolicy, FullContext
 from ._limits import Limits
 from ._prices import price_for, worst_price
 from ._tokens import TokenEstimator, for_model
 from ._messages import Message, ToolSpec
 from ._result import RunResult
+from ._runaway import RunawayDetector
 from ._run import Run
 from ._store import EventStore
 from ._tools import Tool, tool
@@ -31,7 +33,7 @@ __all__ = ["Agent"]
 
 Task = str | Sequence[Message]
 DEFAULT_MAX_TOKENS = 1024
-_NOT_YET = {"context": "context policies (SlidingWindow)", "control": "the control plane", "expectations": "the decision log"}
+_NOT_YET = {"control": "the control plane", "expectations": "the decision log"}
 
 # Run ids being executed in this process: a reused id is refused even before its
 # first events are committed.
@@ -110,6 +112,8 @@ class Agent:
         max_parallel_tools: int | None = None,
         fallback_models: Sequence[Model | str] = (),
         model_policy: ModelPolicy | None = None,
+        context: ContextPolicy | None = None,
+        runaway: RunawayDetector | None = None,
         **unsupported: Any,
     ) -> None:
         if unsupported:
@@ -134,6 +138,20 @@ class Agent:
         elif not isinstance(model_policy, ModelPolicy):
             raise UserError(f"model_policy must be a loopwise.models.ModelPolicy, got {type(model_policy).__name__}")
         self.model_policy = model_policy
+        if context is None:
+            context = FullContext()
+        elif not isinstance(context, ContextPolicy):
+            raise UserError(f"context must be a loopwise.SlidingWindow (or FullContext), got {type(context).__name__}")
+        self.context = context
+        if runaway is None:
+            runaway = RunawayDetector()
+        elif not isinstance(runaway, RunawayDetector):
+            raise UserError(f"runaway must be a loopwise.RunawayDetector, got {type(runaway).__name__}")
+        self.runaway: RunawayDetector | None = runaway if runaway.enabled else None
+        #: Every model a call may reach: the models, then the context's summary model.
+        self.all_models: list[Model] = [*self.models]
+        if context.summary_model is not None and context.summary_model not in self.all_models:
+            self.all_models.append(context.summary_model)
         if instructions is not None and not isinstance(instructions, str):
             raise UserError(f"instructions must be a str, got {type(instructions).__name__}")
         self.instructions = instructions or None
@@ -167,7 +185,6 @@ class Agent:
         self.tool_specs: list[ToolSpec] = [t.spec for t in self.tools]
         self._description: dict[str, Any] | None = None
         self._prices: list[Price | None] | None = None
-        self._worst_price: Price | None = None
         self._estimators: list[TokenEstimator] = []
 
     def _budgets(self, run_id: str, shared: Budget | None) -> tuple[Budget, ...]:
@@ -183,7 +200,7 @@ class Agent:
         if shared is not None:
             budgets.append(shared)
         if any(b.usd is not None for b in budgets):
-            for model, price in zip(self.models, self.prices):
+            for model, price in zip(self.all_models, self.prices):
                 if price is None:
                     raise UserError(
                         f"the price of {model.name} is unknown, so the run's dollar budget cannot be kept: pass "
@@ -194,23 +211,29 @@ class Agent:
 
     @property
     def prices(self) -> list[Price | None]:
-        """Each model's price (`self.models` order), looked up once: the model's own, or genai-prices."""
+        """Each model's price (`self.all_models` order), looked up once: its own, or genai-prices."""
         if self._prices is None:
-            self._prices = [price_for(m) for m in self.models]
+            self._prices = [price_for(m) for m in self.all_models]
         return self._prices
 
-    @property
-    def worst_price(self) -> Price | None:
-        """The highest rates among the models a call may reach: what a reservation assumes."""
-        if self._worst_price is None:
-            self._worst_price = worst_price(self.prices)
-        return self._worst_price
+    def _index(self, model: Model) -> int:
+        return next(i for i, m in enumerate(self.all_models) if m is model)
 
-    def estimator(self, index: int) -> TokenEstimator:
-        """The input-token estimator of `self.models[index]` (kept: it caches and calibrates)."""
+    def price_of(self, model: Model) -> Price | None:
+        return self.prices[self._index(model)]
+
+    def worst_price_of(self, models: Sequence[Model]) -> Price | None:
+        """The highest rates among `models`: what a call that may reach any of them reserves."""
+        if len(models) == 1:
+            return self.price_of(models[0])
+        return worst_price(self.price_of(m) for m in models)
+
+    def estimator(self, model: Model) -> TokenEstimator:
+        """The input-token estimator of `model` (kept: it caches and calibrates)."""
         estimators = self._estimators
+        index = self._index(model)
         while len(estimators) <= index:
-            estimators.append(for_model(self.models[len(estimators)]))
+            estimators.append(for_model(self.all_models[len(estimators)]))
         return estimators[index]
 
     @property
@@ -232,6 +255,8 @@ class Agent:
             "model": self.model.describe(),
             "fallback_models": [m.describe() for m in self.fallback_models],
             "model_policy": self.model_policy.describe(),
+            "context": self.context.describe(),
+            "runaway": None if self.runaway is None else self.runaway.to_dict(),
             "tools": [t.name for t in self.tools],
             "tool_policies": {t.name: t.policy.describe() for t in self.tools},
             "max_parallel_tools": self.max_parallel_tools,

@@ -221,6 +221,8 @@ class ContextPolicy:
     summarize: bool = False
     summary_model: Model | None = None
     summary_max_tokens: int = 300
+    #: Whether the policy may ever drop messages (False: the loop skips REFINE entirely).
+    folds: bool = True
 
     def start(self, *, head: int) -> ContextState:
         """A fresh state for a run whose first `head` transcript messages always stay."""
@@ -383,6 +385,7 @@ class FullContext(ContextPolicy):
     """
 
     __slots__ = ()
+    folds = False
 
     def plan(self, transcript: Sequence[Message], state: ContextState) -> ContextPlan:
         return ContextPlan()

@@ -50,7 +50,9 @@ from ._events import (
     ToolCallFinished,
     ToolCallStarted,
 )
+from ._context import SlidingWindow
 from ._limits import Limits
+from ._runaway import RunawayDetector
 from ._render import format_cost, format_duration, render_run, shorten
 from ._result import RunResult
 from ._store import EventStore, MemoryStore
@@ -344,7 +346,8 @@ def cost_spiral(console: Console, store: EventStore, *, speed: float) -> RunResu
         SupportDeskSimulator(mode="never_done", speed=speed, seed=SEED, price=SPIRAL_PRICE),
         instructions=INSTRUCTIONS,
         tools=demo_tools(speed=speed),
-        limits=Limits(max_iterations=SPIRAL_MAX_ITERATIONS),
+        limits=Limits(max_iterations=SPIRAL_MAX_ITERATIONS, budget_usd=None),
+        runaway=RunawayDetector(enabled=False),
         store=store,
         name="support-spiral",
     )
@@ -384,6 +387,7 @@ def cost_spiral(console: Console, store: EventStore, *, speed: float) -> RunResu
         instructions=INSTRUCTIONS,
         tools=demo_tools(speed=speed),
         limits=Limits(max_iterations=SPIRAL_MAX_ITERATIONS, budget_usd=SPIRAL_BUDGET_USD),
+        runaway=RunawayDetector(enabled=False),
         store=store,
         name="support-spiral-budget",
     )
@@ -399,9 +403,26 @@ def cost_spiral(console: Console, store: EventStore, *, speed: float) -> RunResu
                                  f"of {format_cost(SPIRAL_BUDGET_USD)}", "")))
     if limit is not None:
         console.print(Text("limit  ", style="dim") + Text(limit.detail))
+    console.print()
+    defaults = Agent(
+        SupportDeskSimulator(mode="never_done", speed=speed, seed=SEED, price=SPIRAL_PRICE),
+        instructions=INSTRUCTIONS,
+        tools=demo_tools(speed=speed),
+        context=SlidingWindow(keep_last=2),
+        store=store,
+        name="support-spiral-defaults",
+    )
+    caught = _run(console, defaults, TASK, tags=["cost-spiral", "defaults"], what="the never-done model, defaults")
+    events = store.load(caught.run_id)
+    inputs = [e.usage.input_tokens for e in events if isinstance(e, ModelCallFinished) and e.purpose == "think"]
     console.print(Text(
-        "The sliding context window, which keeps each iteration's input flat, and runaway detection "
-        "arrive in a later version.", style="yellow"))
+        "With loopwise's defaults (runaway detection on) and SlidingWindow(keep_last=2): the model is warned "
+        "when it repeats the same lookups, then stopped.", style=""))
+    console.print(Text.assemble(("stop reason ", "dim"), (caught.stop_reason, "bold yellow"),
+                                (f"   {caught.iterations} iterations   spent {format_cost(caught.cost_usd)}   "
+                                 f"input tokens per THINK {', '.join(f'{n:,}' for n in inputs)}", "")))
+    if caught.reason:
+        console.print(Text("why    ", style="dim") + Text(caught.reason))
     return result
     return result
 
@@ -413,7 +434,6 @@ def _not_yet(console: Console) -> None:
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
     for scenario, what in (
-        ("cost spiral", "the sliding context window and runaway detection"),
         ("debugging", "the decision log: expected vs actual at every step"),
         ("kill switch", "stopping a run mid-flight from another process"),
     ):

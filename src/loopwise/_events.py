@@ -14,6 +14,7 @@ run_started          task, instructions, agent, limits, tags
       tool_attempt_failed, tool_fallback          (retries and fallbacks, as they happen)
       breaker_changed, thread_abandoned           (the runtime's own decisions)
     nudge                                         (a user message the runtime adds)
+    context_folded                                (REFINE summarized or dropped old iterations)
   limit_hit          which limit stopped the run, and why
 run_finished         stop reason, output, totals
 ```
@@ -49,6 +50,7 @@ __all__ = [
     "ToolCallStarted",
     "ToolFallback",
     "BreakerChanged",
+    "ContextFolded",
     "ToolOutcome",
     "dump_events",
     "load_events",
@@ -58,7 +60,7 @@ StopReason = Literal["done", "max_iterations", "budget", "deadline", "killed", "
 STOP_REASONS: tuple[str, ...] = ("done", "max_iterations", "budget", "deadline", "killed", "runaway", "error")
 ToolOutcome = Literal["ok", "fallback", "error", "invalid_arguments", "unknown_tool", "not_executed", "cancelled"]
 BreakerState = Literal["closed", "open", "half_open"]
-ModelCallPurpose = Literal["think", "final_answer"]
+ModelCallPurpose = Literal["think", "final_answer", "summary"]
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -270,6 +272,24 @@ class Nudge:
 
 
 @dataclass(kw_only=True, slots=True)
+class ContextFolded:
+    """REFINE moved iterations out of the context: summarized into the running summary, or dropped."""
+
+    kind: Literal["context_folded"] = "context_folded"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    outcome: Literal["summarized", "dropped"]
+    #: Which iterations (units of the transcript, 0-based) left the context.
+    units: list[int] = field(default_factory=list)
+    n_messages: int = 0
+    #: The running summary after this fold.
+    summary: str | None = None
+    reason: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
 class LimitHit:
     kind: Literal["limit_hit"] = "limit_hit"
     run_id: str
@@ -310,6 +330,7 @@ Event = Union[
     BreakerChanged,
     ThreadAbandoned,
     Nudge,
+    ContextFolded,
     LimitHit,
     RunFinished,
 ]

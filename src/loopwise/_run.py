@@ -27,6 +27,7 @@ from ._breaker import BreakerChange
 from ._budget import Budget, BudgetExceeded, CallReservation, reserve, reserve_call
 from ._events import (
     BreakerChanged,
+    ContextFolded,
     ErrorInfo,
     ModelAttemptFailed,
     Event,
@@ -48,7 +49,7 @@ from ._execute import execute
 from ._messages import Message, ToolCall, Usage
 from ._runvars import CurrentRun, current_run
 from ._tools import RunContext, Tool, ToolArgumentsError
-from .models._base import ModelRequest, ModelResponse
+from .models._base import Model, ModelRequest, ModelResponse
 from .models._resilience import AttemptRecord, call_with_policy
 
 if TYPE_CHECKING:
@@ -64,6 +65,14 @@ _mono = time.perf_counter
 NOT_EXECUTED = "not executed: iteration limit reached"
 FINAL_ANSWER_PROMPT = (
     "You have reached the limit of {limit} iterations, so tools are disabled now. "
+    "Give your best final answer from what you already know."
+)
+RUNAWAY_FINAL_PROMPT = (
+    "You keep repeating yourself without getting closer to an answer, so tools are disabled now. "
+    "Give your best final answer from what you already know."
+)
+LIMIT_FINAL_PROMPT = (
+    "The run has reached its {limit} limit, so tools are disabled now. "
     "Give your best final answer from what you already know."
 )
 EMPTY_RESPONSE_NUDGE = (
@@ -105,11 +114,13 @@ class Run:
         "agent",
         "budgets",
         "call_ids",
+        "context",
         "cost_usd",
         "current",
         "deps",
         "iteration",
         "model_calls",
+        "monitor",
         "output",
         "pending",
         "run_id",
@@ -119,6 +130,7 @@ class Run:
         "started_mono",
         "store",
         "tags",
+        "think_input_tokens",
         "transcript",
         "usage",
     )
@@ -153,6 +165,9 @@ class Run:
         self.transcript: list[Message] = (
             [Message("system", agent.instructions), *task] if agent.instructions else list(task)
         )
+        self.context = agent.context.start(head=len(self.transcript))
+        self.monitor = agent.runaway.start() if agent.runaway is not None else None
+        self.think_input_tokens = 0
         self.current = CurrentRun(run_id)
         self.started_mono = 0.0
         self.started = RunStarted(
@@ -239,6 +254,8 @@ class Run:
         while True:
             self.iteration += 1
             iteration = self.iteration
+            cost_before = self.cost_usd
+            contents: list[str] = []
             self._emit(IterationStarted(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration))
             # THINK
             response = await self._think(iteration, specs, "think")
@@ -263,11 +280,18 @@ class Run:
                     return await self._limit_stop(iteration, "max_iterations",
                                                   f"iteration limit of {max_iterations} reached with tool calls pending")
                 # ACT + OBSERVE
-                await self._act(iteration, calls)
+                contents = await self._act(iteration, calls)
             # CHECK
             if iteration >= max_iterations:
                 return await self._limit_stop(iteration, "max_iterations",
                                               f"iteration limit of {max_iterations} reached without a final answer")
+            if self.monitor is not None:
+                verdict = self.monitor.observe_iteration(calls, contents if calls else [], self.think_input_tokens,
+                                                         self.cost_usd - cost_before)
+                if verdict is not None:
+                    if verdict.action == "stop":
+                        return await self._limit_stop(iteration, "runaway", verdict.message)
+                    self._nudge(iteration, verdict.nudge, f"runaway: {verdict.message}")
 
     def _nudge(self, iteration: int, content: str, reason: str) -> None:
         self.transcript.append(Message("user", content))
@@ -276,8 +300,9 @@ class Run:
     async def _limit_stop(self, iteration: int, limit: StopReason, detail: str) -> _Stop:
         self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, limit=limit, detail=detail))
         if self.agent.limits.final_answer_on_limit:
-            self._nudge(iteration, FINAL_ANSWER_PROMPT.format(limit=self.agent.limits.max_iterations),
-                        "best-effort answer after a limit")
+            prompt = (FINAL_ANSWER_PROMPT.format(limit=self.agent.limits.max_iterations) if limit == "max_iterations"
+                      else RUNAWAY_FINAL_PROMPT if limit == "runaway" else LIMIT_FINAL_PROMPT.format(limit=limit))
+            self._nudge(iteration, prompt, "best-effort answer after a limit")
             try:
                 response = await self._think(iteration, [], "final_answer")
             except _Stop:
@@ -291,26 +316,64 @@ class Run:
     # -- THINK ---------------------------------------------------------------------
 
     async def _think(self, iteration: int, specs: list, purpose: str) -> ModelResponse:
+        """REFINE (fold what leaves the context), then one model call with the context."""
         agent = self.agent
-        model = agent.model
-        request = ModelRequest(messages=list(self.transcript), tools=specs, max_tokens=agent.max_tokens)
+        policy = agent.context
+        if policy.folds:
+            plan = policy.plan(self.transcript, self.context)
+            if plan.fold:
+                await self._fold(iteration, plan.fold, plan.reason)
+            messages = policy.messages(self.transcript, self.context)
+        else:
+            messages = list(self.transcript)
+        request = ModelRequest(messages=messages, tools=specs, max_tokens=agent.max_tokens)
+        response, _ = await self._call_model(iteration, request, purpose, agent.models)
+        return response
+
+    async def _fold(self, iteration: int, units: Any, reason: str | None) -> None:
+        """Fold evicted iterations into the running summary with one small model call."""
+        policy = self.agent.context
+        result = None
+        if policy.summarize:
+            request = policy.summary_request(self.context.summary, units)
+            models = [policy.summary_model] if policy.summary_model is not None else self.agent.models
+            cost_before = self.cost_usd
+            try:
+                response, _ = await self._call_model(iteration, request, "summary", models)
+            except _Stop as stop:  # no budget for it, or it failed: drop the units instead
+                result = policy.apply_drop(self.context, units, f"summary call not made or failed: {stop.detail}")
+            else:
+                result = policy.apply_summary(self.context, response.text, units,
+                                              cost_usd=self.cost_usd - cost_before, reason=reason)
+        else:
+            result = policy.apply_drop(self.context, units, reason)
+        self._emit(ContextFolded(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
+                                 outcome=result.outcome, units=list(result.units), n_messages=result.n_messages,
+                                 summary=result.summary, reason=result.reason or ""))
+
+    async def _call_model(self, iteration: int, request: ModelRequest, purpose: str,
+                          models: list[Model]) -> tuple[ModelResponse, Model]:
+        """One model call under the budgets and the model policy, written to the log."""
+        agent = self.agent
+        model = models[0]
         held: CallReservation | None = None
         estimate = None
         if self.budgets:
             # Reserve the call's worst case on every budget before making it: the input
             # (an upper bound, for the costliest model that may answer) and max_tokens,
             # capped to what the budgets can still pay for. No fit, no call.
-            estimate = max(agent.estimator(i).estimate(request) for i in range(len(agent.models)))
+            estimate = max(agent.estimator(m).estimate(request) for m in models)
             try:
-                held = reserve_call(self.budgets, input_tokens=int(estimate), price=agent.worst_price,
-                                    max_tokens=agent.max_tokens)
+                held = reserve_call(self.budgets, input_tokens=int(estimate), price=agent.worst_price_of(models),
+                                    max_tokens=request.max_tokens)
             except BudgetExceeded as exc:
                 if purpose == "think":
                     self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
                                         limit="budget", detail=str(exc)))
                 raise _Stop("budget", str(exc)) from None
             if held.max_tokens != request.max_tokens:
-                request = ModelRequest(messages=request.messages, tools=specs, max_tokens=held.max_tokens)
+                request = ModelRequest(messages=request.messages, tools=request.tools, max_tokens=held.max_tokens)
+        specs = request.tools
         self.model_calls += 1
         self.current.model_calls = self.model_calls
         self._emit(
@@ -340,7 +403,7 @@ class Run:
         started = _mono()
         try:
             response, model = await call_with_policy(
-                agent.models, request, agent.model_policy,
+                models, request, agent.model_policy,
                 on_attempt=_ModelAttemptReporter(self, iteration, purpose), check=self._check_response,
                 report_ok=False,
             )
@@ -369,8 +432,7 @@ class Run:
             )
             raise _Stop("error", f"model call failed: {error.type}: {error.message}", error)  # type: ignore[union-attr]
         usage, estimated = self._usage_of(request, response)
-        index = next(i for i, m in enumerate(agent.models) if m is model)
-        price = agent.prices[index]
+        price = agent.price_of(model)
         cost = price.cost(usage) if price is not None else 0.0
         self.usage.add(usage)
         self.cost_usd += cost
@@ -381,7 +443,7 @@ class Run:
                 overrun_usd = overrun.actual_usd - overrun.reserved_usd
                 _log.error("run %s: %s billed more than its reservation: %s", self.run_id, model.name, overrun)
             if not estimated:
-                low_by = agent.estimator(index).observe(int(estimate), usage.input_tokens)  # type: ignore[arg-type]
+                low_by = agent.estimator(model).observe(int(estimate), usage.input_tokens)  # type: ignore[arg-type]
                 if low_by > 0:
                     _log.error("run %s: the input estimate for %s was %d tokens low; later reservations "
                                "are widened", self.run_id, model.name, low_by)
@@ -403,7 +465,9 @@ class Run:
                 overrun_usd=overrun_usd,
             )
         )
-        return response
+        if purpose == "think":
+            self.think_input_tokens = usage.input_tokens
+        return response, model
 
     @staticmethod
     def _check_response(response: Any) -> None:
@@ -476,7 +540,7 @@ class Run:
                                     content=content, latency_s=latency, error=error,  # type: ignore[arg-type]
                                     attempts=attempts, fallback=fallback, cost_usd=cost_usd))
 
-    async def _act(self, iteration: int, calls: list[ToolCall]) -> None:
+    async def _act(self, iteration: int, calls: list[ToolCall]) -> list[str]:
         tools = self.agent.tools_by_name
         contents: list[str] = [""] * len(calls)
         runnable: list[tuple[int, ToolCall, Tool, dict[str, Any]]] = []
@@ -517,6 +581,7 @@ class Run:
                     await self._call_tool(iteration, contents, *runnable[0])
         for call, content in zip(calls, contents):
             self.transcript.append(Message("tool", content, tool_call_id=call.id))
+        return contents
 
     async def _call_tool(self, iteration: int, contents: list[str], index: int, call: ToolCall,
                          tool: Tool, kwargs: dict[str, Any], limiter: anyio.CapacityLimiter | None = None) -> None:
