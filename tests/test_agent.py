@@ -57,7 +57,7 @@ def test_plain_functions_become_tools():
         ({"final_answer_on_limit": "yes"}, "must be True or False"),
         ({"budget_usd": -1}, r"budget_usd=-1\) must be a number of dollars >= 0"),
         ({"budget_tokens": 0}, r"budget_tokens=0\) must be an int >= 1"),
-        ({"deadline_s": 30}, "is not implemented"),
+        ({"deadline_s": 0}, r"deadline_s=0\) must be a number of seconds > 0"),
         ({"max_iters": 3}, "unknown option"),
     ],
 )
@@ -69,7 +69,7 @@ def test_bad_limits(kwargs, message):
 def test_limits_defaults():
     assert lw.Limits() == lw.Limits(max_iterations=8, budget_usd=0.50, final_answer_on_limit=True)
     assert repr(lw.Limits()) == (
-        "Limits(max_iterations=8, budget_usd=0.5, budget_tokens=None, final_answer_on_limit=True)"
+        "Limits(max_iterations=8, budget_usd=0.5, budget_tokens=None, deadline_s=None, final_answer_on_limit=True)"
     )
 
 

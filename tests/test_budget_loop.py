@@ -148,3 +148,42 @@ def test_token_budget():
     result = agent.run_sync("go")
     assert result.stop_reason == "budget"
     assert result.usage.input_tokens + result.usage.output_tokens <= 5_000
+
+
+def test_the_deadline_stops_a_run_that_would_not_fit_another_iteration():
+    import time
+
+    async def slow(request: ModelRequest) -> ModelResponse:
+        await asyncio.sleep(0.15)
+        if not request.tools:
+            return ModelResponse(text="best effort in time", usage=Usage(10, 5))
+        return ModelResponse(tool_calls=[ToolCall("fetch", {"n": len(request.messages)})], usage=Usage(10, 5))
+
+    store = lw.MemoryStore()
+    agent = lw.Agent(FunctionModel(slow), tools=[fetch], store=store,
+                     limits=lw.Limits(max_iterations=100, deadline_s=1.0))
+    started = time.monotonic()
+    result = agent.run_sync("go")
+    assert result.stop_reason == "deadline"
+    assert time.monotonic() - started < 5  # generous: the point is "about 1 s, not 100 iterations"
+    assert result.output == "best effort in time"  # it stopped early enough to answer
+    events = store.load(result.run_id)
+    (limit,) = [e for e in events if e.kind == "limit_hit"]
+    assert limit.limit == "deadline" and "left, an iteration has taken" in limit.detail
+    assert_valid_log(events)
+
+
+def test_the_deadline_cancels_what_is_in_flight():
+    @lw.tool(timeout=60)
+    async def hang() -> str:
+        """Hangs for a minute."""
+        await asyncio.sleep(60)
+        return "late"
+
+    store = lw.MemoryStore()
+    model = FunctionModel(lambda r: ModelResponse(tool_calls=[ToolCall("hang", {})]) if r.tools else "never")
+    result = lw.Agent(model, tools=[hang], store=store, limits=lw.Limits(deadline_s=0.5)).run_sync("go")
+    assert result.stop_reason == "deadline" and result.duration_s < 5
+    events = store.load(result.run_id)
+    assert [e.outcome for e in events if e.kind == "tool_call_finished"] == ["cancelled"]
+    assert_valid_log(events)

@@ -116,6 +116,7 @@ class Run:
         "call_ids",
         "context",
         "cost_usd",
+        "deadline",
         "current",
         "deps",
         "iteration",
@@ -168,6 +169,7 @@ class Run:
         self.context = agent.context.start(head=len(self.transcript))
         self.monitor = agent.runaway.start() if agent.runaway is not None else None
         self.think_input_tokens = 0
+        self.deadline: float | None = None
         self.current = CurrentRun(run_id)
         self.started_mono = 0.0
         self.started = RunStarted(
@@ -205,7 +207,7 @@ class Run:
         self.started_mono = _mono()
         try:
             try:
-                stop = await self._loop()
+                stop = await self._loop_until_deadline()
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True), anyio.move_on_after(FINISH_TIMEOUT_S):
                     await self._finish(_Stop("killed", "cancelled by caller"))
@@ -218,6 +220,33 @@ class Run:
             return await self._finish(stop)
         finally:
             current_run.reset(token)
+
+    async def _loop_until_deadline(self) -> _Stop:
+        """The loop, inside the run's deadline: whatever is in flight when it expires is cancelled."""
+        deadline_s = self.agent.limits.deadline_s
+        if deadline_s is None:
+            return await self._loop()
+        self.deadline = anyio.current_time() + deadline_s
+        with anyio.CancelScope(deadline=self.deadline) as scope:
+            return await self._loop()
+        assert scope.cancelled_caught
+        detail = f"deadline of {deadline_s:g} s reached during iteration {self.iteration}"
+        self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=self.iteration,
+                            limit="deadline", detail=detail))
+        return _Stop("deadline", detail)
+
+    def _out_of_time(self, iteration: int) -> str | None:
+        """Why another iteration would not fit before the deadline (from the ones so far), if so."""
+        if self.deadline is None or iteration < 2:
+            return None
+        now = anyio.current_time()
+        per_iteration = (now - (self.deadline - self.agent.limits.deadline_s)) / (iteration - 1)  # type: ignore[operator]
+        left = self.deadline - now
+        # Another iteration, then still time for the best-effort answer (at most another).
+        if left >= 2 * per_iteration:
+            return None
+        return (f"deadline of {self.agent.limits.deadline_s:g} s: {left:.2f} s left, an iteration has "
+                f"taken {per_iteration:.2f} s and the answer needs time too")
 
     async def _finish(self, stop: _Stop) -> RunFinished:
         event = RunFinished(
@@ -252,6 +281,8 @@ class Run:
         max_iterations = agent.limits.max_iterations
         specs = agent.tool_specs
         while True:
+            if (why := self._out_of_time(self.iteration + 1)) is not None:
+                return await self._limit_stop(self.iteration, "deadline", why)
             self.iteration += 1
             iteration = self.iteration
             cost_before = self.cost_usd
