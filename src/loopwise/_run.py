@@ -116,6 +116,7 @@ class Run:
         "call_ids",
         "context",
         "cost_usd",
+        "counts_tokens",
         "deadline",
         "current",
         "deps",
@@ -163,6 +164,8 @@ class Run:
         self.output: str | None = None
         self.call_ids: set[str] = set()
         self.budgets = budgets
+        # A free model under dollar budgets only cannot overspend: no estimate, no reservation.
+        self.counts_tokens = any(b.tokens is not None for b in budgets)
         self.transcript: list[Message] = (
             [Message("system", agent.instructions), *task] if agent.instructions else list(task)
         )
@@ -389,13 +392,15 @@ class Run:
         model = models[0]
         held: CallReservation | None = None
         estimate = None
-        if self.budgets:
+        price = agent.worst_price_of(models) if self.budgets else None
+        if self.budgets and (price is None or price.input_per_mtok or price.output_per_mtok
+                             or self.counts_tokens):
             # Reserve the call's worst case on every budget before making it: the input
             # (an upper bound, for the costliest model that may answer) and max_tokens,
             # capped to what the budgets can still pay for. No fit, no call.
             estimate = max(agent.estimator(m).estimate(request) for m in models)
             try:
-                held = reserve_call(self.budgets, input_tokens=int(estimate), price=agent.worst_price_of(models),
+                held = reserve_call(self.budgets, input_tokens=int(estimate), price=price,
                                     max_tokens=request.max_tokens)
             except BudgetExceeded as exc:
                 if purpose == "think":
