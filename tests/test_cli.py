@@ -503,8 +503,7 @@ def test_python_dash_m_loopwise(db):
 
 def test_the_console_script(db, agent_module, tmp_path):
     script = Path(sysconfig.get_path("scripts")) / "loopwise"
-    if not script.exists():
-        pytest.skip("the loopwise console script is not installed in this environment")
+    assert script.exists(), "the loopwise console script is not installed: run `make test` (pip install -e .)"
     proc = subprocess.run([str(script), "runs", "--db", str(db), "--json"], check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert {r["run_id"] for r in json.loads(proc.stdout)} == {"alpha-1", "alpha-2"}

@@ -36,6 +36,7 @@ without a budget of its own (tests, scripts).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -213,7 +214,7 @@ class SummaryResult:
     start: int
 
 
-class ContextPolicy:
+class ContextPolicy(ABC):
     """The interface the loop drives at REFINE. `FullContext` and `SlidingWindow` implement it."""
 
     __slots__ = ()
@@ -230,9 +231,9 @@ class ContextPolicy:
             raise ValueError(f"head must be an int >= 0, got {head!r}")
         return ContextState(head=head, start=head)
 
+    @abstractmethod
     def plan(self, transcript: Sequence[Message], state: ContextState) -> ContextPlan:
         """Which units must leave the context before the next model call. Pure."""
-        raise NotImplementedError
 
     def messages(self, transcript: Sequence[Message], state: ContextState) -> list[Message]:
         """The messages of the next model request: head, summary or note, verbatim units."""
