@@ -13,9 +13,8 @@ from rich.text import Text
 
 from .._events import event_to_dict
 from .._render import STOP_STYLES, format_cost, format_duration, render_run
-from .._sqlite import SQLiteStore
-from .._store import EventStore
-from ._common import CLIError, DbOption, open_existing_store, stdout_console, write_json
+from ._common import CLIError, DbOption, open_existing_store, resolve_run_id, stdout_console, write_json
+from ._export import export_command
 from ._run import run_command
 
 __all__ = ["app"]
@@ -29,6 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("run")(run_command)
+app.command("export")(export_command)
 
 
 # -- runs ----------------------------------------------------------------------------
@@ -80,28 +80,6 @@ def runs_command(
 
 
 # -- show ----------------------------------------------------------------------------
-
-
-def resolve_run_id(store: EventStore, run_id: str) -> str:
-    """`run_id`, or the one stored run whose id starts with it."""
-    if not run_id:
-        raise CLIError("RUN_ID is empty; `loopwise runs` lists the stored runs")
-    if store.has_run(run_id):
-        return run_id
-    if isinstance(store, SQLiteStore):
-        rows = store._read(
-            "SELECT run_id FROM events WHERE kind = 'run_started' AND substr(run_id, 1, ?) = ? LIMIT 6",
-            (len(run_id), run_id),
-        )
-        matches = [r[0] for r in rows]
-    else:
-        matches = [s.run_id for s in store.list_runs(limit=10_000) if s.run_id.startswith(run_id)]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
-        raise CLIError(f"the run id prefix {run_id!r} matches several runs ({shown}); give more of the id")
-    raise store._unknown(run_id)
 
 
 @app.command("show")

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from .._sqlite import SQLiteStore, default_db_path
+from .._store import EventStore
 
 __all__ = ["CLIError", "DbOption", "open_existing_store", "stderr_console", "stdout_console", "write_json"]
 
@@ -87,3 +88,23 @@ def _check_ours(path: Path) -> None:
         raise CLIError(f"{path} is not a loopwise database (it holds other tables: {', '.join(tables[:5])}); {hint}")
 
 
+def resolve_run_id(store: EventStore, run_id: str) -> str:
+    """`run_id`, or the one stored run whose id starts with it."""
+    if not run_id:
+        raise CLIError("RUN_ID is empty; `loopwise runs` lists the stored runs")
+    if store.has_run(run_id):
+        return run_id
+    if isinstance(store, SQLiteStore):
+        rows = store._read(
+            "SELECT run_id FROM events WHERE kind = 'run_started' AND substr(run_id, 1, ?) = ? LIMIT 6",
+            (len(run_id), run_id),
+        )
+        matches = [r[0] for r in rows]
+    else:
+        matches = [s.run_id for s in store.list_runs(limit=10_000) if s.run_id.startswith(run_id)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise CLIError(f"the run id prefix {run_id!r} matches several runs ({shown}); give more of the id")
+    raise store._unknown(run_id)
