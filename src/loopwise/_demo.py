@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -42,19 +41,13 @@ from rich.text import Text
 
 from ._agent import Agent
 from ._errors import UserError
-from ._events import (
-    Event,
-    LimitHit,
-    ModelCallFinished,
-    RunFinished,
-    ToolCallFinished,
-    ToolCallStarted,
-)
+from ._events import LimitHit, ModelCallFinished
 from ._context import SlidingWindow
 from ._limits import Limits
 from ._runaway import RunawayDetector
 from ._render import format_cost, format_duration, render_run, shorten
 from ._result import RunResult
+from ._profile import Phases, phase_times
 from ._store import EventStore, MemoryStore
 from ._tools import Tool, tool
 from .models._base import Price
@@ -180,55 +173,7 @@ def _history(customer_id: str) -> dict[str, Any]:
             "open_tickets": digits % 2, "last_order": {"id": f"ORD-{1000 + digits}", "status": "delivered"}}
 
 
-# -- reading a run's log ---------------------------------------------------------------
-
-
-@dataclass(kw_only=True, slots=True)
-class Phases:
-    """Where a run's time went, read from its events."""
-
-    model_calls: int
-    tool_calls: int
-    #: Iterations in which tools ran.
-    act_phases: int
-    #: Time in model calls (THINK, and any best-effort answer).
-    think_s: float
-    #: Wall time of the ACT phases: per iteration, first tool start to last tool end.
-    act_s: float
-    #: The tools' own time added up, however it overlapped.
-    tool_s: float
-    #: The run's duration.
-    total_s: float
-
-    @property
-    def overhead_s(self) -> float:
-        """What is neither THINK nor ACT: the runtime's own work (the log, the loop)."""
-        return max(self.total_s - self.think_s - self.act_s, 0.0)
-
-
-def phase_times(events: Sequence[Event]) -> Phases:
-    """Add up a run's THINK and ACT time from `model_call_*` and `tool_call_*` events."""
-    think = tool_time = 0.0
-    model_calls = tool_calls = 0
-    spans: dict[int, list[float]] = {}
-    total = 0.0
-    for event in events:
-        if isinstance(event, ModelCallFinished):
-            model_calls += 1
-            think += event.latency_s
-        elif isinstance(event, ToolCallStarted):
-            span = spans.setdefault(event.iteration, [event.ts, event.ts])
-            span[0] = min(span[0], event.ts)
-        elif isinstance(event, ToolCallFinished):
-            tool_calls += 1
-            tool_time += event.latency_s
-            span = spans.setdefault(event.iteration, [event.ts, event.ts])
-            span[1] = max(span[1], event.ts)
-        elif isinstance(event, RunFinished):
-            total = event.duration_s
-    act = sum(end - start for start, end in spans.values())
-    return Phases(model_calls=model_calls, tool_calls=tool_calls, act_phases=len(spans), think_s=think,
-                  act_s=act, tool_s=tool_time, total_s=total)
+# `Phases` and `phase_times` (where a run's time went) live in `_profile`, imported above.
 
 
 # -- the scenarios -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from .._events import event_to_dict
 from .._render import STOP_STYLES, format_cost, format_duration, render_run
 from ._common import CLIError, DbOption, open_existing_store, resolve_run_id, stdout_console, write_json
 from ._export import export_command
+from ._profile import profile_command
 from ._run import run_command
 
 __all__ = ["app"]
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.command("run")(run_command)
 app.command("export")(export_command)
+app.command("profile")(profile_command)
 
 
 # -- runs ----------------------------------------------------------------------------

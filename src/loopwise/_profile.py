@@ -1,0 +1,472 @@
+"""Latency profiles: where the time of one or many runs went, read from their events only.
+
+`phase_times(events)` adds up one run's THINK, ACT and overhead. `profile(runs)` goes
+further over any number of runs:
+
+- per phase: THINK (model-call latency, one sample per call), ACT (per iteration, wall
+  time from its first tool start to its last tool end) and overhead (per run, its
+  duration minus THINK minus ACT: the loop and its event log);
+- per model and per tool: count, p50, p95 and max latency; per tool also timeouts
+  (attempts that failed with `TimeoutError`), retries (failed attempts followed by
+  another attempt) and fallbacks (calls a fallback answered);
+- per iteration: its critical path (its model-call time plus its slowest tool call)
+  and its wall time; the slowest iterations;
+- the latency trap: runs where consecutive iterations each ran a single tool call,
+  one after another. Whether a call depended on the previous result cannot be read
+  from the log, so this is a hint, not a verdict.
+
+Percentiles interpolate linearly between the closest ranks (numpy's default):
+p50 of 1, 2, 3, 4 is 2.5.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ._events import (
+    Event,
+    IterationStarted,
+    ModelCallFinished,
+    ModelCallStarted,
+    RunFinished,
+    ToolAttemptFailed,
+    ToolCallFinished,
+    ToolCallStarted,
+)
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = [
+    "IterationTime",
+    "LatencyStats",
+    "Phases",
+    "Profile",
+    "SequentialStreak",
+    "ToolStats",
+    "percentile",
+    "phase_times",
+    "profile",
+    "render_profile",
+]
+
+#: How many of the slowest iterations a profile keeps.
+SLOWEST = 5
+
+
+# -- one run's phases ------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class Phases:
+    """Where a run's time went, read from its events."""
+
+    model_calls: int
+    tool_calls: int
+    #: Iterations in which tools ran.
+    act_phases: int
+    #: Time in model calls (THINK, and any best-effort answer).
+    think_s: float
+    #: Wall time of the ACT phases: per iteration, first tool start to last tool end.
+    act_s: float
+    #: The tools' own time added up, however it overlapped.
+    tool_s: float
+    #: The run's duration.
+    total_s: float
+
+    @property
+    def overhead_s(self) -> float:
+        """What is neither THINK nor ACT: the runtime's own work (the log, the loop)."""
+        return max(self.total_s - self.think_s - self.act_s, 0.0)
+
+
+def act_spans(events: Sequence[Event]) -> dict[int, tuple[float, float]]:
+    """Per iteration that ran tools: (first tool start, last tool end), wall-clock seconds."""
+    spans: dict[int, list[float]] = {}
+    for event in events:
+        if isinstance(event, ToolCallStarted):
+            span = spans.setdefault(event.iteration, [event.ts, event.ts])
+            span[0] = min(span[0], event.ts)
+        elif isinstance(event, ToolCallFinished):
+            span = spans.setdefault(event.iteration, [event.ts, event.ts])
+            span[1] = max(span[1], event.ts)
+    return {i: (start, end) for i, (start, end) in spans.items()}
+
+
+def run_duration(events: Sequence[Event]) -> float:
+    """The run's `duration_s`; for a run still going (no `run_finished`), first to last event."""
+    for event in reversed(events):
+        if isinstance(event, RunFinished):
+            return event.duration_s
+    return max(events[-1].ts - events[0].ts, 0.0) if events else 0.0
+
+
+def phase_times(events: Sequence[Event]) -> Phases:
+    """Add up a run's THINK and ACT time from `model_call_*` and `tool_call_*` events."""
+    think = tool_time = 0.0
+    model_calls = tool_calls = 0
+    for event in events:
+        if isinstance(event, ModelCallFinished):
+            model_calls += 1
+            think += event.latency_s
+        elif isinstance(event, ToolCallFinished):
+            tool_calls += 1
+            tool_time += event.latency_s
+    spans = act_spans(events)
+    act = sum(end - start for start, end in spans.values())
+    return Phases(model_calls=model_calls, tool_calls=tool_calls, act_phases=len(spans), think_s=think,
+                  act_s=act, tool_s=tool_time, total_s=run_duration(events))
+
+
+# -- statistics --------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0-100) of `values`, linear between the closest ranks; 0 if empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class LatencyStats:
+    """count, total, p50, p95 and max of a set of durations (seconds)."""
+
+    count: int
+    total_s: float
+    p50_s: float
+    p95_s: float
+    max_s: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> LatencyStats:
+        return cls(count=len(values), total_s=sum(values), p50_s=percentile(values, 50),
+                   p95_s=percentile(values, 95), max_s=max(values, default=0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "total_s": self.total_s, "p50_s": self.p50_s, "p95_s": self.p95_s,
+                "max_s": self.max_s}
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ToolStats:
+    latency: LatencyStats
+    #: Attempts that failed with `TimeoutError`.
+    timeouts: int
+    #: Failed attempts followed by another attempt.
+    retries: int
+    #: Calls a fallback answered.
+    fallbacks: int
+    #: Calls that ended in an error (after retries and fallbacks).
+    errors: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.latency.to_dict(), "timeouts": self.timeouts, "retries": self.retries,
+                "fallbacks": self.fallbacks, "errors": self.errors}
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class IterationTime:
+    """One iteration's timings."""
+
+    run_id: str
+    iteration: int
+    #: Wall time, from its `iteration_started` to the next iteration's (or the run's end).
+    duration_s: float
+    #: Its model calls' latency.
+    think_s: float
+    #: Its ACT phase: first tool start to last tool end (0 without tools).
+    act_s: float
+    #: think + the slowest tool call: the least this iteration could take.
+    critical_path_s: float
+    tool_calls: int
+    #: The slowest tool call's name and latency, when tools ran.
+    slowest_tool: str | None = None
+    slowest_tool_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "iteration": self.iteration, "duration_s": self.duration_s,
+                "think_s": self.think_s, "act_s": self.act_s, "critical_path_s": self.critical_path_s,
+                "tool_calls": self.tool_calls, "slowest_tool": self.slowest_tool,
+                "slowest_tool_s": self.slowest_tool_s}
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class SequentialStreak:
+    """Consecutive iterations of a run that each ran exactly one tool call."""
+
+    run_id: str
+    first_iteration: int
+    last_iteration: int
+    tools: tuple[str, ...]
+    #: The ACT time of these iterations together.
+    act_s: float
+
+    @property
+    def iterations(self) -> int:
+        return self.last_iteration - self.first_iteration + 1
+
+    @property
+    def message(self) -> str:
+        return (f"{self.iterations} iterations each ran a single tool call: if independent, asking for them "
+                "in one response would run them concurrently (the latency trap)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "first_iteration": self.first_iteration,
+                "last_iteration": self.last_iteration, "iterations": self.iterations, "tools": list(self.tools),
+                "act_s": self.act_s, "message": self.message}
+
+
+@dataclass(kw_only=True, slots=True)
+class Profile:
+    """Where the time of some runs went (see the module's docstring)."""
+
+    run_ids: list[str]
+    #: The runs' durations added up.
+    total_s: float
+    #: THINK: one sample per model call.
+    think: LatencyStats
+    #: ACT: one sample per iteration that ran tools.
+    act: LatencyStats
+    #: Overhead: one sample per run.
+    overhead: LatencyStats
+    models: dict[str, LatencyStats]
+    tools: dict[str, ToolStats]
+    iterations: list[IterationTime]
+    sequential: list[SequentialStreak] = field(default_factory=list)
+
+    @property
+    def slowest(self) -> list[IterationTime]:
+        """The slowest iterations, slowest first (at most `SLOWEST`)."""
+        return sorted(self.iterations, key=lambda i: i.duration_s, reverse=True)[:SLOWEST]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runs": len(self.run_ids),
+            "run_ids": list(self.run_ids),
+            "total_s": self.total_s,
+            "phases": {"think": self.think.to_dict(), "act": self.act.to_dict(),
+                       "overhead": self.overhead.to_dict()},
+            "models": {name: s.to_dict() for name, s in self.models.items()},
+            "tools": {name: s.to_dict() for name, s in self.tools.items()},
+            "iterations": [i.to_dict() for i in self.iterations],
+            "slowest_iterations": [i.to_dict() for i in self.slowest],
+            "sequential": [s.to_dict() for s in self.sequential],
+        }
+
+
+# -- profiling ---------------------------------------------------------------------------
+
+
+def _iteration_times(events: Sequence[Event]) -> list[IterationTime]:
+    if not events:
+        return []
+    run_id = events[0].run_id
+    starts: dict[int, float] = {}
+    think: dict[int, float] = {}
+    tools: dict[int, list[tuple[str, float]]] = {}
+    for event in events:
+        if isinstance(event, IterationStarted):
+            starts.setdefault(event.iteration, event.ts)
+        elif isinstance(event, ModelCallFinished):
+            think[event.iteration] = think.get(event.iteration, 0.0) + event.latency_s
+        elif isinstance(event, ToolCallFinished):
+            tools.setdefault(event.iteration, []).append((event.name, event.latency_s))
+    end = next((e.ts for e in reversed(events) if isinstance(e, RunFinished)), events[-1].ts)
+    spans = act_spans(events)
+    order = sorted(starts)
+    out = []
+    for n, iteration in enumerate(order):
+        stop = starts[order[n + 1]] if n + 1 < len(order) else end
+        calls = tools.get(iteration, [])
+        slowest = max(calls, key=lambda c: c[1], default=None)
+        span = spans.get(iteration)
+        t = think.get(iteration, 0.0)
+        out.append(IterationTime(
+            run_id=run_id, iteration=iteration, duration_s=max(stop - starts[iteration], 0.0), think_s=t,
+            act_s=span[1] - span[0] if span else 0.0, critical_path_s=t + (slowest[1] if slowest else 0.0),
+            tool_calls=len(calls), slowest_tool=slowest[0] if slowest else None,
+            slowest_tool_s=slowest[1] if slowest else 0.0,
+        ))
+    return out
+
+
+def _sequential_streaks(events: Sequence[Event], iterations: list[IterationTime]) -> list[SequentialStreak]:
+    """Runs of >= 2 consecutive iterations that each ran exactly one tool call."""
+    if not events:
+        return []
+    run_id = events[0].run_id
+    names: dict[int, str] = {}
+    for event in events:
+        if isinstance(event, ToolCallStarted):
+            names[event.iteration] = event.name
+    streaks: list[SequentialStreak] = []
+    current: list[IterationTime] = []
+
+    def close() -> None:
+        if len(current) >= 2:
+            streaks.append(SequentialStreak(
+                run_id=run_id, first_iteration=current[0].iteration, last_iteration=current[-1].iteration,
+                tools=tuple(names.get(i.iteration, "?") for i in current), act_s=sum(i.act_s for i in current)))
+        current.clear()
+
+    for it in iterations:
+        if it.tool_calls == 1 and (not current or it.iteration == current[-1].iteration + 1):
+            current.append(it)
+            continue
+        close()
+        if it.tool_calls == 1:
+            current.append(it)
+    close()
+    return streaks
+
+
+def profile(runs: Sequence[Sequence[Event]]) -> Profile:
+    """The latency profile of `runs` (each a run's events, in order), from the events alone."""
+    think: list[float] = []
+    act: list[float] = []
+    overhead: list[float] = []
+    total = 0.0
+    model_latency: dict[str, list[float]] = {}
+    tool_latency: dict[str, list[float]] = {}
+    tool_counts: dict[str, dict[str, int]] = {}
+    iterations: list[IterationTime] = []
+    sequential: list[SequentialStreak] = []
+    run_ids: list[str] = []
+
+    def counts(name: str) -> dict[str, int]:
+        return tool_counts.setdefault(name, {"timeouts": 0, "retries": 0, "fallbacks": 0, "errors": 0})
+
+    for events in runs:
+        if not events:
+            continue
+        run_ids.append(events[0].run_id)
+        phases = phase_times(events)
+        total += phases.total_s
+        overhead.append(phases.overhead_s)
+        act.extend(end - start for start, end in act_spans(events).values())
+        started_model: dict[tuple[int, str], str] = {}
+        for event in events:
+            if isinstance(event, ModelCallStarted):
+                started_model[(event.iteration, event.purpose)] = event.model
+            elif isinstance(event, ModelCallFinished):
+                think.append(event.latency_s)
+                name = event.model or started_model.get((event.iteration, event.purpose), "?")
+                model_latency.setdefault(name, []).append(event.latency_s)
+            elif isinstance(event, ToolCallFinished):
+                tool_latency.setdefault(event.name, []).append(event.latency_s)
+                c = counts(event.name)
+                if event.outcome == "fallback":
+                    c["fallbacks"] += 1
+                elif event.outcome != "ok":
+                    c["errors"] += 1
+            elif isinstance(event, ToolAttemptFailed):
+                c = counts(event.name)
+                if event.error.type == "TimeoutError":
+                    c["timeouts"] += 1
+                if event.retry_in_s is not None:
+                    c["retries"] += 1
+        its = _iteration_times(events)
+        iterations.extend(its)
+        sequential.extend(_sequential_streaks(events, its))
+
+    tools = {}
+    for name in sorted(set(tool_latency) | set(tool_counts)):
+        c = counts(name)
+        tools[name] = ToolStats(latency=LatencyStats.of(tool_latency.get(name, [])), **c)
+    return Profile(
+        run_ids=run_ids, total_s=total, think=LatencyStats.of(think), act=LatencyStats.of(act),
+        overhead=LatencyStats.of(overhead),
+        models={name: LatencyStats.of(v) for name, v in sorted(model_latency.items())},
+        tools=tools, iterations=iterations, sequential=sequential,
+    )
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+
+def render_profile(prof: Profile, console: Console) -> None:
+    """The profile on one screen: phases, models, tools, slowest iterations, the latency trap."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from ._render import format_duration as fd
+
+    n = len(prof.run_ids)
+    console.print(Text.assemble(("latency profile", "bold"),
+                                (f"  {n} run{'s' if n != 1 else ''}, {fd(prof.total_s)} in all, "
+                                 f"{len(prof.iterations)} iterations", "dim")))
+    if not n:
+        return
+
+    def stats_table(title: str, first: str) -> Table:
+        table = Table(title=title, title_justify="left", title_style="bold", box=None, header_style="bold",
+                      pad_edge=False)
+        table.add_column(first, no_wrap=True)
+        for col in ("count", "p50", "p95", "max", "total"):
+            table.add_column(col, justify="right", no_wrap=True)
+        return table
+
+    def cells(s: LatencyStats) -> list[str]:
+        return [str(s.count), fd(s.p50_s), fd(s.p95_s), fd(s.max_s), fd(s.total_s)]
+
+    phases = stats_table("where the time goes", "phase")
+    phases.add_column("share", justify="right", no_wrap=True)
+    for label, s in (("THINK", prof.think), ("ACT", prof.act), ("overhead", prof.overhead)):
+        share = f"{100 * s.total_s / prof.total_s:.0f}%" if prof.total_s > 0 else "-"
+        phases.add_row(label, *cells(s), share)
+    console.print()
+    console.print(phases)
+    console.print(Text("THINK: per model call. ACT: per iteration, first tool start to last tool end. "
+                       "Overhead: per run, the rest.", style="dim"))
+
+    if prof.models:
+        models = stats_table("models", "model")
+        for name, s in prof.models.items():
+            models.add_row(Text(name, style="cyan"), *cells(s))
+        console.print()
+        console.print(models)
+
+    if prof.tools:
+        tools = stats_table("tools", "tool")
+        for col in ("timeouts", "retries", "fallbacks", "errors"):
+            tools.add_column(col, justify="right", no_wrap=True)
+        for name, t in prof.tools.items():
+            extra = [Text(str(v), style="yellow" if v else "dim")
+                     for v in (t.timeouts, t.retries, t.fallbacks, t.errors)]
+            tools.add_row(Text(name, style="cyan"), *cells(t.latency), *extra)
+        console.print()
+        console.print(tools)
+
+    slowest = prof.slowest
+    if slowest:
+        table = Table(title="slowest iterations", title_justify="left", title_style="bold", box=None,
+                      header_style="bold", pad_edge=False)
+        table.add_column("run id", no_wrap=True, style="cyan")
+        for col in ("iter", "duration", "THINK", "ACT", "critical path"):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.add_column("slowest tool", no_wrap=True)
+        for it in slowest:
+            tool = f"{it.slowest_tool} {fd(it.slowest_tool_s)}" if it.slowest_tool else "-"
+            table.add_row(it.run_id, str(it.iteration), fd(it.duration_s), fd(it.think_s), fd(it.act_s),
+                          fd(it.critical_path_s), tool)
+        console.print()
+        console.print(table)
+        console.print(Text("critical path: the iteration's THINK plus its slowest tool call.", style="dim"))
+
+    if prof.sequential:
+        console.print()
+        console.print(Text("one tool per iteration", style="bold yellow"))
+        for s in prof.sequential[:5]:
+            console.print(Text.assemble(
+                (s.run_id, "cyan"), (f" iterations {s.first_iteration}-{s.last_iteration} ", ""),
+                (f"({', '.join(s.tools)}): ", "dim"), (s.message, "")))
+        if len(prof.sequential) > 5:
+            console.print(Text(f"... and {len(prof.sequential) - 5} more", style="dim"))
