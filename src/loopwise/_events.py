@@ -53,7 +53,6 @@ __all__ = [
     "ContextFolded",
     "ToolOutcome",
     "dump_events",
-    "load_events",
 ]
 
 StopReason = Literal["done", "max_iterations", "budget", "deadline", "killed", "runaway", "error"]
@@ -337,13 +336,6 @@ Event = Union[
 
 
 @cache
-def _adapter() -> TypeAdapter[list[Event]]:
-    from pydantic import Field, TypeAdapter
-
-    return TypeAdapter(list[Annotated[Event, Field(discriminator="kind")]])
-
-
-@cache
 def _one_adapter() -> TypeAdapter[Event]:
     from pydantic import Field, TypeAdapter
 
@@ -386,11 +378,6 @@ def dump_event(event: Event) -> bytes:
 def load_event(data: str | bytes) -> Event:
     """One event from its JSON form; raises pydantic's ValidationError if it is not one."""
     return _one_adapter().validate_json(data)
-
-
-def load_events(rows: list[str | bytes]) -> list[Event]:
-    load = _one_adapter().validate_json
-    return [load(r) for r in rows]
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:

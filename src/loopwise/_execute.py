@@ -40,7 +40,7 @@ class CallEvents(Protocol):
 
     def attempt_failed(self, tool: str, attempt: int, error: ErrorInfo, latency_s: float,
                        retry_in_s: float | None) -> None: ...
-    def fallback_tried(self, tool: str, fallback: str, ok: bool, reason: str, error: ErrorInfo | None) -> None: ...
+    def fallback_tried(self, tool: str, fallback: str, ok: bool, reason: str) -> None: ...
     def breaker_changed(self, change: BreakerChange) -> None: ...
     def thread_abandoned(self, tool: str, thread: str) -> None: ...
 
@@ -182,7 +182,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext, events: C
         remaining = None if total is None else total - (_mono() - started)
         answered, content, step_cost, why = await _try_fallback(step, kwargs, ctx, events, remaining, depth)
         cost += step_cost
-        events.fallback_tried(name, step.label, answered, reason if answered else why, None)
+        events.fallback_tried(name, step.label, answered, reason if answered else why)
         if answered:
             content = _truncate(f"{redact(reason)}; answered from {step.label}: {content}", policy.max_result_chars)
             return CallOutcome("fallback", content, attempts, fallback=step.label, error=failure.error,

@@ -24,6 +24,7 @@ import anyio
 
 from ._errors import ModelBehaviorError
 from ._breaker import BreakerChange
+from ._context import estimate_tokens
 from ._budget import Budget, BudgetExceeded, CallReservation, reserve, reserve_call
 from ._events import (
     BreakerChanged,
@@ -85,17 +86,6 @@ LENGTH_NUDGE = (
 )
 # How long a stopping run may take to write its last events when shielded from cancellation.
 FINISH_TIMEOUT_S = 5.0
-
-
-def _estimate_tokens(text: object) -> int:
-    """A rough token count (UTF-8 bytes / 4) for usage a provider did not report."""
-    if not text:
-        return 0
-    return max(1, len((text if isinstance(text, str) else str(text)).encode()) // 4)
-
-
-def _args_text(arguments: Any) -> str:
-    return arguments if isinstance(arguments, str) else str(arguments)
 
 
 class _Stop(Exception):
@@ -526,14 +516,8 @@ class Run:
             if all(type(v) is int and v >= 0 for v in values):
                 return usage, False
         # Missing or nonsensical usage: estimate from the text, and say so in the log.
-        input_tokens = sum(
-            4 + _estimate_tokens(m.content)
-            + sum(_estimate_tokens(c.name) + _estimate_tokens(_args_text(c.arguments)) for c in m.tool_calls)
-            for m in request.messages
-        )
-        output_tokens = _estimate_tokens(response.text) + sum(
-            _estimate_tokens(c.name) + _estimate_tokens(_args_text(c.arguments)) for c in response.tool_calls
-        )
+        input_tokens = sum(estimate_tokens(m) for m in request.messages)
+        output_tokens = max(1, estimate_tokens(Message("assistant", response.text, tuple(response.tool_calls))) - 4)
         return Usage(input_tokens, output_tokens), True
 
     # -- ACT + OBSERVE -------------------------------------------------------------
@@ -674,7 +658,7 @@ class _CallReporter:
                                     call_id=self.call_id, name=tool, attempt=attempt, error=error,
                                     latency_s=latency_s, retry_in_s=retry_in_s))
 
-    def fallback_tried(self, tool: str, fallback: str, ok: bool, reason: str, error: ErrorInfo | None) -> None:
+    def fallback_tried(self, tool: str, fallback: str, ok: bool, reason: str) -> None:
         run = self.run
         run._emit(ToolFallback(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
                                call_id=self.call_id, name=tool, fallback=fallback, ok=ok, reason=reason))
