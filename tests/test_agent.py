@@ -22,7 +22,7 @@ def agent(**kw):
         ({"tools": "lookup"}, "tools must be a list"),
         ({"context": object()}, r"context must be a loopwise.SlidingWindow"),
         ({"runaway": True}, r"runaway must be a loopwise.RunawayDetector"),
-        ({"control": object()}, r"control \(the control plane"),
+        ({"control": object()}, r"control must be a redis:// URL"),
         ({"colour": "red"}, "unknown option"),
         ({"instructions": 3}, "instructions must be a str"),
     ],

@@ -12,9 +12,11 @@ from typing import Any
 import anyio
 
 from ._errors import UserError
-from ._events import Event
+from ._events import Event, RunResumed, RunStarted
 from ._budget import Budget
 from ._context import ContextPolicy, FullContext
+from ._control import ControlPlane, LiveRun, control_for, requester
+from ._resume import check_resumable, restore
 from ._limits import Limits
 from ._prices import price_for, worst_price
 from ._tokens import TokenEstimator, for_model
@@ -33,7 +35,7 @@ __all__ = ["Agent"]
 
 Task = str | Sequence[Message]
 DEFAULT_MAX_TOKENS = 1024
-_NOT_YET = {"control": "the control plane", "expectations": "the decision log"}
+_NOT_YET = {"expectations": "the decision log"}
 
 # Run ids being executed in this process: a reused id is refused even before its
 # first events are committed.
@@ -96,6 +98,9 @@ class Agent:
         model_policy: Timeout per attempt, retries and backoff of every model call
             (default: `ModelPolicy()`: 60 s, 2 retries on 408/409/429/5xx, timeouts and
             connection errors, honouring Retry-After).
+        control: Where kill requests reach this agent's runs: a ``redis://`` URL, or
+            a control plane (default: ``$LOOPWISE_REDIS_URL`` if set, else the store's
+            own: the SQLite database, or this process for a `MemoryStore`).
     """
 
     def __init__(
@@ -114,6 +119,7 @@ class Agent:
         model_policy: ModelPolicy | None = None,
         context: ContextPolicy | None = None,
         runaway: RunawayDetector | None = None,
+        control: ControlPlane | str | None = None,
         **unsupported: Any,
     ) -> None:
         if unsupported:
@@ -166,6 +172,10 @@ class Agent:
                 f"got {type(store).__name__}"
             )
         self._store = store
+        if control is not None and not isinstance(control, (str, ControlPlane)):
+            raise UserError(f"control must be a redis:// URL (or a control plane), got {type(control).__name__}")
+        self._control = control
+        self._control_plane: ControlPlane | None = None
         if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
             raise UserError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
         self.max_tokens = max_tokens
@@ -237,6 +247,13 @@ class Agent:
         return estimators[index]
 
     @property
+    def control(self) -> ControlPlane:
+        """Where kills reach this agent's runs: `control`, `$LOOPWISE_REDIS_URL`, or the store's own."""
+        if self._control_plane is None:
+            self._control_plane = control_for(self.store, self._control)
+        return self._control_plane
+
+    @property
     def store(self) -> EventStore:
         """The event store runs are written to."""
         if self._store is None:
@@ -297,9 +314,12 @@ class Agent:
         # A tool that blocks the event loop cannot be timed out; the watchdog says so.
         start_watchdog()
         _active_run_ids.add(run.run_id)
+        control = self.control
+        control.attach(LiveRun(run.run_id, run.tags, run.kill, asyncio.get_running_loop(), since=run.since))
         try:
             finished = await run.execute()
         finally:
+            control.detach(run.run_id)
             _active_run_ids.discard(run.run_id)
         return RunResult.from_events([run.started, finished])
 
@@ -323,6 +343,75 @@ class Agent:
         else:
             raise UserError("run_sync() was called inside a running event loop; use `await agent.run(...)` there")
         return asyncio.run(self.run(task, run_id=run_id, tags=tags, deps=deps, budget=budget))
+
+    async def resume(self, run_id: str, *, deps: Any = None, budget: Budget | None = None) -> RunResult:
+        """Continue a crashed, killed or interrupted run from its log, as a new segment of it.
+
+        Completed steps are not done again: their results come from the log. A tool
+        call in flight when the run stopped runs again only if its tool is
+        ``idempotent=True`` (same call id); otherwise the model is told its outcome is
+        unknown. Cost, iterations and limits continue from where they were, and the
+        deadline counts active time only.
+
+        Raises:
+            UserError: no such run; it completed (stop reason ``done``, or a limit); or
+                another live process is executing it (it holds the run's lease).
+        """
+        return await self._execute(self._prepare_resume(run_id, deps, budget))
+
+    def resume_sync(self, run_id: str, *, deps: Any = None, budget: Budget | None = None) -> RunResult:
+        """`resume`, for code without an event loop."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise UserError("resume_sync() was called inside a running event loop; use `await agent.resume(...)` there")
+        return asyncio.run(self.resume(run_id, deps=deps, budget=budget))
+
+    def _prepare_resume(self, run_id: str, deps: Any, budget: Budget | None) -> Run:
+        if not isinstance(run_id, str) or not run_id:
+            raise UserError(f"run_id must be a non-empty str, got {run_id!r}")
+        if budget is not None and not isinstance(budget, Budget):
+            raise UserError(f"budget must be a loopwise.Budget, got {type(budget).__name__}")
+        if run_id in _active_run_ids:
+            raise UserError(f"run {run_id} is being executed in this process; it cannot be resumed until it stops")
+        store = self.store
+        if not store.has_run(run_id):
+            raise UserError(f"no run with id {run_id!r} in {store.describe()}; `loopwise runs` lists the runs there")
+        check_resumable(run_id, store.load(run_id))  # a clear error before taking the lease
+        control = self.control
+        events = store.load(run_id)
+        started = events[0]
+        assert isinstance(started, RunStarted)
+        since = time.time()
+        control.acquire(run_id, started.tags)
+        try:
+            events = store.load(run_id)  # what the last holder of the lease wrote, all of it
+            previous_end = check_resumable(run_id, events)
+            budgets = self._budgets(run_id, budget)
+            limits = self.limits
+            own = budgets[0] if limits.budget_usd is not None or limits.budget_tokens is not None else None
+            run = Run(self, run_id=run_id, task=list(started.task), tags=tuple(started.tags),
+                      deps=self.deps if deps is None else deps, budgets=budgets, store=store)
+            run.pending.clear()  # the log has its run_started
+            run.started = started
+            plan = restore(run, events, own)
+            run.resumption = plan
+            run.active_before = plan.active_s
+            run.since = since
+            run._emit(RunResumed(
+                run_id=run_id, seq=run.seq, ts=time.time(), segment=plan.segment, previous_end=previous_end,
+                iteration=run.iteration, by=requester(),
+                interrupted_calls=[{"call_id": c.id, "name": str(c.name), "action": "rerun" if again else "unknown"}
+                                   for c, again in plan.interrupted],
+                cost_usd=run.cost_usd, charged_usd=plan.carried_usd, charged_tokens=plan.carried_tokens,
+                active_s=plan.active_s,
+            ))
+        except BaseException:
+            control.detach(run_id)
+            raise
+        return run
 
     async def stream(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None,
                      budget: Budget | None = None) -> AsyncIterator[Event]:

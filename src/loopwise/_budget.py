@@ -228,6 +228,12 @@ class Budget:
     def _label(self) -> str:
         return "budget" if self.name is None else f"budget {self.name!r}"
 
+    def _charge(self, usd: float, tokens: int) -> None:
+        """Count spending made elsewhere (earlier segments of a resumed run) as spent, unchecked."""
+        with self._lock:
+            self._spent_p += _to_pico(max(0.0, usd))
+            self._spent_t += max(0, tokens)
+
 
 class Reservation:
     """Money and tokens held on one or more budgets until the call they are for is done.

@@ -36,12 +36,14 @@ __all__ = [
     "ErrorInfo",
     "Event",
     "IterationStarted",
+    "KillReceived",
     "LimitHit",
     "ModelAttemptFailed",
     "ModelCallFinished",
     "ModelCallStarted",
     "Nudge",
     "RunFinished",
+    "RunResumed",
     "RunStarted",
     "StopReason",
     "ThreadAbandoned",
@@ -57,7 +59,8 @@ __all__ = [
 
 StopReason = Literal["done", "max_iterations", "budget", "deadline", "killed", "runaway", "error"]
 STOP_REASONS: tuple[str, ...] = ("done", "max_iterations", "budget", "deadline", "killed", "runaway", "error")
-ToolOutcome = Literal["ok", "fallback", "error", "invalid_arguments", "unknown_tool", "not_executed", "cancelled"]
+ToolOutcome = Literal["ok", "fallback", "error", "invalid_arguments", "unknown_tool", "not_executed", "cancelled",
+                      "unknown"]
 BreakerState = Literal["closed", "open", "half_open"]
 ModelCallPurpose = Literal["think", "final_answer", "summary"]
 
@@ -300,6 +303,50 @@ class LimitHit:
 
 
 @dataclass(kw_only=True, slots=True)
+class KillReceived:
+    """A kill request reached the run: it stops now, cancelling what is in flight."""
+
+    kind: Literal["kill_received"] = "kill_received"
+    run_id: str
+    seq: int
+    ts: float
+    iteration: int
+    #: Who asked: ``user@host pid N``.
+    by: str
+    reason: str
+    #: When the request was stored (wall-clock seconds): `ts - requested_ts` is the halt latency so far.
+    requested_ts: float
+
+
+@dataclass(kw_only=True, slots=True)
+class RunResumed:
+    """A new segment of a run: `agent.resume` continues it from its log after a crash, kill or interruption."""
+
+    kind: Literal["run_resumed"] = "run_resumed"
+    run_id: str
+    seq: int
+    ts: float
+    #: 1 for the first resume, 2 for the next...
+    segment: int
+    #: How the previous segment ended: a stop reason (``killed``, ``error``) or ``crashed`` (no end in the log).
+    previous_end: str
+    #: The iteration the run continues from (the last one started before the resume).
+    iteration: int
+    #: Who resumed it: ``user@host pid N``.
+    by: str
+    #: Tool calls started but without a recorded outcome, and what resume did with each:
+    #: ``{"call_id": ..., "name": ..., "action": "rerun" | "unknown"}``.
+    interrupted_calls: list[dict[str, Any]] = field(default_factory=list)
+    #: Spending carried over from the earlier segments (what the run's budget starts this one with).
+    cost_usd: float = 0.0
+    #: Of that, a model call in flight when the previous segment died, charged at its reservation.
+    charged_usd: float = 0.0
+    charged_tokens: int = 0
+    #: Active time of the earlier segments (what the deadline counts).
+    active_s: float = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
 class RunFinished:
     kind: Literal["run_finished"] = "run_finished"
     run_id: str
@@ -331,6 +378,8 @@ Event = Union[
     Nudge,
     ContextFolded,
     LimitHit,
+    KillReceived,
+    RunResumed,
     RunFinished,
 ]
 

@@ -33,6 +33,7 @@ from ._events import (
     ModelAttemptFailed,
     Event,
     IterationStarted,
+    KillReceived,
     LimitHit,
     ModelCallFinished,
     ModelCallStarted,
@@ -47,6 +48,7 @@ from ._events import (
     ToolFallback,
 )
 from ._execute import execute
+from ._resume import UNKNOWN_OUTCOME
 from ._messages import Message, ToolCall, Usage
 from ._runvars import CurrentRun, current_run
 from ._tools import RunContext, Tool, ToolArgumentsError
@@ -55,6 +57,8 @@ from .models._resilience import AttemptRecord, call_with_policy
 
 if TYPE_CHECKING:
     from ._agent import Agent
+    from ._control import KillRequest
+    from ._resume import Resumption
     from ._store import EventStore
 
 __all__ = ["Run"]
@@ -101,6 +105,7 @@ class Run:
     """The state of one run, and the loop that advances it."""
 
     __slots__ = (
+        "active_before",
         "agent",
         "budgets",
         "call_ids",
@@ -111,12 +116,16 @@ class Run:
         "current",
         "deps",
         "iteration",
+        "kill_scope",
+        "killed",
         "model_calls",
         "monitor",
         "output",
         "pending",
+        "resumption",
         "run_id",
         "seq",
+        "since",
         "sink",
         "started",
         "started_mono",
@@ -165,6 +174,12 @@ class Run:
         self.deadline: float | None = None
         self.current = CurrentRun(run_id)
         self.started_mono = 0.0
+        self.killed: KillRequest | None = None
+        self.kill_scope: anyio.CancelScope | None = None
+        #: Set by `resume`: where this segment picks up, and the active time of the earlier ones.
+        self.resumption: Resumption | None = None
+        self.active_before = 0.0
+        self.since = 0.0
         self.started = RunStarted(
                 run_id=run_id,
                 seq=0,
@@ -200,7 +215,7 @@ class Run:
         self.started_mono = _mono()
         try:
             try:
-                stop = await self._loop_until_deadline()
+                stop = await self._loop_until_killed()
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True), anyio.move_on_after(FINISH_TIMEOUT_S):
                     await self._finish(_Stop("killed", "cancelled by caller"))
@@ -214,12 +229,36 @@ class Run:
         finally:
             current_run.reset(token)
 
+    def kill(self, request: KillRequest) -> None:
+        """A kill request reached the run (called on its event loop): cancel what is in flight, stop.
+
+        The first request wins; one that arrives after the run decided to stop is ignored.
+        """
+        if self.killed is not None:
+            return
+        self.killed = request
+        if self.kill_scope is not None:
+            self.kill_scope.cancel()
+
+    async def _loop_until_killed(self) -> _Stop:
+        """The loop inside the kill scope: a kill cancels the model call and tool calls in flight."""
+        with anyio.CancelScope() as self.kill_scope:
+            if self.killed is None:
+                return await self._loop_until_deadline()
+        self.kill_scope = None
+        request = self.killed
+        assert request is not None
+        self._emit(KillReceived(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=self.iteration,
+                                by=request.by, reason=request.reason, requested_ts=request.ts))
+        return _Stop("killed", f"killed by {request.by}: {request.reason}")
+
     async def _loop_until_deadline(self) -> _Stop:
         """The loop, inside the run's deadline: whatever is in flight when it expires is cancelled."""
         deadline_s = self.agent.limits.deadline_s
         if deadline_s is None:
             return await self._loop()
-        self.deadline = anyio.current_time() + deadline_s
+        # The deadline counts active time: a resumed run has only what its earlier segments left.
+        self.deadline = anyio.current_time() + deadline_s - self.active_before
         with anyio.CancelScope(deadline=self.deadline) as scope:
             return await self._loop()
         assert scope.cancelled_caught
@@ -233,7 +272,8 @@ class Run:
         if self.deadline is None or iteration < 2:
             return None
         now = anyio.current_time()
-        per_iteration = (now - (self.deadline - self.agent.limits.deadline_s)) / (iteration - 1)  # type: ignore[operator]
+        spent = now - (self.deadline - self.agent.limits.deadline_s)  # type: ignore[operator]
+        per_iteration = spent / (iteration - 1)
         left = self.deadline - now
         # Another iteration, then still time for the best-effort answer (at most another).
         if left >= 2 * per_iteration:
@@ -257,7 +297,7 @@ class Run:
                 self.usage.reasoning_tokens,
             ),
             cost_usd=self.cost_usd,
-            duration_s=_mono() - self.started_mono,
+            duration_s=self.active_before + _mono() - self.started_mono,
             reason=stop.detail,
             error=stop.error,
         )
@@ -273,7 +313,15 @@ class Run:
         agent = self.agent
         max_iterations = agent.limits.max_iterations
         specs = agent.tool_specs
+        if self.resumption is not None:
+            plan, self.resumption = self.resumption, None
+            if (stop := await self._resume_step(plan)) is not None:
+                return stop
         while True:
+            if self.killed is not None and self.kill_scope is not None:
+                # The seed's rule: the kill switch is checked between iterations too.
+                self.kill_scope.cancel()
+                await anyio.lowlevel.checkpoint()
             if (why := self._out_of_time(self.iteration + 1)) is not None:
                 return await self._limit_stop(self.iteration, "deadline", why)
             self.iteration += 1
@@ -317,6 +365,49 @@ class Run:
                         return await self._limit_stop(iteration, "runaway", verdict.message)
                     self._nudge(iteration, verdict.nudge, f"runaway: {verdict.message}")
 
+    async def _resume_step(self, plan: Resumption) -> _Stop | None:
+        """Settle what the previous segment left in flight, then CHECK; None: go on with the loop."""
+        max_iterations = self.agent.limits.max_iterations
+        if plan.done:
+            return _Stop("done")
+        if plan.limit is not None:
+            hit = plan.limit
+            if not plan.final_answered and self.agent.limits.final_answer_on_limit:
+                await self._best_effort(hit.iteration, hit.limit)
+            return _Stop(hit.limit, hit.detail)
+        iteration = self.iteration
+        calls: list[ToolCall] = []
+        contents: list[str] = []
+        if plan.act_iteration:
+            iteration = plan.act_iteration
+            calls = plan.act_calls
+            results = dict(plan.act_contents)
+            rerun = [c for c, again in plan.interrupted if again]
+            for call, again in plan.interrupted:
+                if not again:
+                    content = UNKNOWN_OUTCOME.format(name=call.name)
+                    self._tool_finished(iteration, call, "unknown", content, 0.0,
+                                        ErrorInfo(type="OutcomeUnknown", message=content))
+                    results[call.id] = content  # type: ignore[index]
+            if rerun:
+                mark = len(self.transcript)
+                for call, content in zip(rerun, await self._act(iteration, rerun)):
+                    results[call.id] = content  # type: ignore[index]
+                del self.transcript[mark:]  # re-added below, in the model's order
+            contents = [results.get(c.id, "") for c in calls]  # type: ignore[arg-type]
+            for call, content in zip(calls, contents):
+                self.transcript.append(Message("tool", content, tool_call_id=call.id))
+        if iteration >= max_iterations:
+            return await self._limit_stop(iteration, "max_iterations",
+                                          f"iteration limit of {max_iterations} reached without a final answer")
+        if calls and self.monitor is not None:
+            verdict = self.monitor.observe_iteration(calls, contents, self.think_input_tokens, 0.0)
+            if verdict is not None:
+                if verdict.action == "stop":
+                    return await self._limit_stop(iteration, "runaway", verdict.message)
+                self._nudge(iteration, verdict.nudge, f"runaway: {verdict.message}")
+        return None
+
     def _nudge(self, iteration: int, content: str, reason: str) -> None:
         self.transcript.append(Message("user", content))
         self._emit(Nudge(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, content=content, reason=reason))
@@ -327,15 +418,19 @@ class Run:
             prompt = (FINAL_ANSWER_PROMPT.format(limit=self.agent.limits.max_iterations) if limit == "max_iterations"
                       else RUNAWAY_FINAL_PROMPT if limit == "runaway" else LIMIT_FINAL_PROMPT.format(limit=limit))
             self._nudge(iteration, prompt, "best-effort answer after a limit")
-            try:
-                response = await self._think(iteration, [], "final_answer")
-            except _Stop:
-                pass  # the failed call is in the log; the run still stops for the limit
-            else:
-                if response.text and response.text.strip():
-                    self.transcript.append(Message("assistant", response.text))
-                    self.output = response.text
+            await self._best_effort(iteration, limit)
         return _Stop(limit, detail)
+
+    async def _best_effort(self, iteration: int, limit: str) -> None:
+        """The tools-disabled call for a best-effort answer after `limit` (the prompt is in the transcript)."""
+        try:
+            response = await self._think(iteration, [], "final_answer")
+        except _Stop:
+            pass  # the failed call is in the log; the run still stops for the limit
+        else:
+            if response.text and response.text.strip():
+                self.transcript.append(Message("assistant", response.text))
+                self.output = response.text
 
     # -- THINK ---------------------------------------------------------------------
 
