@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
+import json
+import re
 
 import pytest
 from rich.console import Console
 
 import loopwise as lw
 from loopwise import _demo
+from loopwise._decisions import decisions
 from loopwise._events import (
     ModelCallFinished,
     RunFinished,
@@ -49,7 +53,7 @@ def test_the_demo_runs_every_scenario(store):
     assert _demo.main(c, speed=0, store=store) == 0
     text = output(c)
     flat = " ".join(text.split())  # phrases may wrap across lines
-    for words in ("1. Triage", "2. Error recovery", "3. The latency trap", "4. The cost spiral",
+    for words in ("1. Triage", "2. Error recovery", "3. The latency trap", "4. The cost spiral", "5. Debugging",
                   "answers the seed post's", "400 lines of JSON", "one slow DB call", "14-second loading screen",
                   "$47"):
         assert words in text, words
@@ -62,12 +66,15 @@ def test_the_demo_runs_every_scenario(store):
     # The cost spiral: stopped by the cap, with a best-effort answer, and said plainly what is missing.
     assert "max_iterations" in text and "best-effort answer" in flat
     assert "Limits(budget_usd=0.03)" in flat and "runaway" in flat
-    assert "not in this version yet" in flat
+    # The kill switch: a second process ran `loopwise kill`, and the trace says who and why.
+    assert "6. The kill switch" in text and "$ loopwise kill" in flat and "kill sent to 1 run" in flat
+    assert "KILL by " in flat and "stuck on a hung lookup" in flat and "killed 1 iteration" in flat
 
     runs = runs_by_tags(store)
     assert set(runs) == {("demo", "triage"), ("demo", "recovery"), ("demo", "latency", "sequential"),
                          ("demo", "latency", "concurrent"), ("demo", "cost-spiral"),
-                         ("demo", "cost-spiral", "budget"), ("demo", "cost-spiral", "defaults")}
+                         ("demo", "cost-spiral", "budget"), ("demo", "cost-spiral", "defaults"),
+                         ("demo", "debugging")}
     recovery = runs[("demo", "recovery")]
     (history,) = [e for e in recovery if e.kind == "tool_call_finished" and e.name == "get_customer_history"]
     assert (history.outcome, history.fallback) == ("fallback", "get_cached_history")
@@ -76,7 +83,8 @@ def test_the_demo_runs_every_scenario(store):
     assert stops == {("demo", "triage"): "done", ("demo", "recovery"): "done",
                      ("demo", "latency", "sequential"): "done",
                      ("demo", "latency", "concurrent"): "done", ("demo", "cost-spiral"): "max_iterations",
-                     ("demo", "cost-spiral", "budget"): "budget", ("demo", "cost-spiral", "defaults"): "runaway"}
+                     ("demo", "cost-spiral", "budget"): "budget", ("demo", "cost-spiral", "defaults"): "runaway",
+                     ("demo", "debugging"): "done"}
     budgeted = runs[("demo", "cost-spiral", "budget")][-1]
     assert budgeted.cost_usd <= 0.03
     spiral = runs[("demo", "cost-spiral")]
@@ -157,6 +165,50 @@ def test_the_demo_can_log_to_sqlite(tmp_path):
     store = lw.SQLiteStore(tmp_path / "demo.db")
     try:
         assert _demo.main(console(), speed=0, store=store) == 0
-        assert len(store.list_runs()) == 7
+        assert len(store.list_runs()) == 8
     finally:
         store.close()
+
+
+def test_the_debugging_scenario_points_at_the_partial_observe_on_iteration_3(store):
+    c = console()
+    result = _demo.debugging(c, store, speed=0)
+    assert result.stop_reason == "done"
+    events = store.load(result.run_id)
+    log = decisions(events)
+    assert [d.iteration for d in log] == [1, 2, 3, 4, 5, 6]
+    # Iteration 3: the lookup asked for three orders and got two, with no error: the one mismatch.
+    assert [d.iteration for d in log if d.match is False] == [3]
+    (lookup,) = log[2].calls
+    assert lookup.name == "lookup_orders" and lookup.outcome == "ok"
+    assert lookup.arguments == {"order_ids": ["ORD-7", "ORD-8", "ORD-9"]}  # the expectation is not the tool's
+    assert json.loads(lookup.expected) == {"count": 3}
+    assert json.loads(lookup.actual)["count"] == 2
+    # It goes wrong later: iteration 5 refunds two orders' worth, and its own prediction held.
+    (refund,) = log[4].calls
+    assert refund.name == "issue_refund" and refund.match is True
+    assert json.loads(refund.actual)["amount"] == 65.0
+    assert all(d.match is True for d in log[:2] + log[3:5])
+    assert log[5].action_kind == "answer" and "$65.00" in (log[5].answer or "")
+    assert log[5].why == ["run stopped: done"]
+    # Every tool call of the run was "ok": the trace alone shows nothing wrong.
+    assert {e.outcome for e in events if e.kind == "tool_call_finished"} == {"ok"}
+    text = output(c)
+    flat = " ".join(text.split())
+    assert "5. Debugging" in text and "loopwise show RUN_ID --mismatches" in text
+    assert "1 mismatch, first at iteration 3" in flat
+    assert "◀ first mismatch" in text
+    # The mismatch view (after its heading) shows iteration 3 and no other iteration.
+    mismatch_view = text.split("loopwise show RUN_ID --mismatches", 1)[1]
+    assert re.findall(r"^iteration (\d+)", mismatch_view, re.MULTILINE) == ["3"]
+    assert "paid $65.00 of the $95.00 owed" in flat
+
+
+def test_the_kill_switch_scenario_stops_the_run_from_another_process():
+    c = console()
+    result = _demo.kill_switch(c, speed=0)
+    assert result.stop_reason == "killed"
+    # Who: the `loopwise kill` child process, not this one.
+    assert f"pid {os.getpid()}:" not in result.reason
+    assert result.reason.startswith("killed by ") and result.reason.endswith(": stuck on a hung lookup")
+    assert "cancelled" in output(c)

@@ -223,8 +223,7 @@ def test_cli_export_jsonl_to_stdout(db, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--format", "otlp"], "error: otlp export arrives with the OpenTelemetry exporter (loopwise[otel])\n"),
-        (["--format", "csv"], "error: unknown --format 'csv'; choose one of: jsonl, perfetto\n"),
+        (["--format", "csv"], "error: unknown --format 'csv'; choose one of: jsonl, perfetto, otlp\n"),
     ],
 )
 def test_cli_export_refuses_other_formats(db, capsys, args, message):

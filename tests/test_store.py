@@ -46,8 +46,10 @@ def test_a_crashed_process_loses_no_completed_iteration(tmp_path):
     done = [e for e in events if e.kind == "tool_call_finished"]
     assert [e.content for e in done] == ["step 1 done", "step 2 done"]
     assert not any(e.kind == "run_finished" for e in events)
-    # Everything before the third model call was committed before that call started.
-    assert events[-1].kind == "model_call_started" and events[-1].iteration == 3
+    # Everything before the third tool call was committed before that call started
+    # (and everything before each model call before that call started).
+    assert events[-1].kind == "tool_call_started" and events[-1].iteration == 3
+    assert events[-2].kind == "model_call_finished" and events[-2].iteration == 3
     assert [e.seq for e in events] == list(range(len(events)))
 
 

@@ -12,6 +12,10 @@ from ._budget import Budget as Budget
 from ._budget import BudgetExceeded as BudgetExceeded
 from ._breaker import CircuitOpenError as CircuitOpenError
 from ._context import FullContext as FullContext
+from ._control import kill as kill
+from ._decisions import CallDecision as CallDecision
+from ._decisions import Decision as Decision
+from ._decisions import decisions as decisions
 from ._context import SlidingWindow as SlidingWindow
 from ._errors import LoopwiseError as LoopwiseError
 from ._errors import ModelBehaviorError as ModelBehaviorError
@@ -27,6 +31,7 @@ from ._messages import Message as Message
 from ._messages import ToolSpec as ToolSpec
 from ._result import RunResult as RunResult
 from ._runaway import RunawayDetector as RunawayDetector
+from ._signals import install_signal_handlers as install_signal_handlers
 from ._sqlite import SQLiteStore as SQLiteStore
 from ._store import EventStore as EventStore
 from ._store import MemoryStore as MemoryStore
@@ -43,8 +48,10 @@ __all__ = [
     "Backoff",
     "Budget",
     "BudgetExceeded",
+    "CallDecision",
     "CircuitBreaker",
     "CircuitOpenError",
+    "Decision",
     "Event",
     "EventStore",
     "FullContext",
@@ -68,5 +75,8 @@ __all__ = [
     "ToolSpec",
     "UserError",
     "__version__",
+    "decisions",
+    "install_signal_handlers",
+    "kill",
     "tool",
 ]

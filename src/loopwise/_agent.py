@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 
 from ._errors import UserError
+from ._expect import EXPECT_PROMPT, augment_spec
 from ._events import Event, RunResumed, RunStarted
 from ._budget import Budget
 from ._context import ContextPolicy, FullContext
@@ -24,6 +25,7 @@ from ._messages import Message, ToolSpec
 from ._result import RunResult
 from ._runaway import RunawayDetector
 from ._run import Run
+from ._redact import EventRedactor, Redactor
 from ._store import EventStore
 from ._tools import Tool, tool
 from ._watchdog import start_watchdog
@@ -35,7 +37,7 @@ __all__ = ["Agent"]
 
 Task = str | Sequence[Message]
 DEFAULT_MAX_TOKENS = 1024
-_NOT_YET = {"expectations": "the decision log"}
+_NOT_YET: dict[str, str] = {}
 
 # Run ids being executed in this process: a reused id is refused even before its
 # first events are committed.
@@ -101,6 +103,17 @@ class Agent:
         control: Where kill requests reach this agent's runs: a ``redis://`` URL, or
             a control plane (default: ``$LOOPWISE_REDIS_URL`` if set, else the store's
             own: the SQLite database, or this process for a `MemoryStore`).
+        redact: What the event log keeps: a `Redactor`, applied to every event before it
+            is persisted, streamed or logged (the model still sees the real content).
+            Default: `Redactor()`, the built-in secret patterns (API keys, tokens,
+            passwords, private keys). ``None`` means that default too;
+            ``Redactor(secrets=False)`` turns the secret patterns off, and the log records it.
+        expectations: Ask the model, in each tool call, what it expects the call to
+            return, and record whether reality matched (the decision log:
+            ``loopwise show RUN_ID --decisions``). No extra model call: every tool's
+            schema gains a reserved, nullable ``loopwise_expect`` property that the
+            runtime strips before the tool is called, and the instructions say how to
+            fill it. Default False: the loop does no extra work.
     """
 
     def __init__(
@@ -120,6 +133,8 @@ class Agent:
         context: ContextPolicy | None = None,
         runaway: RunawayDetector | None = None,
         control: ControlPlane | str | None = None,
+        redact: Redactor | None = None,
+        expectations: bool = False,
         **unsupported: Any,
     ) -> None:
         if unsupported:
@@ -175,7 +190,15 @@ class Agent:
         if control is not None and not isinstance(control, (str, ControlPlane)):
             raise UserError(f"control must be a redis:// URL (or a control plane), got {type(control).__name__}")
         self._control = control
+        if redact is None:
+            redact = Redactor()
+        elif not isinstance(redact, Redactor):
+            hint = (" (to keep secrets in the log, pass redact=loopwise.Redactor(secrets=False))"
+                    if redact is False else "")
+            raise UserError(f"redact must be a loopwise.Redactor, got {redact!r:.60}{hint}")
+        self.redactor = redact
         self._control_plane: ControlPlane | None = None
+        self._control_store: EventStore | None = None
         if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
             raise UserError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
         self.max_tokens = max_tokens
@@ -192,7 +215,22 @@ class Agent:
             if t.name in self.tools_by_name:
                 raise UserError(f"two tools are named {t.name!r}; give one another name with @tool(name=...)")
             self.tools_by_name[t.name] = t
-        self.tool_specs: list[ToolSpec] = [t.spec for t in self.tools]
+        if type(expectations) is not bool:
+            raise UserError(f"expectations must be True or False, got {expectations!r}")
+        self.expectations = expectations
+        #: What the model is told about the tools (with `loopwise_expect` when expectations are on).
+        self.tool_specs: list[ToolSpec] = (
+            [augment_spec(t.spec) for t in self.tools] if expectations else [t.spec for t in self.tools]
+        )
+        #: The first system message of every run: the instructions, plus how to state expectations.
+        self.system_prompt: str | None = (
+            f"{self.instructions}\n\n{EXPECT_PROMPT}" if expectations and self.instructions
+            else EXPECT_PROMPT if expectations else self.instructions
+        )
+        #: Every event of a run passes through it before the log, the stream and `logging` see it.
+        self.redact_event: EventRedactor | None = self.redactor.for_tools(self.tools)
+        if not self.redact_event.active:
+            self.redact_event = None
         self._description: dict[str, Any] | None = None
         self._prices: list[Price | None] | None = None
         self._estimators: list[TokenEstimator] = []
@@ -249,8 +287,10 @@ class Agent:
     @property
     def control(self) -> ControlPlane:
         """Where kills reach this agent's runs: `control`, `$LOOPWISE_REDIS_URL`, or the store's own."""
-        if self._control_plane is None:
-            self._control_plane = control_for(self.store, self._control)
+        store = self.store
+        if self._control_plane is None or self._control_store is not store:
+            self._control_plane = control_for(store, self._control)
+            self._control_store = store
         return self._control_plane
 
     @property
@@ -278,6 +318,8 @@ class Agent:
             "tool_policies": {t.name: t.policy.describe() for t in self.tools},
             "max_parallel_tools": self.max_parallel_tools,
             "max_tokens": self.max_tokens,
+            "redact": self.redactor.describe(),
+            "expectations": self.expectations,
         }
 
     def __repr__(self) -> str:
@@ -318,9 +360,13 @@ class Agent:
         control.attach(LiveRun(run.run_id, run.tags, run.kill, asyncio.get_running_loop(), since=run.since))
         try:
             finished = await run.execute()
+            if self.redact_event is not None:  # the result is read from the log: redacted as it is
+                finished = self.redact_event(finished)  # type: ignore[assignment]
         finally:
             control.detach(run.run_id)
             _active_run_ids.discard(run.run_id)
+            if self.redact_event is not None:
+                self.redact_event.end_run(run.run_id)
         return RunResult.from_events([run.started, finished])
 
     async def run(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None,

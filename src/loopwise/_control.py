@@ -589,8 +589,9 @@ def kill(
         with _local_lock:
             local = {r.run_id for r in _local_runs.values() if tag is None or tag in r.tags}
         now_live = time.time()
+        me = _owner()
         remote = {lease.run_id for lease in plane.leases().values()
-                  if lease.live(now_live) and (tag is None or tag in lease.tags)}
+                  if lease.live(now_live) and lease.owner != me and (tag is None or tag in lease.tags)}
         targets = sorted(local | remote)
     requests = [KillRequest(t, text, by, now) for t in targets]
     plane.record_kills(requests)
@@ -613,8 +614,8 @@ def run_status(run_id: str, store: EventStore, plane: ControlPlane) -> str:
         if run_id in _local_runs:
             return "running"
     lease = plane.leases([run_id]).get(run_id)
-    if lease is not None and lease.live():
-        return "running"
+    if lease is not None and lease.live() and lease.owner != _owner():
+        return "running"  # (a lease of ours for a run not running here is being released)
     if not store.has_run(run_id):
         if lease is not None:
             return "orphaned"  # a lease without a log: its process died before the first commit

@@ -11,10 +11,12 @@ Everything printed about a run is read back from its event log.
    with where the time goes per phase.
 3. The cost spiral: a model that never says it is done, stopped by the iteration
    cap, with its input tokens per iteration.
+4. Debugging: a refund run whose order lookup partially succeeds on iteration 3 (two
+   of the three orders, no error) and refunds the wrong amount on iteration 5; its
+   decision log, and the mismatch view pointing at iteration 3.
 
-Not shown yet, because this version does not have them: error recovery (per-tool
-timeouts and fallbacks), budgets and the sliding window, the decision log and the
-kill switch; the demo says so at the end.
+5. The kill switch: a run stuck in a hung lookup, stopped from a second process by
+   `loopwise kill RUN_ID --reason ...`; its trace says who stopped it and why.
 
 Environment:
     LOOPWISE_DEMO_SPEED: multiplies every simulated latency, the model's and the
@@ -28,8 +30,12 @@ writes to the current directory.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import sys
+import tempfile
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,13 +45,16 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from ._agent import Agent
+from ._agent import Agent, new_run_id
+from ._sqlite import SQLiteStore
 from ._errors import UserError
-from ._events import LimitHit, ModelCallFinished
+from ._events import LimitHit, ModelCallFinished, ToolCallFinished
 from ._context import SlidingWindow
 from ._limits import Limits
 from ._runaway import RunawayDetector
 from ._render import format_cost, format_duration, render_run, shorten
+from ._decisions import decisions
+from ._render_decisions import render_decisions
 from ._result import RunResult
 from ._profile import Phases, phase_times
 from ._store import EventStore, MemoryStore
@@ -53,7 +62,8 @@ from ._tools import Tool, tool
 from .models._base import Price
 from .models._simulator import SupportDeskSimulator
 
-__all__ = ["Phases", "cost_spiral", "demo_tools", "latency_trap", "main", "phase_times", "triage"]
+__all__ = ["Phases", "cost_spiral", "debugging", "demo_tools", "latency_trap", "main", "phase_times", "refund_tools",
+           "triage"]
 
 SPEED_ENV = "LOOPWISE_DEMO_SPEED"
 SEED = 4821
@@ -76,6 +86,15 @@ HISTORY_TIMEOUT_S = 1.5
 SPIRAL_PRICE = Price(2.50, 10.00)
 SPIRAL_MAX_ITERATIONS = 8
 SPIRAL_BUDGET_USD = 0.03
+REFUND_TASK = (
+    "I was charged for three orders that never arrived: ORD-7, ORD-8 and ORD-9. I want my money "
+    "back, all of it. (customer CUS-4821)"
+)
+#: The debugging scenario's orders: id -> (warehouse, amount in dollars).
+REFUND_ORDERS = {"ORD-7": ("west", 40.00), "ORD-8": ("west", 25.00), "ORD-9": ("east", 30.00)}
+#: The warehouse whose replica lags: its orders are missing from lookups, without an error.
+LAGGING_WAREHOUSE = "east"
+REFUND_LATENCY_S = (0.10, 0.25)
 
 
 # -- the tools -------------------------------------------------------------------------
@@ -162,6 +181,68 @@ def recovery_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
         return _history(customer_id)
 
     return [analyze_sentiment, get_customer_history, generate_reply]
+
+
+def refund_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
+    """The debugging scenario's tools: the triage lookups, a refund policy, an order lookup
+    that partially succeeds, an eligibility check and the refund itself."""
+    analyze_sentiment, get_customer_history, _ = demo_tools(speed=speed, seed=seed)
+    rng = random.Random(seed)
+
+    async def pause() -> None:
+        await anyio.sleep(rng.uniform(*REFUND_LATENCY_S) * speed)
+
+    @tool
+    async def get_refund_policy(reason: str) -> str:
+        """The refund policy that applies to a reason, like "not delivered".
+
+        Args:
+            reason: Why the customer wants a refund.
+        """
+        await pause()
+        if "deliver" in reason.lower() or "arrive" in reason.lower():
+            return "Orders not delivered within 14 days are refunded in full, shipping included."
+        return "Refunds are possible within 30 days of delivery for unused items."
+
+    @tool
+    async def lookup_orders(order_ids: list[str]) -> dict[str, Any]:
+        """Look up orders by id: amount and delivery status.
+
+        Args:
+            order_ids: The orders' ids, like ["ORD-7"].
+        """
+        await pause()
+        # The seed's partial OBSERVE: orders live in two warehouses, and the east one's
+        # replica lags, so its orders are silently missing: a result, not an error.
+        found = [{"id": oid, "amount": REFUND_ORDERS[oid][1], "status": "not delivered"}
+                 for oid in order_ids if oid in REFUND_ORDERS and REFUND_ORDERS[oid][0] != LAGGING_WAREHOUSE]
+        return {"orders": found, "count": len(found)}
+
+    @tool
+    async def check_refund_eligibility(order_ids: list[str]) -> dict[str, Any]:
+        """Which of these orders may be refunded.
+
+        Args:
+            order_ids: The orders' ids.
+        """
+        await pause()
+        return {"eligible": [oid for oid in order_ids if oid in REFUND_ORDERS], "ineligible": []}
+
+    @tool
+    async def issue_refund(customer_id: str, order_ids: list[str], amount: float) -> dict[str, Any]:
+        """Refund an amount to a customer's card for some orders.
+
+        Args:
+            customer_id: The customer's id.
+            order_ids: The orders refunded.
+            amount: Dollars to refund.
+        """
+        await pause()
+        return {"status": "refunded", "refund_id": "RF-20931", "customer_id": customer_id,
+                "order_ids": order_ids, "amount": amount}
+
+    return [analyze_sentiment, get_customer_history, get_refund_policy, lookup_orders, check_refund_eligibility,
+            issue_refund]
 
 
 def _history(customer_id: str) -> dict[str, Any]:
@@ -369,21 +450,125 @@ def cost_spiral(console: Console, store: EventStore, *, speed: float) -> RunResu
     if caught.reason:
         console.print(Text("why    ", style="dim") + Text(caught.reason))
     return result
+
+
+def debugging(console: Console, store: EventStore, *, speed: float) -> RunResult:
+    """Scenario: a partial OBSERVE on iteration 3 goes wrong on iteration 5; the decision log finds it."""
+    _heading(console, 5, "Debugging: the iteration where expectation and reality parted",
+             '"the bug could be on iteration 7 of 12 — and it depends on what happened in iteration 3"')
+    owed = sum(amount for _, amount in REFUND_ORDERS.values())
+    console.print(Text(
+        f"A customer asks for a refund of three orders (${owed:.2f}). The order lookup reads two "
+        f"warehouses; the {LAGGING_WAREHOUSE} one lags, so the lookup returns two of the three orders, "
+        "without an error. The run goes on, every step green, and refunds the wrong amount. With "
+        "Agent(expectations=True) the model writes down, in each tool call it makes anyway, what it expects "
+        "back; loopwise records whether reality matched."))
+    console.print()
+    agent = Agent(SupportDeskSimulator(mode="refund", speed=speed, seed=SEED), instructions=INSTRUCTIONS,
+                  tools=refund_tools(speed=speed), store=store, name="support-refund", expectations=True)
+    result = _run(console, agent, REFUND_TASK, tags=["debugging"], what="the refund")
+    events = store.load(result.run_id)
+    console.print(Text("loopwise show RUN_ID --decisions", style="bold"))
+    render_decisions(events, console)
+    console.print()
+    console.print(Text("loopwise show RUN_ID --mismatches", style="bold"))
+    render_decisions(events, console, mismatches_only=True)
+    refunded = next((e for e in events if isinstance(e, ToolCallFinished) and e.name == "issue_refund"), None)
+    console.print()
+    first = next((d.iteration for d in decisions(events) if d.match is False), None)
+    if refunded is not None and first is not None:
+        console.print(Text.assemble(
+            ("No error anywhere: every tool call in the trace is ok. The refund on iteration ", ""),
+            (str(refunded.iteration), "bold"), (" paid ", ""), (f"${_refund_amount(refunded.content):.2f}", "bold red"),
+            (f" of the ${owed:.2f} owed. The mismatch view points at the cause, iteration ", ""),
+            (str(first), "bold"), (", where lookup_orders returned fewer orders than the model expected.", ""),
+        ))
     return result
 
 
-def _not_yet(console: Console) -> None:
+def _refund_amount(content: str) -> float:
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return 0.0
+    amount = data.get("amount") if isinstance(data, dict) else None
+    return float(amount) if isinstance(amount, (int, float)) else 0.0
+
+
+def kill_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
+    """The triage tools, with a history lookup that hangs and no timeout set (the seed's night)."""
+    analyze_sentiment, _, generate_reply = demo_tools(speed=speed, seed=seed)
+
+    @tool(timeout=3600)
+    async def get_customer_history(customer_id: str) -> dict[str, Any]:
+        """A customer's live tier, orders, open tickets and last order.
+
+        Args:
+            customer_id: The customer's id, like "CUS-4821".
+        """
+        _stuck.set()
+        await anyio.sleep(3600)
+        return _history(customer_id)
+
+    return [analyze_sentiment, get_customer_history, generate_reply]
+
+
+_stuck = threading.Event()
+
+
+def kill_switch(console: Console, *, speed: float) -> RunResult:
+    """Scenario: a stuck run stopped from a second process with `loopwise kill`."""
+    _heading(console, 6, "The kill switch: stopping a run from another process",
+             '"build the kill switch before you need it ... a way for a human to stop it mid-run"')
+    console.print(Text(
+        "The history lookup hangs and nobody gave it a timeout. An operator stops the run from a second "
+        "terminal. The kill is stored in the database; the run's watcher picks it up, cancels the lookup in "
+        "flight and writes who stopped it and why."))
     console.print()
-    console.print(Rule(Text("not in this version yet", style="bold"), align="left", style="dim"))
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
-    for scenario, what in (
-        ("debugging", "the decision log: expected vs actual at every step"),
-        ("kill switch", "stopping a run mid-flight from another process"),
-    ):
-        grid.add_row(scenario, what)
-    console.print(grid)
+    _stuck.clear()
+    with tempfile.TemporaryDirectory() as folder:
+        db = os.path.join(folder, "loopwise.db")
+        store = SQLiteStore(db)
+        agent = Agent(SupportDeskSimulator(speed=speed, seed=SEED), instructions=INSTRUCTIONS,
+                      tools=kill_tools(speed=speed), store=store, name="support-stuck")
+        run_id = new_run_id()
+        command = [sys.executable, "-m", "loopwise", "kill", run_id, "--reason", "stuck on a hung lookup",
+                   "--db", db]
+        shown = f"loopwise kill {run_id} --reason 'stuck on a hung lookup'"
+        killer: dict[str, Any] = {}
+
+        async def operator() -> None:
+            await anyio.to_thread.run_sync(_stuck.wait, abandon_on_cancel=True)
+            await anyio.sleep(0.3 * speed)
+            console.print(Text("$ ", style="dim") + Text(shown, style="bold"))
+            done = await anyio.run_process(command, check=False, stdin=None)
+            killer["out"] = (done.stdout.decode() + done.stderr.decode()).strip()
+            console.print(Text(killer["out"], style="dim"))
+
+        async def both() -> RunResult:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(operator)
+                result = await agent.run(TASK, run_id=run_id, tags=["demo", "kill"])
+                if not _stuck.is_set():
+                    tg.cancel_scope.cancel()  # the run ended on its own: no operator needed
+            return result
+
+        with console.status("running the triage, which gets stuck…"):
+            result = anyio.run(both)
+        events = store.load(run_id)
+        store.close()
+    console.print()
+    render_run(events, console)
+    received = next((e for e in events if e.kind == "kill_received"), None)
+    if received is not None:
+        console.print()
+        console.print(Text.assemble(
+            ("The run ended ", ""), ("killed", "bold red"),
+            (f" {format_duration(events[-1].ts - received.requested_ts)} after the kill was stored", ""),
+            (f", with the lookup in flight cancelled; `loopwise resume {run_id[:8]}… --agent MODULE:AGENT` "
+             "would continue it from its log.", ""),
+        ))
+    return result
 
 
 # -- main --------------------------------------------------------------------------------
@@ -433,7 +618,10 @@ def main(console: Console, *, speed: float | None = None, store: EventStore | No
     expected += [("one tool per response", sequential, "done"), ("all calls in one response", concurrent, "done")]
     result = cost_spiral(console, store, speed=speed)
     expected.append(("cost spiral", result, "max_iterations"))
-    _not_yet(console)
+    result = debugging(console, store, speed=speed)
+    expected.append(("debugging", result, "done"))
+    result = kill_switch(console, speed=speed)
+    expected.append(("kill switch", result, "killed"))
     wrong = [(name, r, want) for name, r, want in expected if r.stop_reason != want]
     for name, r, want in wrong:
         console.print(Text(f"the {name} run ended as {r.stop_reason!r}, not {want!r} "

@@ -174,7 +174,10 @@ class ToolCallStarted:
     iteration: int
     call_id: str
     name: str
+    #: The arguments as the tool receives them: as the model sent them, less `loopwise_expect`.
     arguments: dict[str, Any] | str | None = None
+    #: What the model expected the call to return (`Agent(expectations=True)`); None: no expectation.
+    expected: Any = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -196,6 +199,13 @@ class ToolCallFinished:
     #: The fallback that answered, when `outcome == "fallback"`.
     fallback: str | None = None
     cost_usd: float = 0.0
+    #: Whether the result matched the model's expectation: True, False, or None (no
+    #: expectation, or cannot tell). Decided by the tool's `check` or the default comparison.
+    match: bool | None = None
+    #: Who decided `match`: ``"check"`` (the tool's own), ``"default"``, or None (no expectation).
+    match_by: Literal["check", "default"] | None = None
+    #: Why `match` is unknown when a check failed ("check raised ValueError: ...").
+    match_note: str | None = None
 
 
 @dataclass(kw_only=True, slots=True)

@@ -53,6 +53,8 @@ class CallOutcome:
     fallback: str | None = None
     error: ErrorInfo | None = None
     cost_usd: float = 0.0
+    #: What the tool returned, when `outcome == "ok"` (for its `check`); the model reads `content`.
+    value: Any = None
 
 
 def tool_content(value: Any) -> str:
@@ -152,7 +154,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext, events: C
             if breaker is not None and (change := breaker.on_success(name)) is not None:
                 events.breaker_changed(change)
             content = _truncate(tool_content(value), policy.max_result_chars)
-            return CallOutcome("ok", content, attempts, cost_usd=cost)
+            return CallOutcome("ok", content, attempts, cost_usd=cost, value=value)
         if exc is None:
             if cut_by_total:
                 summary = f"ran out of its total_timeout of {total:g} s after {_plural(attempts, 'attempt')}"

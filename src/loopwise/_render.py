@@ -40,12 +40,14 @@ from ._events import (
     BreakerChanged,
     Event,
     IterationStarted,
+    KillReceived,
     LimitHit,
     ModelAttemptFailed,
     ModelCallFinished,
     ModelCallStarted,
     Nudge,
     RunFinished,
+    RunResumed,
     RunStarted,
     ThreadAbandoned,
     ToolAttemptFailed,
@@ -77,6 +79,7 @@ OUTCOME_STYLES = {
     "unknown_tool": "yellow",
     "not_executed": "dim",
     "cancelled": "red",
+    "unknown": "bold yellow",
 }
 
 
@@ -427,6 +430,11 @@ def render_run(events: list[Event], console: Console) -> None:
             elif event.call_id in index:
                 i = index[event.call_id]
                 calls[i] = (calls[i][0], event)
+            else:  # settled by a resume: its start is in the previous segment
+                index[event.call_id] = len(calls)
+                calls.append((ToolCallStarted(run_id=event.run_id, seq=event.seq, ts=event.ts,
+                                              iteration=event.iteration, call_id=event.call_id,
+                                              name=event.name), event))
             continue
         flush_act()
         if isinstance(event, IterationStarted):
@@ -448,6 +456,24 @@ def render_run(events: list[Event], console: Console) -> None:
         elif isinstance(event, LimitHit):
             flush_model()
             console.print(_line("LIMIT", "bold yellow", (event.limit, "bold yellow"), event.detail))
+        elif isinstance(event, KillReceived):
+            flush_model()
+            console.print(_line("KILL", "bold red", (f"by {event.by}", "bold red"), event.reason,
+                                (f"received {format_duration(max(0.0, event.ts - event.requested_ts))} "
+                                 "after the request", "dim")))
+        elif isinstance(event, RunResumed):
+            flush_model()
+            title = Text(f"resumed (segment {event.segment + 1})", style="bold cyan")
+            title.append(f"  after {event.previous_end}, by {event.by}", style="dim")
+            console.print(Rule(title, style="cyan", align="left"))
+            carried = f"carried over: {format_cost(event.cost_usd)}, {format_duration(event.active_s)} active"
+            if event.charged_usd:
+                carried += f" (a model call in flight charged at its reservation: {format_cost(event.charged_usd)})"
+            console.print(_detail(carried, style="dim"))
+            for c in event.interrupted_calls:
+                what = ("runs again (idempotent)" if c.get("action") == "rerun"
+                        else "outcome unknown: not run again (not idempotent)")
+                console.print(_detail(f"interrupted {c.get('name')} [{c.get('call_id')}]: {what}", style="yellow"))
     flush_act()
     flush_model()
     _footer(finished, events, console)

@@ -48,6 +48,8 @@ from ._events import (
     ToolFallback,
 )
 from ._execute import execute
+from ._expect import NO_VALUE, judge, split_expectation
+from ._logging import LOGGED_KINDS, log_event
 from ._resume import UNKNOWN_OUTCOME
 from ._messages import Message, ToolCall, Usage
 from ._runvars import CurrentRun, current_run
@@ -165,8 +167,10 @@ class Run:
         self.budgets = budgets
         # A free model under dollar budgets only cannot overspend: no estimate, no reservation.
         self.counts_tokens = any(b.tokens is not None for b in budgets)
+        # The first system message: the instructions, plus how to state expectations when on.
+        instructions = agent.system_prompt
         self.transcript: list[Message] = (
-            [Message("system", agent.instructions), *task] if agent.instructions else list(task)
+            [Message("system", instructions), *task] if instructions else list(task)
         )
         self.context = agent.context.start(head=len(self.transcript))
         self.monitor = agent.runaway.start() if agent.runaway is not None else None
@@ -185,7 +189,7 @@ class Run:
                 seq=0,
                 ts=_wall(),
                 task=task,
-                instructions=agent.instructions,
+                instructions=instructions,
                 agent=agent.describe(),
                 limits=agent.limits.to_dict(),
                 tags=list(tags),
@@ -196,9 +200,17 @@ class Run:
 
     def _emit(self, event: Event) -> None:
         self.seq += 1
+        # What the log, the stream and `logging` get is redacted; the run keeps the real content.
+        redact = self.agent.redact_event
+        if redact is not None:
+            event = redact(event)
+            if event.kind == "run_started":
+                self.started = event  # type: ignore[assignment]  # RunResult reads it: as logged
         self.pending.append(event)
         if self.sink is not None:
             self.sink(event)
+        if event.kind in LOGGED_KINDS:
+            log_event(event)
 
     async def _flush(self) -> None:
         if self.pending:
@@ -643,24 +655,36 @@ class Run:
             self._tool_finished(iteration, call, "not_executed", NOT_EXECUTED, 0.0, None)
             self.transcript.append(Message("tool", NOT_EXECUTED, tool_call_id=call.id))
 
-    def _tool_started(self, iteration: int, call: ToolCall) -> None:
+    def _tool_started(self, iteration: int, call: ToolCall) -> dict[str, Any] | str | None:
+        """Log the call's start; return the arguments for the tool (less the model's expectation)."""
+        arguments, expected = call.arguments, None
+        if self.agent.expectations:
+            expected, arguments = split_expectation(arguments)
         self._emit(ToolCallStarted(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
-                                   call_id=call.id, name=str(call.name), arguments=call.arguments))  # type: ignore[arg-type]
+                                   call_id=call.id, name=str(call.name), arguments=arguments,  # type: ignore[arg-type]
+                                   expected=expected))
+        return arguments
 
     def _tool_finished(self, iteration: int, call: ToolCall, outcome: str, content: str,
                        latency: float, error: ErrorInfo | None, *, attempts: int = 0,
-                       fallback: str | None = None, cost_usd: float = 0.0) -> None:
+                       fallback: str | None = None, cost_usd: float = 0.0, value: Any = NO_VALUE) -> None:
+        match = match_by = note = None
+        if self.agent.expectations:  # did the result match the model's expectation?
+            tool = self.agent.tools_by_name.get(call.name) if isinstance(call.name, str) else None
+            match, match_by, note = judge(tool, split_expectation(call.arguments)[0], outcome, content,
+                                          fallback, value)
         self._emit(ToolCallFinished(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
                                     call_id=call.id, name=str(call.name), outcome=outcome,  # type: ignore[arg-type]
                                     content=content, latency_s=latency, error=error,  # type: ignore[arg-type]
-                                    attempts=attempts, fallback=fallback, cost_usd=cost_usd))
+                                    attempts=attempts, fallback=fallback, cost_usd=cost_usd,
+                                    match=match, match_by=match_by, match_note=note))
 
     async def _act(self, iteration: int, calls: list[ToolCall]) -> list[str]:
         tools = self.agent.tools_by_name
         contents: list[str] = [""] * len(calls)
         runnable: list[tuple[int, ToolCall, Tool, dict[str, Any]]] = []
         for index, call in enumerate(calls):
-            self._tool_started(iteration, call)
+            arguments = self._tool_started(iteration, call)
             tool = tools.get(call.name) if isinstance(call.name, str) else None
             if tool is None:
                 content = (f"error: unknown tool {call.name!r}; available tools: "
@@ -669,7 +693,7 @@ class Run:
                 contents[index] = content
                 continue
             try:
-                kwargs = tool.validate(call.arguments)
+                kwargs = tool.validate(arguments)
             except ToolArgumentsError as exc:
                 content = f"error: {tool.name}: {exc}"
                 self._tool_finished(iteration, call, "invalid_arguments", content, 0.0,
@@ -677,6 +701,10 @@ class Run:
                 contents[index] = content
                 continue
             runnable.append((index, call, tool, kwargs))
+        if runnable:
+            # The calls are durable before any tool runs: after a crash, resume knows
+            # what may have happened (and never re-runs a non-idempotent call blindly).
+            await self._flush()
         if len(runnable) == 1:
             await self._call_tool(iteration, contents, *runnable[0])
         elif runnable:
@@ -732,7 +760,8 @@ class Run:
             held.settle(result.cost_usd, 0)
         self.cost_usd += result.cost_usd
         self._tool_finished(iteration, call, result.outcome, result.content, _mono() - started, result.error,
-                            attempts=result.attempts, fallback=result.fallback, cost_usd=result.cost_usd)
+                            attempts=result.attempts, fallback=result.fallback, cost_usd=result.cost_usd,
+                            value=result.value if result.outcome == "ok" else NO_VALUE)
         contents[index] = result.content
 
 

@@ -4,19 +4,67 @@ A store keeps each run's events in order. `write` is called by the loop with the
 events since its last call; it returns `None` when the events are already durable,
 or an awaitable that completes when they are (the SQLite store commits on a writer
 thread, so the event loop does no I/O). Every view reads runs back with `load`
-and `list_runs`.
+and `list_runs`; `prune` deletes whole runs past their retention.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
 
 from ._errors import UserError
-from ._events import Event, RunFinished, RunStarted
+from ._events import STOP_REASONS, Event, RunFinished, RunStarted
 
-__all__ = ["EventStore", "MemoryStore", "RunSummary"]
+__all__ = ["EventStore", "MemoryStore", "PruneResult", "RunSummary"]
+
+#: What `prune(statuses=...)` accepts: a stop reason, or a run without an end.
+PRUNE_STATUSES: tuple[str, ...] = (*STOP_REASONS, "unfinished")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class PruneResult:
+    """What `EventStore.prune` removed (or, with `dry_run`, would remove)."""
+
+    #: The runs removed, whole: every event, and their rows in the control tables.
+    run_ids: tuple[str, ...]
+    events: int
+    dry_run: bool = False
+    #: Runs old enough and matching, left alone because they have no end (crashed, or
+    #: still running): `statuses=["unfinished"]` asks for those. Runs being executed
+    #: (a live lease, or attached in this process) are never removed.
+    unfinished_kept: int = 0
+
+    @property
+    def runs(self) -> int:
+        return len(self.run_ids)
+
+
+def check_prune_args(before: object, statuses: object, tags: object) -> tuple[float, frozenset[str], frozenset[str]]:
+    """`prune`'s arguments, checked: (before, statuses, tags). Raises `UserError`."""
+    if isinstance(before, bool) or not isinstance(before, (int, float)) or not math.isfinite(before):
+        raise UserError(f"prune(before=...) must be a time in seconds since the epoch, got {before!r}")
+    if statuses is None:
+        wanted = frozenset(STOP_REASONS)
+    else:
+        if isinstance(statuses, str) or not isinstance(statuses, Collection):
+            raise UserError(f"prune(statuses=...) must be a list of statuses, got {statuses!r}")
+        wanted = frozenset(statuses)
+        unknown = sorted(str(x) for x in wanted - set(PRUNE_STATUSES))
+        if unknown or not wanted:
+            raise UserError(f"unknown status {', '.join(unknown) or '(none given)'}; choose among "
+                            f"{', '.join(PRUNE_STATUSES)}")
+    if isinstance(tags, str) or not isinstance(tags, Collection) or not all(isinstance(t, str) for t in tags):
+        raise UserError(f"prune(tags=...) must be a list of tags (str), got {tags!r}")
+    return float(before), wanted, frozenset(tags)
+
+
+def running_here() -> set[str]:
+    """Run ids being executed in this process (their last events may not be written yet)."""
+    from ._control import local_runs
+
+    return {r.run_id for r in local_runs()}
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -69,6 +117,23 @@ class EventStore(ABC):
     def list_runs(self, *, limit: int = 20) -> list[RunSummary]:
         """The most recently started runs, newest first."""
 
+    def prune(self, *, before: float, statuses: Collection[str] | None = None, tags: Collection[str] = (),
+              dry_run: bool = False) -> PruneResult:
+        """Delete whole runs whose last event is older than `before` (seconds since the epoch).
+
+        Args:
+            before: Runs whose last event happened before this wall-clock time.
+            statuses: Only runs that ended so (stop reasons such as ``"error"``), or
+                ``"unfinished"`` for runs without an end (crashed or interrupted).
+                Default: every finished run, and never an unfinished one.
+            tags: Only runs carrying at least one of these tags.
+            dry_run: Say what would be removed; remove nothing.
+
+        A run being executed (a live lease, or attached in this process) is never
+        removed. Each run goes whole: all of its events, or none.
+        """
+        raise UserError(f"{type(self).__name__} does not support prune; implement EventStore.prune to prune it")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (flush pending writes)."""
 
@@ -113,6 +178,29 @@ class MemoryStore(EventStore):
             summaries.append(RunSummary.from_events(started, finished))
         summaries.sort(key=lambda s: s.started_at, reverse=True)
         return summaries[:limit]
+
+    def prune(self, *, before: float, statuses: Collection[str] | None = None, tags: Collection[str] = (),
+              dry_run: bool = False) -> PruneResult:
+        cutoff, wanted, tag_set = check_prune_args(before, statuses, tags)
+        busy = running_here()
+        chosen: list[str] = []
+        events = kept = 0
+        for run_id, log in self._runs.items():
+            started, last = log[0], log[-1]
+            if not isinstance(started, RunStarted) or last.ts >= cutoff or run_id in busy:
+                continue
+            if tag_set and tag_set.isdisjoint(started.tags):
+                continue
+            status = last.stop_reason if isinstance(last, RunFinished) else "unfinished"
+            if status not in wanted:
+                kept += status == "unfinished"
+                continue
+            chosen.append(run_id)
+            events += len(log)
+        if not dry_run:
+            for run_id in chosen:
+                del self._runs[run_id]
+        return PruneResult(run_ids=tuple(chosen), events=events, dry_run=dry_run, unfinished_kept=kept)
 
     def describe(self) -> str:
         return "the in-memory store"

@@ -11,6 +11,9 @@ when the tool cannot, and when to stop calling it.
 | `fallback` | what answers after the last failure | none | a value, a `Template`, a tool or callable taking the same arguments, or a list tried in order |
 | `breaker` | calls to a tool that keeps failing | 5 failures in 60 s opens it for 30 s | calls go straight to the fallback, or fail fast |
 | `max_result_chars` | what the model reads from one result | 20,000 | the rest is cut, with a note saying so |
+
+`check(expected, actual) -> bool | None` bounds nothing: with `Agent(expectations=True)` it
+decides whether a call's result matched the model's expectation (`docs/decisions.md`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Literal
 
 from ._breaker import CircuitBreaker
 from ._errors import UserError
+from ._expect import check_option
 
 __all__ = ["Backoff", "Fallback", "Template", "ToolPolicy"]
 
@@ -133,6 +137,8 @@ class ToolPolicy:
     alternatives: tuple[str, ...] = ()
     secret: tuple[str, ...] = ()
     breaker: CircuitBreaker | None = None
+    #: Decides `match` in the decision log: check(expected, actual) -> bool | None.
+    check: Callable[[Any, Any], bool | None] | None = None
     #: True when `total_timeout` was given, not derived.
     total_timeout_explicit: bool = False
 
@@ -144,7 +150,8 @@ class ToolPolicy:
     def build(cls, owner: str, *, timeout: Any = DEFAULT_TIMEOUT_S, total_timeout: Any = None,
               retries: Any = 0, retry_on: Any = None, backoff: Any = None, fallback: Any = None,
               idempotent: Any = False, cost_usd: Any = 0.0, max_result_chars: Any = DEFAULT_MAX_RESULT_CHARS,
-              isolation: Any = None, alternatives: Any = (), secret: Any = (), breaker: Any = True) -> ToolPolicy:
+              isolation: Any = None, alternatives: Any = (), secret: Any = (), breaker: Any = True,
+              check: Any = None) -> ToolPolicy:
         timeout = _positive(owner, "timeout", timeout)
         total = _positive(owner, "total_timeout", total_timeout)
         if type(retries) is not int or retries < 0:
@@ -186,10 +193,12 @@ class ToolPolicy:
             breaker_obj = breaker
         else:
             raise UserError(f"tool {owner!r}: breaker= must be True, False or a loopwise.CircuitBreaker")
+        check_fn = check_option(owner, check)
         policy = cls(timeout=timeout, total_timeout=total, retries=retries, retry_on=retry_on_t, backoff=backoff,
                      fallback=chain, idempotent=idempotent, cost_usd=float(cost_usd),
                      max_result_chars=max_result_chars, isolation=isolation, alternatives=alternatives,
-                     secret=secret, breaker=breaker_obj, total_timeout_explicit=total is not None)
+                     secret=secret, breaker=breaker_obj, check=check_fn,
+                     total_timeout_explicit=total is not None)
         if total is None:
             object.__setattr__(policy, "total_timeout", policy.derived_total_timeout())
         return policy
@@ -230,6 +239,7 @@ class ToolPolicy:
             "breaker": None if self.breaker is None else {
                 "failures": self.breaker.failures, "window_s": self.breaker.window_s,
                 "cooldown_s": self.breaker.cooldown_s},
+            "check": None if self.check is None else getattr(self.check, "__qualname__", type(self.check).__name__),
         }
 
 

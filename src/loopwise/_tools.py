@@ -243,7 +243,7 @@ def _make_tool(fn: Callable[..., Any], *, name: str | None, description: str | N
 
 _OPTIONS = frozenset(
     ("timeout", "total_timeout", "retries", "retry_on", "backoff", "fallback", "idempotent", "cost_usd",
-     "max_result_chars", "isolation", "alternatives", "secret", "breaker")
+     "max_result_chars", "isolation", "alternatives", "secret", "breaker", "check")
 )
 
 
@@ -274,6 +274,9 @@ def tool(fn: Callable[..., Any] | None = None, /, *, name: str | None = None, de
         alternatives: Names of tools the model may use instead when this one fails.
         secret: Argument names whose values are redacted from error messages.
         breaker: A `loopwise.CircuitBreaker`, True (the default breaker) or False.
+        check: ``check(expected, actual) -> bool | None``: with `Agent(expectations=True)`,
+            decides whether the value the tool returned matched the model's expectation
+            (None: cannot tell). Default: the comparison documented in docs/decisions.md.
     """
     unknown = sorted(k for k in options if k not in _OPTIONS)
     if unknown:

@@ -77,7 +77,7 @@ _BACKSTOP_S = 1.0  # how far the policy's per-attempt timeout sits behind the MC
 # @tool's options that make sense for a tool living in another process (not `isolation`;
 # `timeout` is `MCPServer.tools`'s own).
 _POLICY_OPTIONS = frozenset(("total_timeout", "retries", "retry_on", "backoff", "fallback", "idempotent",
-                             "cost_usd", "max_result_chars", "alternatives", "secret", "breaker"))
+                             "cost_usd", "max_result_chars", "alternatives", "secret", "breaker", "check"))
 
 
 class MCPServerError(LoopwiseError):
@@ -384,7 +384,7 @@ class MCPServer:
             refresh: List the tools again instead of using the list made when connecting.
             **policy: The options of `@loopwise.tool` (`retries`, `retry_on`, `backoff`,
                 `fallback`, `total_timeout`, `breaker`, `max_result_chars`, `cost_usd`,
-                `idempotent`, `alternatives`, `secret`), applied to each tool.
+                `idempotent`, `alternatives`, `secret`, `check`), applied to each tool.
         """
         unknown = sorted(set(policy) - _POLICY_OPTIONS)
         if unknown:

@@ -4,6 +4,8 @@
 loopwise run MODULE:AGENT (--task TEXT | --input FILE.jsonl)   run an agent
 loopwise runs                                                   recent runs
 loopwise show RUN_ID [--json]                                   one run's trace
+loopwise kill RUN_ID | --tag T | --all [--reason TEXT]          stop runs from any process
+loopwise resume RUN_ID --agent MODULE:AGENT                     continue a run from its log
 loopwise demo                                                   the scenarios
 ```
 

@@ -11,11 +11,17 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from .._control import control_for
 from .._events import event_to_dict
+from .._resume import RESUMABLE
+from .._sqlite import SQLiteStore
+from .._store import RunSummary
 from .._render import STOP_STYLES, format_cost, format_duration, render_run
 from ._common import CLIError, DbOption, open_existing_store, resolve_run_id, stdout_console, write_json
+from ._control import kill_command, resume_command
 from ._export import export_command
 from ._profile import profile_command
+from ._prune import prune_command
 from ._run import run_command
 
 __all__ = ["app"]
@@ -31,6 +37,9 @@ app = typer.Typer(
 app.command("run")(run_command)
 app.command("export")(export_command)
 app.command("profile")(profile_command)
+app.command("prune")(prune_command)
+app.command("kill")(kill_command)
+app.command("resume")(resume_command)
 
 
 # -- runs ----------------------------------------------------------------------------
@@ -46,6 +55,7 @@ def runs_command(
     store = open_existing_store(db)
     try:
         summaries = store.list_runs(limit=limit)
+        summaries = _liveness(store, summaries)
     finally:
         store.close()
     if as_json:
@@ -69,7 +79,7 @@ def runs_command(
         table.add_row(
             s.run_id,
             s.agent,
-            Text(s.status, style="yellow" if s.status == "running" else "dim"),
+            Text(s.status, style={"running": "yellow", "orphaned": "red"}.get(s.status, "dim")),
             Text(s.stop_reason or "-", style=STOP_STYLES.get(s.stop_reason or "", "")),
             "-" if s.iterations is None else str(s.iterations),
             format_cost(s.cost_usd),
@@ -81,6 +91,28 @@ def runs_command(
     return 0
 
 
+def _liveness(store: SQLiteStore, summaries: list[RunSummary]) -> list[RunSummary]:
+    """`running` means a live process holds the run's lease; unfinished without one, `orphaned`.
+
+    A run that was killed or failed and is being resumed is running again.
+    """
+    maybe = [s.run_id for s in summaries if s.status == "running" or s.stop_reason in RESUMABLE]
+    if not maybe:
+        return summaries
+    leases = control_for(store).leases(maybe)
+    now = time.time()
+    out = []
+    for s in summaries:
+        lease = leases.get(s.run_id)
+        live = lease is not None and lease.live(now)
+        if s.status == "running" and not live:
+            s = dataclasses.replace(s, status="orphaned")
+        elif s.status != "running" and live:
+            s = dataclasses.replace(s, status="running", stop_reason=None)
+        out.append(s)
+    return out
+
+
 # -- show ----------------------------------------------------------------------------
 
 
@@ -88,6 +120,10 @@ def runs_command(
 def show_command(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="A run id (or a prefix matching one run).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's events as a JSON list.")] = False,
+    decisions: Annotated[bool, typer.Option(
+        "--decisions", help="The decision log: per iteration, thought, action, expected, actual, match, why.")] = False,
+    mismatches: Annotated[bool, typer.Option(
+        "--mismatches", help="Only the iterations where reality differed from the model's expectation.")] = False,
     db: DbOption = None,
 ) -> int:
     """One run, read back from its event log."""
@@ -96,7 +132,15 @@ def show_command(
         events = store.load(resolve_run_id(store, run_id))
     finally:
         store.close()
-    if as_json:
+    if decisions or mismatches:
+        from .._decisions import decisions as decision_log
+        from .._render_decisions import render_decisions
+
+        if as_json:  # --mismatches wins over --decisions: it is the narrower view
+            write_json([d.to_dict() for d in decision_log(events) if not mismatches or d.match is False])
+        else:
+            render_decisions(events, stdout_console(), mismatches_only=mismatches)
+    elif as_json:
         write_json([event_to_dict(e) for e in events])
     else:
         render_run(events, stdout_console())

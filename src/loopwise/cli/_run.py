@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import IO, Annotated, Any
 
 import anyio
+
+from .._signals import shutdown_requested
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -308,7 +310,10 @@ def _run_one(agent: Agent, task: str, tags: list[str], out: IO[str] | None) -> i
     async def one() -> RunResult:
         return await agent.run(task, tags=tags)
 
-    result = anyio.run(one)
+    from ._control import shutdown_handlers
+
+    with shutdown_handlers():
+        result = anyio.run(one)
     console = stdout_console()
     store = agent.store
     try:
@@ -364,6 +369,8 @@ def _run_batch(agent: Agent, items: list[_Item], concurrency: int, out: IO[str] 
 
         async def worker() -> None:
             for item in queue:  # the workers share one iterator: each item runs once
+                if shutdown_requested() is not None:
+                    return  # SIGTERM / SIGINT: no new runs; those under way end as killed
                 record(await one(item))
 
         async with anyio.create_task_group() as tg:
@@ -372,14 +379,21 @@ def _run_batch(agent: Agent, items: list[_Item], concurrency: int, out: IO[str] 
 
     t0 = time.perf_counter()
     interrupted = False
+    from ._control import shutdown_handlers
+
+    stopped: typer.Exit | None = None
     try:
-        with progress:
+        with progress, shutdown_handlers():
             anyio.run(batch)
     except KeyboardInterrupt:  # the runs under way ended as `killed`; sum up what there is
         interrupted = True
+    except typer.Exit as exc:  # SIGTERM / SIGINT: the same, with the signal's exit status
+        stopped = exc
     wall = time.perf_counter() - t0
     summary_console: Console = stdout_console() if out is not None else err
     summary_console.print(_summary(rows, wall, len(items)))
     if interrupted:
         raise KeyboardInterrupt
+    if stopped is not None:
+        raise stopped
     return 1 if any(r["error"] for r in rows) else 0

@@ -20,11 +20,23 @@ Modes:
   it answers with a text built from the tool results. It asks for each tool at
   most once and only for tools it is offered; a tool that failed is read as
   "unknown" and the triage goes on.
+- ``"refund"`` — the seed post's debugging scenario: a customer asks for a refund of
+  the orders named in the message (``ORD-<digits>``). THINK 1 asks for the sentiment
+  and the history, then ``get_refund_policy(reason=...)``, then
+  ``lookup_orders(order_ids=[...])``, then ``check_refund_eligibility(order_ids=[...])``
+  and ``issue_refund(customer_id=..., order_ids=[...], amount=...)`` for the orders the
+  lookup returned, then it answers. Like a model that keeps whatever context it is
+  given, it trusts a lookup that returned fewer orders than it asked for, and refunds
+  only those.
 - ``"never_done"`` — the seed post's cost spiral: a model that never concludes it
   is done. Every THINK that is offered tools asks for more context (the same
   lookups again) with a "what I know so far" recap of every result, so its output
   grows each iteration and the context grows faster. Only a call with no tools
   (the best-effort answer after a limit) gets text from it.
+
+When a tool's schema offers the ``loopwise_expect`` property
+(`Agent(expectations=True)`), the refund mode fills it, as a model told how would: a few
+words or a JSON value it expects in the result.
 
 The customer id is the first ``CUS-<digits>`` in the customer's message, else
 `customer_id`. Token counts are computed from the text: input ≈ UTF-8 bytes / 4
@@ -56,13 +68,19 @@ from ._base import Model, ModelRequest, ModelResponse, Price
 
 __all__ = ["SupportDeskSimulator"]
 
-Mode = Literal["triage", "never_done"]
+Mode = Literal["triage", "never_done", "refund"]
 
 SENTIMENT = "analyze_sentiment"
 HISTORY = "get_customer_history"
 REPLY = "generate_reply"
+POLICY = "get_refund_policy"
+ORDERS = "lookup_orders"
+ELIGIBILITY = "check_refund_eligibility"
+REFUND = "issue_refund"
+EXPECT_KEY = "loopwise_expect"  # as in loopwise._expect; kept here so the simulator reads schemas alone
 
 _CUSTOMER_RE = re.compile(r"\bCUS-\d+\b", re.IGNORECASE)
+_ORDER_RE = re.compile(r"\bORD-\d+\b", re.IGNORECASE)
 _TOPICS = (
     ("shipping", ("order", "deliver", "shipping", "shipped", "package", "parcel", "arrive", "waiting", "tracking")),
     ("billing", ("refund", "charge", "charged", "invoice", "billing", "payment", "price")),
@@ -98,6 +116,8 @@ class _Reading:
     customer_id: str
     topic: str
     offered: set[str]
+    #: Offered tools whose schema has the `loopwise_expect` property.
+    expects: set[str] = field(default_factory=set)
     #: Tool name -> how many times the conversation shows it asked for.
     asked: dict[str, int] = field(default_factory=dict)
     #: Tool name -> its latest usable result (an error result is kept as such).
@@ -129,7 +149,8 @@ def _read(request: ModelRequest, default_customer: str) -> _Reading:
     lowered = message.lower()
     topic = next((name for name, words in _TOPICS if any(w in lowered for w in words)), "general")
     reading = _Reading(message=message, customer_id=customer_id, topic=topic,
-                       offered={spec.name for spec in request.tools})
+                       offered={spec.name for spec in request.tools},
+                       expects={spec.name for spec in request.tools if _offers_expectation(spec)})
     calls: dict[str, ToolCall] = {}
     for m in messages:
         if m.role == "assistant" and m.tool_calls:
@@ -146,6 +167,19 @@ def _read(request: ModelRequest, default_customer: str) -> _Reading:
             reading.results[call.name] = content
             reading.log.append((call.name, _arguments_text(call.arguments), content))
     return reading
+
+
+def _offers_expectation(spec: ToolSpec) -> bool:
+    properties = spec.parameters.get("properties") if isinstance(spec.parameters, dict) else None
+    return isinstance(properties, dict) and EXPECT_KEY in properties
+
+
+def _json_object(content: str | None) -> dict[str, Any]:
+    try:
+        data = json.loads(content or "")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _history_summary(content: str | None) -> str:
@@ -195,8 +229,9 @@ class SupportDeskSimulator(Model):
     Not a language model: see this module's docstring for what it decides and when.
 
     Args:
-        mode: ``"triage"`` (finishes the job) or ``"never_done"`` (never says it is
-            done: the cost-spiral model).
+        mode: ``"triage"`` (finishes the job), ``"refund"`` (refunds the orders a
+            lookup returned: the debugging scenario) or ``"never_done"`` (never says it
+            is done: the cost-spiral model).
         parallel_tool_calls: Ask for independent tools in one response (True), or
             one tool per response (False: the latency trap).
         latency_s: The range a call's simulated latency is drawn from, in seconds
@@ -272,6 +307,8 @@ class SupportDeskSimulator(Model):
         reading = _read(request, self.customer_id)
         if self.mode == "never_done":
             response = self._never_done(reading, rng)
+        elif self.mode == "refund":
+            response = self._refund(reading, rng)
         else:
             response = self._triage(reading, rng)
         self._account(request, response)
@@ -368,6 +405,72 @@ class SupportDeskSimulator(Model):
                      "with a concrete update today.")
             return f"{note}\nNo drafted reply was available, so here is a holding reply:\n{draft}"
         return f"{note}\nReply to send:\n{draft}"
+
+    # -- refund --------------------------------------------------------------------
+
+    @staticmethod
+    def _call(r: _Reading, name: str, arguments: dict[str, Any], expect: Any) -> ToolCall:
+        """A call, with the model's expectation when the schema asks for one (a str: the schema's type)."""
+        if name in r.expects:
+            arguments = {**arguments, EXPECT_KEY: expect if isinstance(expect, str) else json.dumps(expect)}
+        return ToolCall(name, arguments)
+
+    def _refund(self, r: _Reading, rng: random.Random) -> ModelResponse:
+        asked_for = list(dict.fromkeys(m.upper() for m in _ORDER_RE.findall(r.message)))
+        if not r.offered:
+            return ModelResponse(text=self._refund_answer(r), finish_reason="stop")
+        lookups = [name for name in (SENTIMENT, HISTORY) if name in r.offered and name not in r.asked]
+        if lookups:
+            calls = [self._call(r, SENTIMENT, {"text": r.message}, "negative") if name == SENTIMENT
+                     else self._call(r, HISTORY, {"customer_id": r.customer_id}, {"customer_id": r.customer_id})
+                     for name in lookups]
+            text = rng.choice((
+                f"{r.customer_id} wants a refund. First the sentiment and the customer's history, at once.",
+                f"A refund request from {r.customer_id}: checking sentiment and history together first.",
+            ))
+            return ModelResponse(text=text, tool_calls=calls, finish_reason="tool_calls")
+        if POLICY in r.offered and POLICY not in r.asked:
+            call = self._call(r, POLICY, {"reason": "not delivered"}, "refunded in full")
+            return ModelResponse(text="Orders that never arrived: let me check the refund policy for that.",
+                                 tool_calls=[call], finish_reason="tool_calls")
+        if ORDERS in r.offered and ORDERS not in r.asked and asked_for:
+            call = self._call(r, ORDERS, {"order_ids": asked_for}, {"count": len(asked_for)})
+            return ModelResponse(text=f"Looking up the {len(asked_for)} orders the customer listed: "
+                                      f"{', '.join(asked_for)}.", tool_calls=[call], finish_reason="tool_calls")
+        found = self._found_orders(r)
+        ids = [o["id"] for o in found]
+        amount = round(sum(o["amount"] for o in found), 2)
+        if ELIGIBILITY in r.offered and ELIGIBILITY not in r.asked and found:
+            listed = ", ".join(f"{o['id']} (${o['amount']:.2f})" for o in found)
+            call = self._call(r, ELIGIBILITY, {"order_ids": ids}, {"eligible": ids})
+            return ModelResponse(text=f"Found the orders: {listed}. Checking they can be refunded.",
+                                 tool_calls=[call], finish_reason="tool_calls")
+        if REFUND in r.offered and REFUND not in r.asked and found:
+            call = self._call(r, REFUND, {"customer_id": r.customer_id, "order_ids": ids, "amount": amount},
+                              {"status": "refunded", "amount": amount})
+            return ModelResponse(text=f"All eligible. Refunding ${amount:.2f} for {', '.join(ids)}.",
+                                 tool_calls=[call], finish_reason="tool_calls")
+        return ModelResponse(text=self._refund_answer(r), finish_reason="stop")
+
+    @staticmethod
+    def _found_orders(r: _Reading) -> list[dict[str, Any]]:
+        """The orders the lookup returned, as far as the model can read them."""
+        orders = _json_object(r.ok(ORDERS)).get("orders")
+        out = []
+        for o in orders if isinstance(orders, list) else []:
+            if isinstance(o, dict) and isinstance(o.get("id"), str) and isinstance(o.get("amount"), (int, float)):
+                out.append({"id": o["id"], "amount": float(o["amount"])})
+        return out
+
+    def _refund_answer(self, r: _Reading) -> str:
+        refund = _json_object(r.ok(REFUND))
+        if refund.get("status") == "refunded":
+            ids = refund.get("order_ids") or [o["id"] for o in self._found_orders(r)]
+            return (f"Hi, I'm sorry your orders never arrived. I've refunded ${float(refund.get('amount', 0)):.2f} "
+                    f"for {', '.join(map(str, ids))} (refund {refund.get('refund_id', '')}); "
+                    "it will reach your card within 5 business days.")
+        return (f"Hi, I'm sorry your orders never arrived. I could not complete the refund for {r.customer_id} "
+                "yet; a teammate will follow up today.")
 
     # -- never done ----------------------------------------------------------------
 
