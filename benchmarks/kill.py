@@ -34,7 +34,7 @@ from pathlib import Path
 import anyio
 
 import loopwise as lw
-from loopwise._control import local_runs
+from loopwise._control import _controls, local_runs
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ToolCall
 
 KILLER = """
@@ -173,6 +173,10 @@ def main() -> None:
                     results.append((name, label, latencies))
         finally:
             if server is not None:
+                for name, control in backends:  # stop the plane's threads before its server
+                    plane = _controls.pop(("redis", control), None)
+                    if plane is not None:
+                        plane.close()
                 server.kill()
                 server.wait()
     print(f"kill latency: from kill() returning to run_finished, {args.runs} concurrent runs in one process")

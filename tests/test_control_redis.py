@@ -255,6 +255,25 @@ def test_attach_writes_leases_the_heartbeat_renews_them_detach_releases_them(ser
     assert plane.describe() == f"redis ({server.url}, prefix 'loopwise')"
 
 
+def test_close_stops_the_threads(server, raw, runs):
+    plane = RedisControl(server.url)
+    runs.attach(plane, "r")
+    wait_until(lambda: "r" in plane.leases() and subscribed(raw), what="the lease")
+    threads = list(plane._threads.values())
+    assert len(threads) == 2 and all(t.is_alive() for t in threads)
+    plane.detach("r")
+    plane.close()
+    assert not any(t.is_alive() for t in threads)
+    wait_until(lambda: not subscribed(raw), what="the end of the subscription")
+    # Used again, it starts again.
+    runs.attach(plane, "r2")
+    wait_until(lambda: "r2" in plane.leases() and subscribed(raw), what="the lease after close")
+    plane.record_kills([KillRequest("r2", "after close", requester(), time.time())])
+    assert runs.wait("r2").reason == "after close"
+    plane.detach("r2")
+    plane.close()
+
+
 def test_prefixes_keep_deployments_apart(server, raw, runs, planes, tmp_path):
     a = planes(server.url, prefix="blue")
     b = planes(server.url, prefix="green")
@@ -470,6 +489,26 @@ def test_redis_restarted_mid_way_leases_come_back_and_later_kills_land(server, r
     assert len([m for m in messages if "is back after" in m]) == 1, messages
 
 
+def test_an_outage_with_no_run_here_is_not_logged_and_a_later_one_is(server, raw, runs, planes, caplog):
+    plane = planes(server.url)
+    runs.attach(plane, "gone")
+    wait_until(lambda: "gone" in plane.leases() and subscribed(raw), what="the lease")
+    plane.detach("gone")
+    wait_until(lambda: plane.leases() == {}, what="the release")
+    with caplog.at_level(logging.INFO, logger="loopwise"):
+        server.stop()
+        time.sleep(1.5)  # the subscriber notices and retries, quietly: no run here cares
+        assert not [r for r in caplog.records if r.name == "loopwise"]
+        server.start()
+        wait_until(lambda: subscribed(raw), what="the subscription")
+        runs.attach(plane, "next")
+        wait_until(lambda: "next" in plane.leases(), what="the lease")
+        server.stop()
+        wait_until(lambda: any("is unreachable" in r.getMessage() for r in caplog.records), what="the warning")
+        server.start()
+        wait_until(lambda: any("is back after" in r.getMessage() for r in caplog.records), what="the log line")
+
+
 def test_a_kill_stored_while_the_subscriber_is_away_is_still_delivered(server, raw, runs, planes, monkeypatch):
     monkeypatch.setattr(_control_redis, "RECHECK_S", 600.0)  # the periodic backstop is out of the picture
     plane = planes(server.url)
@@ -652,3 +691,38 @@ async def test_a_run_goes_on_through_a_redis_restart_and_a_later_kill_lands(serv
     assert r.stop_reason == "killed" and r.iterations == 4
     assert store.load("through")[-2].reason == "from a child"
     store.close()
+
+
+def test_loopwise_kill_reaches_a_run_on_a_machine_without_its_database(server, tmp_path, planes, cached_controls):
+    # The runner writes its log to its own database; the operator's machine has none:
+    # the run's lease in Redis is enough for `loopwise kill RUN_ID --redis URL`.
+    db = tmp_path / "runner.db"
+    env = _env(tmp_path, LW_TEST_DIR=str(tmp_path), LOOPWISE_REDIS_URL=server.url)
+    with open(tmp_path / "child.out", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "loopwise", "run", "tests.durable_agents:sleeper",
+                                 "--db", str(db), "--task", "sleep"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    plane = planes(server.url)
+    try:
+        wait_until(lambda: len(plane.leases()) == 1 or proc.poll() is not None, timeout=60, what="the lease")
+        assert proc.poll() is None, (tmp_path / "child.out").read_text()
+        [run_id] = plane.leases()
+        operator = _env(tmp_path)
+        killer = subprocess.run(
+            [sys.executable, "-m", "loopwise", "kill", run_id, "--redis", server.url, "--reason", "from afar",
+             "--db", str(tmp_path / "operator-has-no.db")],
+            cwd=ROOT, env=operator, capture_output=True, text=True, timeout=60,
+        )
+        assert killer.returncode == 0, killer.stderr
+        assert "kill sent to 1 run" in killer.stdout
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "operator-has-no.db").exists()
+    store = lw.SQLiteStore(db)
+    try:
+        finished = store.load(run_id)[-1]
+    finally:
+        store.close()
+    assert finished.stop_reason == "killed" and finished.reason.endswith(": from afar")

@@ -29,6 +29,7 @@ def test_top_level_exports():
         "ModelError",
         "ModelHTTPError",
         "ModelTimeoutError",
+        "Redactor",
         "RunContext",
         "RunResult",
         "RunawayDetector",

@@ -27,6 +27,7 @@ from ._errors import ToolRetry as ToolRetry
 from ._errors import UserError as UserError
 from ._events import Event as Event
 from ._limits import Limits as Limits
+from ._redact import Redactor as Redactor
 from ._messages import Message as Message
 from ._messages import ToolSpec as ToolSpec
 from ._result import RunResult as RunResult
@@ -64,6 +65,7 @@ __all__ = [
     "ModelError",
     "ModelHTTPError",
     "ModelTimeoutError",
+    "Redactor",
     "RunContext",
     "RunResult",
     "RunawayDetector",

@@ -403,7 +403,9 @@ class Agent:
             UserError: no such run; it completed (stop reason ``done``, or a limit); or
                 another live process is executing it (it holds the run's lease).
         """
-        return await self._execute(self._prepare_resume(run_id, deps, budget))
+        # Taking the lease may be a network round trip (Redis): off the event loop.
+        run = await anyio.to_thread.run_sync(self._prepare_resume, run_id, deps, budget)
+        return await self._execute(run)
 
     def resume_sync(self, run_id: str, *, deps: Any = None, budget: Budget | None = None) -> RunResult:
         """`resume`, for code without an event loop."""

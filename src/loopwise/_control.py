@@ -63,6 +63,9 @@ POLL_S = 0.02
 HEARTBEAT_S = 2.0
 #: A lease not refreshed for this long belongs to a process presumed dead.
 LEASE_TTL_S = 15.0
+#: An unfinished run without a lease whose last event is this recent is presumed running:
+#: leases are written at the watcher's next poll, not when the run starts.
+LEASE_GRACE_S = 2.0
 
 HOST = socket.gethostname()
 
@@ -334,8 +337,11 @@ class LocalControl(ControlPlane):
         self._to_attach: list[LiveRun] = []
         self._to_detach: list[str] = []
         self._wake = threading.Event()
+        self._idle = True  # the watcher waits for a first run (not polling)
         self._thread: threading.Thread | None = None
         self._last_kill_id = 0
+        # Leases this process has written and not deleted yet (the watcher's, and `acquire`'s).
+        self._written: set[str] = set()
 
     def describe(self) -> str:
         return f"local ({self.path})"
@@ -353,13 +359,14 @@ class LocalControl(ControlPlane):
                 self._thread = threading.Thread(target=self._watch, name=f"loopwise-control-{self.path.name}",
                                                 daemon=True)
                 self._thread.start()
-        self._wake.set()
+            idle = self._idle
+        if idle:  # otherwise the watcher takes it at its next poll, with others: one transaction
+            self._wake.set()
 
     def _detach(self, run_id: str) -> None:
         with self._lock:
             self._runs.pop(run_id, None)
             self._to_detach.append(run_id)
-        self._wake.set()
 
     # -- the watcher thread -------------------------------------------------------
 
@@ -377,8 +384,8 @@ class LocalControl(ControlPlane):
                 _log.warning("loopwise control plane (%s): %s; retrying", self.path, exc)
                 time.sleep(0.2)
             with self._lock:
-                idle = not self._runs and not self._to_attach and not self._to_detach
-            self._wake.clear()
+                idle = self._idle = not self._runs and not self._to_attach and not self._to_detach
+                self._wake.clear()
             self._wake.wait(None if idle else POLL_S)
 
     def _tick(self, conn: sqlite3.Connection) -> None:
@@ -386,6 +393,13 @@ class LocalControl(ControlPlane):
             attach, self._to_attach = self._to_attach, []
             detach, self._to_detach = self._to_detach, []
             watching = bool(self._runs)
+            # A run that came and went within one poll never needed a lease: nobody could
+            # have looked for it yet (kills for it were delivered all the same).
+            gone = set(detach)
+            attach = [r for r in attach if r.run_id not in gone]
+            detach = [run_id for run_id in detach if run_id in self._written]
+            self._written.update(r.run_id for r in attach)
+            self._written.difference_update(detach)
         if attach or detach:
             now = time.time()
             owner = _owner()
@@ -438,6 +452,7 @@ class LocalControl(ControlPlane):
                     (run_id, _owner(), HOST, os.getpid(), json.dumps(list(tags)), now, now),
                 )
                 conn.execute("COMMIT")
+                self._written.add(run_id)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -624,6 +639,8 @@ def run_status(run_id: str, store: EventStore, plane: ControlPlane) -> str:
     last = events[-1] if events else None
     if last is not None and last.kind == "run_finished":
         return f"finished:{last.stop_reason}"  # type: ignore[union-attr]
+    if lease is None and last is not None and time.time() - last.ts < LEASE_GRACE_S:
+        return "running"  # its process writes leases at its next poll: a kill still reaches it
     return "orphaned"
 
 

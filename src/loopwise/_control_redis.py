@@ -180,8 +180,6 @@ class RedisControl(ControlPlane):
         # Blocking calls (kill, resume, views): one reconnection attempt covers a pooled
         # connection that a restart of the server left dead.
         self._client = self._new_client(Retry(ExponentialBackoff(cap=0.2, base=0.02), 1))
-        self._put = self._client.register_script(_PUT)
-        self._drop = self._client.register_script(_DROP)
         self._cas = self._client.register_script(_CAS)
 
         self._lock = threading.Lock()
@@ -191,10 +189,11 @@ class RedisControl(ControlPlane):
         self._to_detach: list[str] = []
         self._resync = True
         self._wake = threading.Event()
-        self._closed = threading.Event()
+        self._stop = threading.Event()  # set by close(): the current threads end
         self._threads: dict[str, threading.Thread] = {}
         self._failing: set[str] = set()
         self._down_since = 0.0
+        self._outage_logged = False
 
     def _new_client(self, retry: Retry) -> redis.Redis:
         try:
@@ -226,18 +225,17 @@ class RedisControl(ControlPlane):
     # -- the run's side: never blocks -----------------------------------------------
 
     def _attach(self, run: LiveRun) -> None:
-        if self._closed.is_set():
-            raise UserError(f"{self.describe()} was closed; create a new one")
         now = time.time()
         with self._lock:
             self._runs[run.run_id] = run
             self._acquired.setdefault(run.run_id, now)
             self._to_attach.append(run.run_id)
-            # Started on the first run; started again in a forked child (threads do not survive a fork).
+            # Started on the first run, after close(), and in a forked child (threads do not survive a fork).
             for name, target in (("writer", self._write_loop), ("subscriber", self._listen_loop)):
                 thread = self._threads.get(name)
                 if thread is None or not thread.is_alive():
-                    thread = threading.Thread(target=target, name=f"loopwise-redis-{name}", daemon=True)
+                    thread = threading.Thread(target=target, args=(self._stop,), name=f"loopwise-redis-{name}",
+                                              daemon=True)
                     self._threads[name] = thread
                     thread.start()
         self._wake.set()
@@ -252,13 +250,15 @@ class RedisControl(ControlPlane):
     # -- outages: logged once each ----------------------------------------------------
 
     def _down(self, who: str, exc: BaseException) -> None:
+        """`who` (a thread) lost Redis. Said once per outage, and only while runs are here to care."""
         with self._lock:
-            first = not self._failing
-            self._failing.add(who)
-            if first:
+            if not self._failing:
                 self._down_since = time.monotonic()
                 self._resync = True
-        if first:
+            self._failing.add(who)
+            say = not self._outage_logged and bool(self._runs)
+            self._outage_logged |= say
+        if say:
             _log.warning("loopwise control plane: Redis at %s is unreachable (%s: %s); runs go on, and kills "
                          "from other processes reach them once it is back; reconnecting",
                          self._shown, type(exc).__name__, exc)
@@ -268,27 +268,29 @@ class RedisControl(ControlPlane):
             if who not in self._failing:
                 return
             self._failing.discard(who)
-            back = not self._failing
+            say = not self._failing and self._outage_logged
+            if not self._failing:
+                self._outage_logged = False
             n = len(self._runs)
-        if back:
+        if say:
             _log.warning("loopwise control plane: Redis at %s is back after %.1f s; restoring the leases of "
                          "%d runs and checking them for kills", self._shown, time.monotonic() - self._down_since, n)
 
-    def _backoff(self, delay: float) -> float:
+    def _backoff(self, delay: float, stop: threading.Event) -> float:
         """Wait `delay` (with jitter) unless closed; the next delay."""
-        self._closed.wait(delay * random.uniform(0.8, 1.2))
+        stop.wait(delay * random.uniform(0.8, 1.2))
         return min(delay * 2, _BACKOFF_S[1])
 
     # -- the writer thread ------------------------------------------------------------
 
-    def _write_loop(self) -> None:
+    def _write_loop(self, stop: threading.Event) -> None:
         client = self._new_client(Retry(NoBackoff(), 1))
         put = client.register_script(_PUT)
         drop = client.register_script(_DROP)
         next_beat = next_check = 0.0
         delay = _BACKOFF_S[0]
         try:
-            while not self._closed.is_set():
+            while not stop.is_set():
                 with self._lock:
                     attach, self._to_attach = self._to_attach, []
                     detach, self._to_detach = self._to_detach, []
@@ -308,7 +310,7 @@ class RedisControl(ControlPlane):
                         self._to_detach[:0] = detach
                         self._resync = True
                     self._down("writer", exc)
-                    delay = self._backoff(delay)
+                    delay = self._backoff(delay, stop)
                     continue
                 except Exception as exc:  # noqa: BLE001 - a server-side error (OOM, READONLY replica, ...)
                     with self._lock:
@@ -316,7 +318,7 @@ class RedisControl(ControlPlane):
                         self._resync = True
                     _log.warning("loopwise control plane: Redis at %s refused a write (%s: %s); retrying",
                                  self._shown, type(exc).__name__, exc, exc_info=not isinstance(exc, redis.RedisError))
-                    delay = self._backoff(max(delay, 1.0))
+                    delay = self._backoff(max(delay, 1.0), stop)
                     continue
                 delay = _BACKOFF_S[0]
                 self._up("writer")
@@ -375,15 +377,15 @@ class RedisControl(ControlPlane):
 
     # -- the subscriber thread --------------------------------------------------------
 
-    def _listen_loop(self) -> None:
+    def _listen_loop(self, stop: threading.Event) -> None:
         client = self._new_client(Retry(NoBackoff(), 0))
         delay = _BACKOFF_S[0]
         try:
-            while not self._closed.is_set():
+            while not stop.is_set():
                 pubsub = client.pubsub()
                 try:
                     pubsub.subscribe(self._channel)
-                    while not self._closed.is_set():
+                    while not stop.is_set():
                         message = pubsub.get_message(timeout=_LISTEN_S)
                         if message is None:
                             continue
@@ -398,11 +400,11 @@ class RedisControl(ControlPlane):
                             self._on_message(message["data"])
                 except _UNAVAILABLE as exc:
                     self._down("subscriber", exc)
-                    delay = self._backoff(delay)
+                    delay = self._backoff(delay, stop)
                 except Exception as exc:  # noqa: BLE001 - the thread must not die: runs would go deaf
                     _log.warning("loopwise control plane: the Redis subscriber failed (%s: %s); subscribing again",
                                  type(exc).__name__, exc, exc_info=not isinstance(exc, redis.RedisError))
-                    delay = self._backoff(max(delay, 1.0))
+                    delay = self._backoff(max(delay, 1.0), stop)
                 finally:
                     try:
                         pubsub.close()
@@ -504,11 +506,15 @@ class RedisControl(ControlPlane):
             return None
 
     def close(self) -> None:
-        """Stop the threads and close the connections (leases of attached runs expire on their own)."""
-        self._closed.set()
-        self._wake.set()
+        """Stop the threads and close the connections (leases of attached runs expire on their own).
+
+        Attaching a run afterwards starts them again.
+        """
         with self._lock:
             threads, self._threads = list(self._threads.values()), {}
+            stop, self._stop = self._stop, threading.Event()
+        stop.set()
+        self._wake.set()
         for t in threads:
             if t is not threading.current_thread():
                 t.join(timeout=5.0)

@@ -10,9 +10,10 @@ as attributes of the record:
 ```
 logging.getLogger("loopwise")   INFO     decisions (limit_hit, nudge, context_folded, run_resumed,
                                           a breaker closing, run_finished: done)
+                                INFO     kill_received (an operator's decision, not a failure)
                                 WARNING  failures and fallbacks (tool_attempt_failed, tool_fallback,
                                           model_attempt_failed, breaker opening, thread_abandoned,
-                                          kill_received, a tool call that ended in error,
+                                          a tool call that ended in error,
                                           run_finished: a limit, killed)
                                 ERROR    run_finished: error
 ```
@@ -89,12 +90,13 @@ def _breaker_changed(e: Any) -> tuple[int, str, dict[str, Any]]:
 
 
 def _thread_abandoned(e: Any) -> tuple[int, str, dict[str, Any]]:
-    return (_WARNING, f"sync tool {e.name} timed out; its thread {e.thread} is abandoned and runs on detached",
+    return (_WARNING, f"sync tool {e.name} was cancelled (a timeout or a kill); its thread {e.thread} is "
+                      "abandoned and runs on detached",
             {"tool": e.name, "call_id": e.call_id, "thread_name": e.thread})
 
 
 def _kill_received(e: Any) -> tuple[int, str, dict[str, Any]]:
-    return (_WARNING, f"killed by {e.by}: {e.reason}",
+    return (_INFO, f"killed by {e.by}: {e.reason}",
             {"by": e.by, "reason": e.reason, "halt_latency_s": e.ts - e.requested_ts})
 
 
@@ -136,7 +138,7 @@ LOGGED_KINDS = frozenset(_DESCRIBE)
 # The lowest level each kind logs at: below it, nothing is built at all.
 _MIN_LEVEL: dict[str, int] = {kind: _INFO for kind in _DESCRIBE}
 _MIN_LEVEL.update(tool_attempt_failed=_WARNING, tool_fallback=_WARNING, tool_call_finished=_WARNING,
-                  model_attempt_failed=_WARNING, thread_abandoned=_WARNING, kill_received=_WARNING)
+                  model_attempt_failed=_WARNING, thread_abandoned=_WARNING)
 
 
 def log_event(event: Event) -> None:

@@ -789,14 +789,11 @@ class _CallReporter:
 
     def breaker_changed(self, change: BreakerChange) -> None:
         run = self.run
-        _log.warning("circuit breaker of %s: %s -> %s (%s)", change.tool, change.old, change.new, change.reason)
         run._emit(BreakerChanged(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
                                  name=change.tool, old=change.old, new=change.new, reason=change.reason))
 
     def thread_abandoned(self, tool: str, thread: str) -> None:
         run = self.run
-        _log.warning("run %s: sync tool %s timed out; its thread %s is abandoned and runs on detached",
-                     run.run_id, tool, thread)
         run._emit(ThreadAbandoned(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
                                   call_id=self.call_id, name=tool, thread=thread))
 
@@ -815,8 +812,6 @@ class _ModelAttemptReporter:
         if record.ok or record.error is None:
             return
         run = self.run
-        _log.warning("run %s: model call attempt %d on %s failed: %s", run.run_id, record.attempt,
-                     record.model, record.reason)
         run._emit(ModelAttemptFailed(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
                                      purpose=self.purpose, model=record.model,  # type: ignore[arg-type]
                                      attempt=record.attempt, error=record.error, latency_s=record.latency_s,

@@ -16,6 +16,8 @@ run id, a bad input line); 130 when interrupted.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import typer
@@ -35,6 +37,21 @@ __all__ = ["main", "run_main"]
 def _error(message: str) -> None:
     # One line on stderr, never wrapped or styled: scripts and tests read it.
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _route_logging() -> None:
+    """The CLI prints runs itself: the `loopwise` logger's records go to stderr only from
+    ERROR up (``$LOOPWISE_LOG_LEVEL``, e.g. ``INFO``, shows more), unless the host set up logging."""
+    logger = logging.getLogger("loopwise")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    level = os.environ.get("LOOPWISE_LOG_LEVEL", "ERROR").strip().upper() or "ERROR"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("loopwise %(levelname)s %(message)s"))
+    handler.setLevel(logging.getLevelName(level) if level in logging.getLevelNamesMapping() else logging.ERROR)
+    logger.addHandler(handler)
+    logger.setLevel(min(handler.level, logger.getEffectiveLevel()))
+    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,5 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_main() -> None:
-    """The `loopwise` console script."""
+    """The `loopwise` console script (and `python -m loopwise`)."""
+    _route_logging()
     sys.exit(main())

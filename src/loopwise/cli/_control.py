@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ import typer
 from .._control import control_for, kill, run_status
 from .._errors import UserError
 from .._render import render_run
+from .._sqlite import default_db_path
+from .._store import EventStore, MemoryStore
 from .._signals import install_signal_handlers, shutdown_requested
 from ._common import CLIError, DbOption, open_existing_store, resolve_run_id, stdout_console
 from ._run import _agent_store, load_agent
@@ -37,12 +40,18 @@ def kill_command(
     """Stop runs from any process: they cancel what is in flight and end as `killed`."""
     if sum((run_id is not None, tag is not None, all_runs)) != 1:
         raise CLIError("give exactly one of: RUN_ID, --tag TAG, --all")
-    store = open_existing_store(db)
+    plane_url = redis or os.environ.get("LOOPWISE_REDIS_URL") or None
+    path = db if db is not None else default_db_path()
+    # On Redis, a run on another machine has its log there and its lease here: no local database needed.
+    store: EventStore = open_existing_store(db) if plane_url is None or path.exists() else MemoryStore()
     console = stdout_console()
     try:
-        if run_id is not None:
+        plane = control_for(store, redis)
+        elsewhere = (run_id is not None and plane_url is not None and not store.has_run(run_id)
+                     and (lease := plane.leases([run_id]).get(run_id)) is not None and lease.live())
+        if run_id is not None and not elsewhere:
             run_id = resolve_run_id(store, run_id)
-            status = run_status(run_id, store, control_for(store, redis))
+            status = run_status(run_id, store, plane)
             if status.startswith("finished:"):
                 console.print(f"run {run_id} already finished ({status.partition(':')[2]}); nothing to kill",
                               markup=False)
