@@ -13,6 +13,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import loopwise as lw
 from loopwise.cli import main
@@ -332,3 +334,93 @@ async def test_a_run_cannot_be_resumed_while_it_runs_in_this_process():
     result = await agent.resume("busy")
     assert result.stop_reason == "done" and result.output == "answered after resume"
     assert result.iterations == 2  # the THINK cancelled by the kill counts
+
+
+# -- kill anywhere, resume, repeat: the invariants hold ------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kill_at=st.lists(st.integers(1, 40), max_size=4, unique=True),
+       window=st.sampled_from([None, 1]))
+def test_killed_anywhere_and_resumed_every_call_runs_at_most_once_and_the_run_completes(kill_at, window):
+    # Steps are numbered as they happen (each model call, each tool call start); a kill
+    # is sent at the chosen steps, from inside the run, and the run is resumed until done.
+    store = lw.MemoryStore()
+    run_id = "fuzzed"
+    step = [0]
+    completed: dict[str, int] = {}
+
+    def maybe_kill() -> None:
+        step[0] += 1
+        if step[0] in kill_at:
+            lw.kill(run_id, reason=f"step {step[0]}", store=store)
+
+    async def body(kind: str, n: int, ctx: lw.RunContext) -> str:
+        maybe_kill()
+        await anyio.sleep(0)  # a kill lands here: the call does not complete
+        completed[ctx.call_id] = completed.get(ctx.call_id, 0) + 1
+        return f"{kind} {n} done"
+
+    @lw.tool
+    async def write(n: int, ctx: lw.RunContext) -> str:
+        return await body("write", n, ctx)
+
+    @lw.tool(idempotent=True)
+    async def read(n: int, ctx: lw.RunContext) -> str:
+        return await body("read", n, ctx)
+
+    requests: list[ModelRequest] = []
+
+    async def fn(request: ModelRequest) -> ModelResponse:
+        requests.append(request)
+        maybe_kill()
+        await anyio.sleep(0)
+        k = sum(1 for m in request.messages if m.role == "assistant" and m.tool_calls)
+        if not request.tools:
+            return ModelResponse(text="best effort", usage=Usage(10, 2))
+        if k < 4:
+            return ModelResponse(tool_calls=[ToolCall("write", {"n": k}), ToolCall("read", {"n": k})],
+                                 usage=Usage(10 + k, 2))
+        return ModelResponse(text="all done", usage=Usage(20, 2))
+
+    context = None if window is None else lw.SlidingWindow(keep_last=window, summarize=False)
+    agent = lw.Agent(FunctionModel(fn, price=Price(1.0, 1.0)), tools=[write, read], store=store,
+                     context=context, runaway=lw.RunawayDetector(enabled=False),
+                     limits=lw.Limits(max_iterations=12, budget_usd=1.0))
+
+    async def main() -> lw.RunResult:
+        result = await agent.run("go", run_id=run_id)
+        for _ in range(len(kill_at) + 1):
+            if result.stop_reason != "killed":
+                break
+            result = await agent.resume(run_id)
+        return result
+
+    result = anyio.run(main)
+    events = store.load(run_id)
+    assert result.stop_reason in ("done", "max_iterations"), (result.stop_reason, result.reason)
+    kills = sum(1 for e in events if e.kind == "kill_received")
+    sent = [k for k in kill_at if k <= step[0]]
+    assert (kills >= 1) == bool(sent) and kills <= len(sent)  # the fuzzing did kill the run
+    # No tool body completed twice; a non-idempotent call that was cut short never ran again.
+    assert all(n == 1 for n in completed.values()), completed
+    starts = [e for e in events if e.kind == "tool_call_started"]
+    for e in events:
+        if e.kind == "tool_call_finished" and e.outcome == "ok":
+            assert completed.get(e.call_id) == 1
+    for call_id in {e.call_id for e in starts if e.name == "write"}:
+        attempts = [e for e in starts if e.call_id == call_id]
+        assert len(attempts) == 1, f"non-idempotent {call_id} started {len(attempts)} times"
+    # One log: gap-free, one end per segment, the last one is the result.
+    assert [e.seq for e in events] == list(range(len(events)))
+    ends = [e for e in events if e.kind == "run_finished"]
+    assert len(ends) == 1 + sum(1 for e in events if e.kind == "run_resumed")
+    # The model was never shown a tool call without its result.
+    for request in requests:
+        answered = {m.tool_call_id for m in request.messages if m.role == "tool"}
+        asked = [c.id for m in request.messages if m.role == "assistant" for c in m.tool_calls]
+        assert set(asked) <= answered, (asked, answered)
+    # Costs add up across segments: every model call, plus in-flight charges (none here:
+    # a kill cancels a call, which is not billed).
+    billed = sum(e.cost_usd for e in events if e.kind == "model_call_finished")
+    assert result.cost_usd == pytest.approx(billed)
