@@ -16,7 +16,7 @@ from ._expect import EXPECT_PROMPT, augment_spec
 from ._events import Event, RunResumed, RunStarted
 from ._budget import Budget
 from ._context import ContextPolicy, FullContext
-from ._control import ControlPlane, LiveRun, control_for, requester
+from ._control import ControlPlane, control_for, requester
 from ._resume import check_resumable, restore
 from ._limits import Limits
 from ._prices import price_for, worst_price
@@ -357,7 +357,8 @@ class Agent:
         start_watchdog()
         _active_run_ids.add(run.run_id)
         control = self.control
-        control.attach(LiveRun(run.run_id, run.tags, run.kill, asyncio.get_running_loop(), since=run.since))
+        run.loop = asyncio.get_running_loop()
+        control.attach(run)  # a Run is its own LiveRun: one object fewer per run
         try:
             finished = await run.execute()
             if self.redact_event is not None:  # the result is read from the log: redacted as it is

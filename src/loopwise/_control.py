@@ -129,7 +129,11 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass(slots=True, eq=False)
 class LiveRun:
-    """A run executing in this process, as the control plane sees it."""
+    """A run executing in this process, as the control plane sees it.
+
+    What a backend uses of it: `run_id`, `tags` and `deliver`. The loop's `Run` has the
+    same three (so it is attached as it is); this class is for anything else to attach.
+    """
 
     run_id: str
     tags: tuple[str, ...]

@@ -15,7 +15,9 @@ the end, so an iteration's events are durable before the next model call starts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -115,11 +117,13 @@ class Run:
         "cost_usd",
         "counts_tokens",
         "deadline",
+        "delivered",
         "current",
         "deps",
         "iteration",
         "kill_scope",
         "killed",
+        "loop",
         "model_calls",
         "monitor",
         "output",
@@ -180,6 +184,9 @@ class Run:
         self.started_mono = 0.0
         self.killed: KillRequest | None = None
         self.kill_scope: anyio.CancelScope | None = None
+        #: The event loop the run executes on (set when it starts): where kills are delivered.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.delivered = False
         #: Set by `resume`: where this segment picks up, and the active time of the earlier ones.
         self.resumption: Resumption | None = None
         self.active_before = 0.0
@@ -227,7 +234,7 @@ class Run:
         self.started_mono = _mono()
         try:
             try:
-                stop = await self._loop_until_killed()
+                stop = await self._guarded_loop()
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True), anyio.move_on_after(FINISH_TIMEOUT_S):
                     await self._finish(_Stop("killed", "cancelled by caller"))
@@ -241,6 +248,24 @@ class Run:
         finally:
             current_run.reset(token)
 
+    def deliver(self, request: KillRequest) -> None:
+        """Hand a kill request to the run from any thread (the control plane's side; once).
+
+        A request stored before `since` was for an earlier segment (before a resume took
+        the run's lease): not delivered again.
+        """
+        if self.delivered or request.ts < self.since:
+            return
+        self.delivered = True
+        loop = self.loop
+        if loop is None:
+            self.kill(request)
+            return
+        try:
+            loop.call_soon_threadsafe(self.kill, request)
+        except RuntimeError:  # the loop is closed: the run is over
+            pass
+
     def kill(self, request: KillRequest) -> None:
         """A kill request reached the run (called on its event loop): cancel what is in flight, stop.
 
@@ -252,32 +277,31 @@ class Run:
         if self.kill_scope is not None:
             self.kill_scope.cancel()
 
-    async def _loop_until_killed(self) -> _Stop:
-        """The loop inside the kill scope: a kill cancels the model call and tool calls in flight."""
-        with anyio.CancelScope() as self.kill_scope:
+    async def _guarded_loop(self) -> _Stop:
+        """The loop inside one cancel scope: a kill cancels it, and so does the deadline.
+
+        Whatever is in flight then (the model call, the tool calls) is cancelled. One
+        scope for both (a scope is a frame and a timer entry per run; 1000 runs at once
+        feel each).
+        """
+        deadline_s = self.agent.limits.deadline_s
+        deadline = math.inf
+        if deadline_s is not None:
+            # The deadline counts active time: a resumed run has only what its earlier segments left.
+            deadline = self.deadline = anyio.current_time() + deadline_s - self.active_before
+        with anyio.CancelScope(deadline=deadline) as self.kill_scope:
             if self.killed is None:
-                return await self._loop_until_deadline()
+                return await self._loop()
         self.kill_scope = None
         request = self.killed
-        assert request is not None
+        if request is None:  # the deadline
+            detail = f"deadline of {deadline_s:g} s reached during iteration {self.iteration}"
+            self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=self.iteration,
+                                limit="deadline", detail=detail))
+            return _Stop("deadline", detail)
         self._emit(KillReceived(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=self.iteration,
                                 by=request.by, reason=request.reason, requested_ts=request.ts))
         return _Stop("killed", f"killed by {request.by}: {request.reason}")
-
-    async def _loop_until_deadline(self) -> _Stop:
-        """The loop, inside the run's deadline: whatever is in flight when it expires is cancelled."""
-        deadline_s = self.agent.limits.deadline_s
-        if deadline_s is None:
-            return await self._loop()
-        # The deadline counts active time: a resumed run has only what its earlier segments left.
-        self.deadline = anyio.current_time() + deadline_s - self.active_before
-        with anyio.CancelScope(deadline=self.deadline) as scope:
-            return await self._loop()
-        assert scope.cancelled_caught
-        detail = f"deadline of {deadline_s:g} s reached during iteration {self.iteration}"
-        self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=self.iteration,
-                            limit="deadline", detail=detail))
-        return _Stop("deadline", detail)
 
     def _out_of_time(self, iteration: int) -> str | None:
         """Why another iteration would not fit before the deadline (from the ones so far), if so."""
