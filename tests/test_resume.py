@@ -424,3 +424,75 @@ def test_killed_anywhere_and_resumed_every_call_runs_at_most_once_and_the_run_co
     # a kill cancels a call, which is not billed).
     billed = sum(e.cost_usd for e in events if e.kind == "model_call_finished")
     assert result.cost_usd == pytest.approx(billed)
+
+
+async def test_a_run_that_ended_in_error_resumes_once_the_provider_is_back():
+    # The provider fails every attempt of the second THINK: the run ends `error`. Later
+    # the provider is back: resume goes on from the completed first iteration.
+    from loopwise.models import ModelPolicy
+
+    down = [True]
+    calls: list[int] = []
+
+    @lw.tool
+    def lookup(n: int) -> str:
+        calls.append(n)
+        return f"record {n}"
+
+    def fn(request: ModelRequest) -> ModelResponse:
+        n = sum(1 for m in request.messages if m.role == "tool")
+        if n == 0:
+            return ModelResponse(tool_calls=[ToolCall("lookup", {"n": 1})], usage=Usage(10, 2))
+        if down[0]:
+            raise lw.ModelHTTPError("overloaded", status_code=503)
+        return ModelResponse(text=f"answer from {n} records", usage=Usage(10, 2))
+
+    store = lw.MemoryStore()
+    agent = lw.Agent(FunctionModel(fn, price=Price(1.0, 1.0)), tools=[lookup], store=store,
+                     model_policy=ModelPolicy(retries=1, backoff_initial_s=0.01))
+    failed = await agent.run("go", run_id="flaky")
+    assert failed.stop_reason == "error" and failed.iterations == 2
+    down[0] = False
+    result = await agent.resume("flaky")
+    assert result.stop_reason == "done" and result.output == "answer from 1 records"
+    assert calls == [1]  # the completed tool call is not repeated
+    assert result.iterations == 3  # the failed THINK counted
+    resumed = next(e for e in store.load("flaky") if e.kind == "run_resumed")
+    assert resumed.previous_end == "error" and resumed.interrupted_calls == []
+    assert result.cost_usd == pytest.approx(sum(e.cost_usd for e in store.load("flaky")
+                                                 if e.kind == "model_call_finished"))
+
+
+async def test_killed_during_the_best_effort_answer_resume_asks_for_it_again():
+    in_final = anyio.Event()
+    answered = []
+
+    @lw.tool
+    def lookup() -> str:
+        return "data"
+
+    async def fn(request: ModelRequest) -> ModelResponse:
+        if not request.tools:
+            if not in_final.is_set():
+                in_final.set()
+                await anyio.sleep(60)  # killed here, the first time
+            answered.append(True)
+            return ModelResponse(text="best effort: data")
+        return ModelResponse(tool_calls=[ToolCall("lookup", {})])
+
+    store = lw.MemoryStore()
+    agent = lw.Agent(FunctionModel(fn), tools=[lookup], store=store,
+                     limits=lw.Limits(max_iterations=1, budget_usd=None))
+    async with anyio.create_task_group() as tg:
+        async def go():
+            await agent.run("t", run_id="stopping")
+
+        tg.start_soon(go)
+        await in_final.wait()
+        lw.kill("stopping", store=store)
+    result = await agent.resume("stopping")
+    # The limit was already hit: the resumed segment only asks for the answer, then stops for it.
+    assert result.stop_reason == "max_iterations" and result.output == "best effort: data"
+    assert result.iterations == 1 and answered == [True]
+    kinds = [e.kind for e in store.load("stopping")]
+    assert kinds.count("limit_hit") == 1 and kinds.count("iteration_started") == 1
