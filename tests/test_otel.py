@@ -345,11 +345,7 @@ def test_a_run_in_flight_exports_what_it_has(run_events):
 def test_a_resumed_run_is_one_trace_with_its_segments_apart(run_events):
     import dataclasses
 
-    from loopwise import _events
-
-    resumed_cls = getattr(_events, "RunResumed", None)
-    if resumed_cls is None:
-        pytest.skip("this tree has no run_resumed event yet")
+    from loopwise._events import RunResumed as resumed_cls
     cut = next(i for i, e in enumerate(run_events) if isinstance(e, ToolCallStarted) and e.call_id == "c")
     first = run_events[: cut + 1]  # the process died while tool call c ran
     crash_ts = first[-1].ts

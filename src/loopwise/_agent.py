@@ -428,9 +428,9 @@ class Agent:
         store = self.store
         if not store.has_run(run_id):
             raise UserError(f"no run with id {run_id!r} in {store.describe()}; `loopwise runs` lists the runs there")
-        check_resumable(run_id, store.load(run_id))  # a clear error before taking the lease
-        control = self.control
         events = store.load(run_id)
+        check_resumable(run_id, events)  # a clear error before taking the lease
+        control = self.control
         started = events[0]
         assert isinstance(started, RunStarted)
         since = time.time()

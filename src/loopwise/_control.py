@@ -150,14 +150,19 @@ class LiveRun:
         if self.delivered or request.ts < self.since:
             return
         self.delivered = True
-        loop = self.loop
-        if loop is None:
-            self.on_kill(request)
-            return
-        try:
-            loop.call_soon_threadsafe(self.on_kill, request)
-        except RuntimeError:  # the loop is closed: the run is over
-            pass
+        call_in_loop(self.loop, self.on_kill, request)
+
+
+def call_in_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[[KillRequest], None],
+                 request: KillRequest) -> None:
+    """`fn(request)` in `loop`'s thread, from any thread (at once when there is no loop)."""
+    if loop is None:
+        fn(request)
+        return
+    try:
+        loop.call_soon_threadsafe(fn, request)
+    except RuntimeError:  # the loop is closed: the run is over
+        pass
 
 
 # Runs executing in this process, by id, whatever their backend: the fast path for a

@@ -20,7 +20,7 @@ Everything printed about a run is read back from its event log.
 
 Environment:
     LOOPWISE_DEMO_SPEED: multiplies every simulated latency, the model's and the
-        tools'. ``1`` is real time (about 15 s in all), ``0`` runs the demo almost
+        tools'. ``1`` is real time (about 40 s in all), ``0`` runs the demo almost
         instantly (CI: ``LOOPWISE_DEMO_SPEED=0 loopwise demo``). A `speed` passed to
         `main` wins over it.
 

@@ -49,6 +49,7 @@ from ._events import (
     ToolCallStarted,
     ToolFallback,
 )
+from ._control import call_in_loop
 from ._execute import execute
 from ._expect import NO_VALUE, judge, split_expectation
 from ._logging import LOGGED_KINDS, log_event
@@ -257,14 +258,7 @@ class Run:
         if self.delivered or request.ts < self.since:
             return
         self.delivered = True
-        loop = self.loop
-        if loop is None:
-            self.kill(request)
-            return
-        try:
-            loop.call_soon_threadsafe(self.kill, request)
-        except RuntimeError:  # the loop is closed: the run is over
-            pass
+        call_in_loop(self.loop, self.kill, request)
 
     def kill(self, request: KillRequest) -> None:
         """A kill request reached the run (called on its event loop): cancel what is in flight, stop.
