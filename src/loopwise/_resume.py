@@ -59,7 +59,6 @@ class _Iteration:
     number: int
     calls: list[ToolCall] = field(default_factory=list)
     contents: dict[str, str] = field(default_factory=dict)
-    outcomes: dict[str, str] = field(default_factory=dict)
     think_input_tokens: int = 0
     cost_usd: float = 0.0
     #: The THINK's model call ended (with a response or an error).
@@ -136,7 +135,6 @@ def restore(run: Run, events: list[Event], own_budget: Budget | None) -> Resumpt
 
     def flush_tool_messages() -> None:
         # Tool messages join the transcript in the order the model asked, once all are known.
-        nonlocal current
         it = current
         if it is None or not it.calls or it.number in flushed:
             return
@@ -203,7 +201,6 @@ def restore(run: Run, events: list[Event], own_budget: Budget | None) -> Resumpt
             cost += e.cost_usd
             it = iterations.setdefault(e.iteration, _Iteration(e.iteration))
             it.cost_usd += e.cost_usd
-            it.outcomes[e.call_id] = e.outcome
             if e.outcome != "cancelled":
                 it.contents[e.call_id] = e.content
         elif isinstance(e, Nudge):
