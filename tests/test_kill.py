@@ -7,6 +7,7 @@ halt latency is read from the run's own events (`kill_received.requested_ts` to
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -389,3 +390,30 @@ def test_runs_tells_running_from_orphaned(tmp_path):
     assert '"status": "orphaned"' in out.stdout, out.stdout
     out = _cli("kill", run_id, "--db", str(db), tmp_path=tmp_path)
     assert out.returncode == 0 and "is not running" in out.stdout and "loopwise resume" in out.stdout
+
+
+def test_a_killed_run_being_resumed_shows_as_running_and_can_be_killed_again(tmp_path):
+    db = tmp_path / "lw.db"
+    proc = _start(tmp_path, "sleeper", db, "--task", "sleep")
+    try:
+        _wait_for(tmp_path / "napping", proc)
+        [run_id] = _running_ids(db, 1)
+        assert _cli("kill", run_id, "--db", str(db), tmp_path=tmp_path).returncode == 0
+        proc.wait(timeout=20)
+    finally:
+        proc.kill()
+    (tmp_path / "napping").unlink()
+    resumer = _start(tmp_path, "sleeper", db, run_id, command="resume")
+    try:
+        _wait_for(tmp_path / "napping", resumer)  # the resumed segment sits in its tool again
+        out = _cli("runs", "--json", "--db", str(db), tmp_path=tmp_path)
+        [row] = [r for r in json.loads(out.stdout) if r["run_id"] == run_id]
+        assert row["status"] == "running" and row["stop_reason"] is None
+        killer = _cli("kill", run_id, "--reason", "again", "--db", str(db), tmp_path=tmp_path)
+        assert "kill sent to 1 run" in killer.stdout, killer.stdout + killer.stderr
+        resumer.wait(timeout=20)
+    finally:
+        resumer.kill()
+    events = _events(db, run_id)
+    assert [e.kind for e in events].count("run_finished") == 2
+    assert events[-1].stop_reason == "killed" and events[-1].reason.endswith(": again")
