@@ -61,6 +61,8 @@ _log = logging.getLogger("loopwise")
 POLL_S = 0.02
 #: How often leases of running runs are refreshed.
 HEARTBEAT_S = 2.0
+#: A watcher with no run to watch for this long ends its thread (the next run starts one).
+IDLE_EXIT_S = 10.0
 #: A lease not refreshed for this long belongs to a process presumed dead.
 LEASE_TTL_S = 15.0
 #: An unfinished run without a lease whose last event is this recent is presumed running:
@@ -395,7 +397,14 @@ class LocalControl(ControlPlane):
             with self._lock:
                 idle = self._idle = not self._runs and not self._to_attach and not self._to_detach
                 self._wake.clear()
-            self._wake.wait(None if idle else POLL_S)
+            woken = self._wake.wait(IDLE_EXIT_S if idle else POLL_S)
+            if idle and not woken:
+                with self._lock:
+                    if not self._runs and not self._to_attach and not self._to_detach:
+                        # Nothing to watch for a while: end the thread (the next run starts one).
+                        self._thread = None
+                        conn.close()
+                        return
 
     def _tick(self, conn: sqlite3.Connection) -> None:
         with self._lock:
