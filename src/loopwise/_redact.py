@@ -182,6 +182,8 @@ _NON_TEXT = frozenset(("int", "float", "bool", "Usage", "int | None", "float | N
 _MEMO_CHARS = 256
 _MEMO_ENTRIES = 4096
 _MEMO_OBJECTS = 64
+# The string memo's value for a string with nothing to redact (an object no redaction returns).
+_UNCHANGED: Any = object()
 #: How a secret tool argument's value is written in the log.
 SECRET_ARGUMENT = "[redacted:secret]"
 
@@ -433,8 +435,11 @@ class EventRedactor:
             if out is None:
                 if len(memo) >= _MEMO_ENTRIES:
                     memo.clear()
-                out = memo[text] = self.redactor.redact(text)
-            return out
+                out = self.redactor.redact(text)
+                # Nothing to redact is remembered as such: an equal string made anew (a tool's
+                # result, each run) comes back as itself, so its event is not copied.
+                out = memo[text] = _UNCHANGED if out is text or out == text else out
+            return text if out is _UNCHANGED else out
         return self._same(text, self.redactor.redact)
 
     def _same(self, value: Any, compute: Callable[[Any], Any]) -> Any:
