@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -44,6 +46,22 @@ def _start(tmp_path: Path, agent: str, db: Path, *args: str, command: str = "run
         )
     proc.log = log  # type: ignore[attr-defined]
     return proc
+
+
+@contextmanager
+def _napping(tmp_path: Path, db: Path, agent: str = "sleeper", *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A `loopwise run` child whose run sits in its sleeping tool: (the process, the run id).
+
+    The child is killed on the way out, whatever the test did with it.
+    """
+    proc = _start(tmp_path, agent, db, *(args or ("--task", "sleep")))
+    try:
+        _wait_for(tmp_path / "napping", proc)
+        [run_id] = _running_ids(db, 1)
+        yield proc, run_id
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _output(proc: subprocess.Popen) -> str:
@@ -94,18 +112,13 @@ def _events(db: Path, run_id: str) -> list:
 @pytest.mark.parametrize("agent", ["sleeper", "thread_sleeper"])
 def test_kill_from_another_process_stops_a_run_whose_tool_sleeps_30s(tmp_path, agent):
     db = tmp_path / "lw.db"
-    proc = _start(tmp_path, agent, db, "--task", "sleep")
-    try:
-        _wait_for(tmp_path / "napping", proc)
-        [run_id] = _running_ids(db, 1)
+    with _napping(tmp_path, db, agent) as (proc, run_id):
         t0 = time.monotonic()
         killer = _cli("kill", run_id, "--reason", "operator says stop", "--db", str(db), tmp_path=tmp_path)
         assert killer.returncode == 0, killer.stderr
         assert "kill sent to 1 run" in killer.stdout
         proc.wait(timeout=20)
         elapsed = time.monotonic() - t0
-    finally:
-        proc.kill()
     assert elapsed < 10, f"the run took {elapsed:.1f} s to stop; its tool sleeps 30 s"
     events = _events(db, run_id)
     kinds = [e.kind for e in events]
@@ -161,14 +174,9 @@ def test_kill_by_tag_across_two_processes(tmp_path):
 
 def test_sigterm_stops_the_runs_as_killed_and_exits(tmp_path):
     db = tmp_path / "lw.db"
-    proc = _start(tmp_path, "sleeper", db, "--task", "sleep")
-    try:
-        _wait_for(tmp_path / "napping", proc)
-        [run_id] = _running_ids(db, 1)
+    with _napping(tmp_path, db) as (proc, run_id):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
-    finally:
-        proc.kill()
     assert proc.returncode == 143, _output(proc)
     finished = _events(db, run_id)[-1]
     assert finished.kind == "run_finished" and finished.stop_reason == "killed"
@@ -376,16 +384,11 @@ async def test_a_kill_before_a_run_reaches_its_next_iteration_is_seen_there():
 
 def test_runs_tells_running_from_orphaned(tmp_path):
     db = tmp_path / "lw.db"
-    proc = _start(tmp_path, "sleeper", db, "--task", "sleep")
-    try:
-        _wait_for(tmp_path / "napping", proc)
-        [run_id] = _running_ids(db, 1)
+    with _napping(tmp_path, db) as (proc, run_id):
         out = _cli("runs", "--json", "--db", str(db), tmp_path=tmp_path)
         assert '"status": "running"' in out.stdout
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-    finally:
-        proc.kill()
     out = _cli("runs", "--json", "--db", str(db), tmp_path=tmp_path)
     assert '"status": "orphaned"' in out.stdout, out.stdout
     out = _cli("kill", run_id, "--db", str(db), tmp_path=tmp_path)
@@ -394,14 +397,9 @@ def test_runs_tells_running_from_orphaned(tmp_path):
 
 def test_a_killed_run_being_resumed_shows_as_running_and_can_be_killed_again(tmp_path):
     db = tmp_path / "lw.db"
-    proc = _start(tmp_path, "sleeper", db, "--task", "sleep")
-    try:
-        _wait_for(tmp_path / "napping", proc)
-        [run_id] = _running_ids(db, 1)
+    with _napping(tmp_path, db) as (proc, run_id):
         assert _cli("kill", run_id, "--db", str(db), tmp_path=tmp_path).returncode == 0
         proc.wait(timeout=20)
-    finally:
-        proc.kill()
     (tmp_path / "napping").unlink()
     resumer = _start(tmp_path, "sleeper", db, run_id, command="resume")
     try:

@@ -20,7 +20,7 @@ import loopwise as lw
 from loopwise.cli import main
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, Price, ToolCall, Usage
 
-from .test_kill import _cli, _events, _output, _running_ids, _start, _wait_for
+from .test_kill import _cli, _events, _napping, _output, _running_ids, _start, _wait_for
 
 
 def _effects(tmp_path: Path) -> list[str]:
@@ -122,17 +122,11 @@ def test_sigkill_during_a_model_call_charges_its_reservation(tmp_path, monkeypat
 
 def test_resume_refuses_while_a_live_process_holds_the_lease(tmp_path):
     db = tmp_path / "lw.db"
-    proc = _start(tmp_path, "sleeper", db, "--task", "sleep")
-    try:
-        _wait_for(tmp_path / "napping", proc)
-        [run_id] = _running_ids(db, 1)
+    with _napping(tmp_path, db) as (proc, run_id):
         out = _cli("resume", run_id, "--agent", "tests.durable_agents:sleeper", "--db", str(db), tmp_path=tmp_path)
         assert out.returncode == 2
         assert "is being executed by" in out.stderr and f"pid {proc.pid}" in out.stderr
         assert "loopwise kill" in out.stderr
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _counting_model(seen: list[list[str]]):
