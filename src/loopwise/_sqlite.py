@@ -1,13 +1,19 @@
 """The SQLite event store: the default, durable across process crashes.
 
-Writes go through one writer thread per store. The loop hands it a batch (one per
-iteration) and awaits a future; the thread commits every batch waiting in its queue
-in one transaction (group commit: 1,000 concurrent runs cost a few commits, not
-1,000) and resolves the futures. sqlite3 releases the GIL while it does I/O.
+A batch of events (one per step that must be durable: before a model call, before
+an iteration's tools start, at the end) is appended to this process's journal
+(`_journal`) with one `write(2)` on the caller's thread: once that returns, the
+events survive a crash of the process, and the run moves on. A writer thread per
+store then copies the journaled batches into SQLite, every batch waiting in one
+transaction (group commit: a sequential caller's few runs or 1,000 concurrent runs
+cost one commit every few milliseconds, not one per batch). sqlite3 releases the GIL
+while it does I/O. Reads in this process wait for its writer to catch up, so they
+see their own writes; `load` also reads other live processes' journals, and
+recovers those of crashed ones, so it sees every event that is durable.
 
-The database runs in WAL mode with ``synchronous=NORMAL``: a commit survives a
-crash of the process (the loop only moves on once its batch is committed), but
-not a power loss or an OS crash, which may lose the last commits.
+The database runs in WAL mode with ``synchronous=NORMAL``, and neither it nor the
+journal calls fsync: a write survives a crash of the process, but not a power loss
+or an OS crash, which may lose the last writes.
 Several processes may share one file; a busy timeout makes them wait their turn.
 
 `prune` deletes whole runs in short transactions of their own (a few hundred runs
@@ -16,26 +22,33 @@ each), so the writers of running agents wait milliseconds, not the whole prune.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import json
+import logging
 import os
-import queue
 import sqlite3
 import threading
+import time
 import weakref
-from collections.abc import Awaitable, Collection
+from collections.abc import Collection
 from pathlib import Path
 
 from ._errors import UserError
 from ._events import Event, RunFinished, RunStarted, dump_events, load_event
+from ._journal import SEGMENT_MAX, TRUNCATE_AT, Segment, foreign_lines, journal_files, recover
 from ._store import EventStore, PruneResult, RunSummary, check_prune_args, running_here
 
 __all__ = ["SQLiteStore", "default_db_path"]
 
+_log = logging.getLogger("loopwise")
+
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
-_MAX_BATCH = 1024
+RECOVER_BUSY_TIMEOUT_MS = 250
+# How long the writer lets batches gather before a commit: more runs per transaction
+# (SQLite's per-commit cost is shared), at the price of other processes seeing new
+# events this much later. Durability does not wait for it (see `_journal`).
+GATHER_S = 0.005
 # Checkpoint the WAL into the database every this many pages (SQLite's default is
 # 1,000). A run's commits rewrite the same few index pages over and over; a longer
 # WAL copies each of them back once per checkpoint instead of four times, which
@@ -71,9 +84,10 @@ def default_db_path() -> Path:
     return Path(os.environ.get("LOOPWISE_DB") or Path(".loopwise") / "loopwise.db")
 
 
-def _connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
+def _connect(path: Path, *, check_same_thread: bool = True, cached_statements: int = 128) -> sqlite3.Connection:
     conn = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=check_same_thread
+        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=check_same_thread,
+        cached_statements=cached_statements,
     )
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     return conn
@@ -117,82 +131,84 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
 
 
 class _Writer(threading.Thread):
-    """Commits queued batches, many at a time, and resolves their futures."""
+    """Copies journaled batches into SQLite, many at a time, off the event loop's path.
 
-    def __init__(self, path: Path, q: queue.SimpleQueue) -> None:
-        super().__init__(name=f"loopwise-sqlite-writer:{path.name}", daemon=True)
-        self.path = path
-        self.queue = q
+    Each pass waits for a batch, lets more arrive for `GATHER_S` (a sequential caller
+    writes a few runs' worth in that time, 1,000 concurrent runs a few hundred), then
+    commits them all in one transaction. A busy or failing database is retried: the
+    events are safe in the journal meanwhile.
+    """
+
+    def __init__(self, store: SQLiteStore) -> None:
+        super().__init__(name=f"loopwise-sqlite-writer:{store.path.name}", daemon=True)
+        self.store = store
 
     def run(self) -> None:
-        conn = _connect(self.path)
+        store = self.store
+        cond = store._cond
+        # No statement cache: each commit's INSERT has its own number of rows, and a cache
+        # of 128 compiled statements of thousands of rows each held megabytes for nothing.
+        conn = _connect(store.path, cached_statements=0)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
-        get, get_nowait = self.queue.get, self.queue.get_nowait
         try:
             while True:
-                item = get()
-                if item is None:
-                    return
-                batch = [item]
-                stop = False
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        nxt = get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    batch.append(nxt)
-                self._commit(conn, batch)
-                if stop:
-                    return
+                with cond:
+                    while not store._pending and not store._stopping:
+                        store._idle = True
+                        cond.wait()
+                        store._idle = False
+                    if not store._pending:
+                        return  # stopping, and everything is in
+                    if not store._stopping and not store._hurry:
+                        cond.wait(GATHER_S)  # group commit; a reader in a hurry cuts it short
+                    items, store._pending = store._pending, []
+                    store._hurry = False
+                self._commit(conn, items)
+                with cond:
+                    store._ingested += len(items)
+                    for segment, _, _ in items:
+                        segment.ingested += 1
+                    store._tidy_segments()
+                    cond.notify_all()
         finally:
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list) -> None:
-        # Serialize outside the transaction; an event that cannot be serialized fails
-        # its own batch only.
-        rows: list[list[tuple] | None] = []
-        errors: list[BaseException | None] = []
-        for events, _, _ in batch:
+    def _commit(self, conn: sqlite3.Connection, items: list) -> None:
+        batches = [_rows(metas, blob) for _, metas, blob in items]
+        rows = batches[0] if len(batches) == 1 else [row for batch in batches for row in batch]
+        delay = 0.05
+        while True:
             try:
-                rows.append(_rows(events))
-                errors.append(None)
-            except Exception as exc:
-                rows.append(None)
-                errors.append(exc)
-        good = [r for r in rows if r is not None]
-        if good:
+                self._insert(conn, rows)
+                return
+            except sqlite3.IntegrityError:
+                break
+            except sqlite3.Error as exc:  # locked past the busy timeout, disk full, I/O: try again
+                _log.error("the event log %s cannot be written (%s: %s); retrying in %.1f s (the events "
+                           "are kept in its journal)", self.store.path, type(exc).__name__, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        # A batch that breaks a constraint (its run id used by another process's run) is
+        # kept out, alone: the other batches go in.
+        for batch in batches:
             try:
-                self._insert(conn, good[0] if len(good) == 1 else [row for r in good for row in r])
-            except Exception:
-                # Isolate the failing batch (say, a duplicate run id) from the others.
-                for i, r in enumerate(rows):
-                    if r is not None:
-                        try:
-                            self._insert(conn, r)
-                        except Exception as exc:
-                            errors[i] = exc
-        by_loop: dict[object, list] = {}
-        for (_, loop, fut), err in zip(batch, errors):
-            if fut is None:
-                if isinstance(loop, threading.Event):
-                    loop.set()
-                continue
-            by_loop.setdefault(loop, []).append((fut, err))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_resolve, items)  # type: ignore[attr-defined]
-            except RuntimeError:  # the loop closed meanwhile: nobody is waiting
-                pass
+                self._insert(conn, batch)
+            except sqlite3.Error as exc:
+                _log.error("the event log %s refused %d events of run %s (%s: %s); they are dropped",
+                           self.store.path, len(batch), batch[0][0], type(exc).__name__, exc)
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+        # Many rows per INSERT, not `executemany`: sqlite3 lets go of the GIL around every
+        # statement step, and while the event loop is busy, getting it back can take the
+        # interpreter's switch interval (5 ms). One step per row left the writer behind
+        # (~50x the wall time, ~9x the CPU per row) and cost the loop a forced switch a row.
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(_INSERT, rows)
+            for i in range(0, len(rows), _ROWS_PER_INSERT):
+                part = rows[i:i + _ROWS_PER_INSERT]
+                conn.execute(_INSERT_ROWS + ",".join(["(?,?,?,?,?)"] * len(part)), [v for r in part for v in r])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -215,26 +231,18 @@ _PRUNE_CANDIDATES = """
      WHERE s.kind = 'run_started' AND s.seq = 0 AND l.ts < ?
 """
 
-_INSERT = "INSERT INTO events (run_id, seq, kind, ts, data) VALUES (?, ?, ?, ?, ?)"
+def _rows(metas: list[tuple], blob: bytes) -> list[tuple]:
+    """A journaled batch's rows: each event's columns, and its line of JSON as text."""
+    return [(*meta, data) for meta, data in zip(metas, blob.decode().split("\n"))]
 
 
-def _rows(events: list[Event]) -> list[tuple]:
-    """The rows of `events`: the columns the queries use, and the event as JSON text."""
-    return [(e.run_id, e.seq, e.kind, e.ts, data.decode()) for e, data in zip(events, dump_events(events))]
+_INSERT_ROWS = "INSERT INTO events (run_id, seq, kind, ts, data) VALUES "
+# 5 parameters a row, under SQLite's limit of 32,766 parameters a statement.
+_ROWS_PER_INSERT = 4000
 
 
 def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
-
-
-def _resolve(items: list) -> None:
-    for fut, err in items:
-        if fut.done():
-            continue
-        if err is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(err)
 
 
 _open_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
@@ -272,52 +280,165 @@ class SQLiteStore(EventStore):
             conn.close()
         self._reader = _connect(self.path, check_same_thread=False)
         self._read_lock = threading.Lock()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # The journal and the writer's queue, under one lock: a batch is queued in the
+        # order it was journaled.
+        self._cond = threading.Condition(threading.Lock())
+        self._token = os.urandom(4).hex()
+        self._segment: Segment | None = None
+        self._segments: list[Segment] = []  # this process's, the live one last
+        self._serial = 0
+        self._pending: list[tuple[Segment, list[tuple], bytes]] = []
+        self._queued = 0  # batches journaled
+        self._ingested = 0  # of those, batches the writer is done with
+        self._idle = False
+        self._hurry = False
+        self._stopping = False
         self._writer: _Writer | None = None
-        self._writer_lock = threading.Lock()
-        self._closed = False
+        self._closed: bool | str = False
+        self._recover()
         _open_stores.add(self)
 
     def describe(self) -> str:
         return str(self.path)
 
-    def _start_writer(self) -> None:
-        with self._writer_lock:
-            if self._closed:
-                raise UserError(f"the store {self.path} is closed")
-            if self._writer is None:
-                self._writer = _Writer(self.path, self._queue)
-                self._writer.start()
+    # -- writing -----------------------------------------------------------------------
 
-    def write(self, events: list[Event]) -> Awaitable[None] | None:
-        if self._writer is None:
-            self._start_writer()
+    def write(self, events: list[Event]) -> None:
+        """Journal `events` (durable when this returns); the writer thread puts them in SQLite."""
+        # What the writer needs besides the JSON, which it takes from the journaled bytes
+        # (no second copy of the events waits in memory for it).
+        metas = [(e.run_id, e.seq, e.kind, e.ts) for e in events]
+        datas = dump_events(events)
+        datas.append(b"")
+        blob = b"\n".join(datas)
+        with self._cond:
+            if self._closed:
+                raise UserError(f"the store {self.path} is {'closed' if self._closed is True else self._closed}")
+            segment = self._segment
+            if segment is None:
+                segment = self._open_segment()
+            segment.append(blob)
+            self._pending.append((segment, metas, blob))
+            self._queued += 1
+            if segment.size >= SEGMENT_MAX:
+                segment.sealed = True
+                self._segment = None
+            if self._idle:
+                self._cond.notify()
+            elif self._writer is None:
+                self._writer = _Writer(self)
+                self._writer.start()
+        return None
+
+    def _open_segment(self) -> Segment:
+        self._serial += 1
+        path = self.path.parent / f"{self.path.name}-lwj-{os.getpid()}-{self._token}-{self._serial}"
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            done = threading.Event()
-            self._queue.put((events, done, None))
-            done.wait()
-            return None
-        fut = loop.create_future()
-        self._queue.put((events, loop, fut))
-        return fut
+            segment = Segment(path)
+        except OSError as exc:
+            raise UserError(f"cannot write the loopwise journal {path}: {exc}") from None
+        self._segment = segment
+        self._segments.append(segment)
+        return segment
+
+    def _tidy_segments(self) -> None:
+        """(Under the lock.) Delete sealed segments that are all in SQLite; empty the live one."""
+        keep = []
+        for segment in self._segments:
+            if segment.drained() and (segment.sealed or self._stopping):
+                segment.remove()
+            else:
+                keep.append(segment)
+                if segment.drained() and segment.size >= TRUNCATE_AT:
+                    segment.truncate()
+        self._segments = keep
+        if self._segment is not None and self._segment.fd < 0:
+            self._segment = None
+
+    def _sync(self, timeout: float = 30.0) -> None:
+        """Wait until what this process journaled so far is in SQLite (a read sees its own writes)."""
+        with self._cond:
+            target = self._queued
+            if self._ingested >= target:
+                return
+            self._hurry = True
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: self._ingested >= target, timeout):
+                raise UserError(f"the event log {self.path} has not taken this process's last events in "
+                                f"{timeout:g} s (is the database locked or failing? see the log); they are "
+                                "safe in its journal")
+
+    def _own_paths(self) -> set[Path]:
+        with self._cond:
+            return {s.path for s in self._segments}
+
+    def _recover(self) -> None:
+        """Copy into SQLite what crashed processes left in their journals."""
+        own = self._own_paths()
+        if not any(p not in own for p in journal_files(self.path)):
+            return
+        try:
+            conn = _connect(self.path)
+            try:
+                # Never wait long for the write lock here: until a later try, reads merge them.
+                conn.execute(f"PRAGMA busy_timeout = {RECOVER_BUSY_TIMEOUT_MS}")
+                copied = recover(conn, self.path, own)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:  # (say, locked by a long prune) `load` still reads them
+            _log.warning("could not recover the journals of crashed processes into %s yet (%s); "
+                         "reads include them meanwhile", self.path, exc)
+            return
+        if copied:
+            _log.info("recovered %d events from crashed processes' journals into %s", copied, self.path)
+
+    # -- reading -----------------------------------------------------------------------
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """A query of the database, once this process's journaled events are in it."""
+        if self._closed is _FORKED:
+            raise UserError(f"the store {self.path} is {_FORKED}")
+        self._sync()
         with self._read_lock:
             try:
                 return self._reader.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
                 raise UserError(f"cannot read the loopwise database {self.path}: {exc}") from None
 
+    def _journaled(self, run_id: str) -> dict[int, bytes]:
+        """`run_id`'s events that only other live processes' journals hold yet, by seq.
+
+        Read before the database: a line gone from a journal meanwhile (emptied once in
+        SQLite) is then in the database when it is read.
+        """
+        out: dict[int, bytes] = {}
+        for line in foreign_lines(self.path, self._own_paths(), run_id):
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(d, dict) and d.get("run_id") == run_id and isinstance(d.get("seq"), int):
+                out[d["seq"]] = line
+        return out
+
     def load(self, run_id: str) -> list[Event]:
-        rows = self._read("SELECT data FROM events WHERE run_id = ? ORDER BY seq", (run_id,))
+        """All of a run's events: a crashed process's journal is recovered first, a live one's read too."""
+        self._recover()
+        journaled = self._journaled(run_id)
+        rows = self._read("SELECT seq, data FROM events WHERE run_id = ? ORDER BY seq", (run_id,))
+        if journaled:
+            merged: dict[int, str | bytes] = {**journaled, **dict(rows)}
+            rows = sorted(merged.items())
         if not rows:
             raise self._unknown(run_id)
-        return [load_event(r[0]) for r in rows]
+        return [load_event(data) for _, data in rows]
 
     def has_run(self, run_id: str) -> bool:
-        return bool(self._read("SELECT 1 FROM events WHERE run_id = ? LIMIT 1", (run_id,)))
+        if self._read("SELECT 1 FROM events WHERE run_id = ? LIMIT 1", (run_id,)):
+            return True
+        self._recover()
+        return bool(self._journaled(run_id)) or bool(
+            self._read("SELECT 1 FROM events WHERE run_id = ? LIMIT 1", (run_id,)))
 
     def list_runs(self, *, limit: int = 20) -> list[RunSummary]:
         rows = self._read(
@@ -351,6 +472,8 @@ class SQLiteStore(EventStore):
         resumed meanwhile (its last event no longer old, or no longer an end) stays.
         """
         cutoff, wanted, tag_set = check_prune_args(before, statuses, tags)
+        self._recover()
+        self._sync()
         conn = _connect(self.path)
         try:
             chosen, events, kept = self._prune_candidates(conn, cutoff, wanted, tag_set, None)
@@ -424,15 +547,51 @@ class SQLiteStore(EventStore):
         return still, n
 
     def close(self) -> None:
-        """Commit what is queued, stop the writer thread and close the connections."""
-        with self._writer_lock:
+        """Put what is journaled into SQLite, stop the writer thread, close the connections.
+
+        The journal is deleted once it is all in; what could not be written stays in it,
+        and the next process to open the database recovers it.
+        """
+        with self._cond:
             if self._closed:
                 return
             self._closed = True
+            self._stopping = True
             writer = self._writer
+            self._cond.notify_all()
         if writer is not None:
-            self._queue.put(None)
             writer.join(timeout=10)
+        with self._cond:
+            self._tidy_segments()
         with self._read_lock:
             self._reader.close()
         _open_stores.discard(self)
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: the store is the parent's; using it says so (never hangs on its locks)."""
+        for segment in self._segments:  # (the parent's lock stays with the parent's descriptor)
+            try:
+                os.close(segment.fd)
+            except OSError:
+                pass
+        self._segments = []
+        self._segment = None
+        self._pending = []
+        self._queued = self._ingested = 0
+        self._writer = None
+        # Its locks and SQLite's own may have been held by the parent's threads at the fork.
+        self._cond = threading.Condition(threading.Lock())
+        self._read_lock = threading.Lock()
+        self._closed = _FORKED
+
+
+_FORKED = "a store of the parent process (opened before os.fork()); open a new SQLiteStore in the child"
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_open_stores):
+        store._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

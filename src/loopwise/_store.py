@@ -2,9 +2,10 @@
 
 A store keeps each run's events in order. `write` is called by the loop with the
 events since its last call; it returns `None` when the events are already durable,
-or an awaitable that completes when they are (the SQLite store commits on a writer
-thread, so the event loop does no I/O). Every view reads runs back with `load`
-and `list_runs`; `prune` deletes whole runs past their retention.
+or an awaitable that completes when they are (the SQLite store journals them with
+one append and returns `None`; its writer thread puts them in SQLite). Every view
+reads runs back with `load` and `list_runs`; `prune` deletes whole runs past their
+retention.
 """
 
 from __future__ import annotations

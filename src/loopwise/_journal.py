@@ -1,0 +1,178 @@
+"""The SQLite store's journal: events are durable once written here, before SQLite has them.
+
+A run must not move on until its events would survive a crash of its process (before
+a model call, before its tools run). Waiting for a SQLite commit on another thread
+costs the event loop a cross-thread hand-off each time (~45 µs of kernel time on a
+VM, six times a run); committing on the event loop would cost it the commit. Instead
+the loop appends the events' JSON to a file of its own process, the journal, with one
+`write(2)`: once it returns, the bytes are in the operating system's page cache and
+survive the process (exactly what SQLite's WAL with ``synchronous=NORMAL`` promises:
+a process crash loses nothing, a power loss or an OS crash may lose the last writes).
+The store's writer thread then copies the events into SQLite, many runs' batches per
+transaction, off the loop's path.
+
+Files: ``<db>-lwj-<pid>-<token>-<n>`` beside the database, one line of JSON an event.
+The process holds an exclusive `flock` on each of its segments for as long as it may
+write to it, so "can I lock it?" tells a dead owner's journal from a live one's
+without trusting pids. A segment is emptied (truncated) once everything in it is in
+SQLite, or sealed when it grows past `SEGMENT_MAX` and deleted once it is.
+
+Readers: `recover` copies the journals of dead processes into SQLite (idempotent:
+``INSERT OR IGNORE`` on the ``(run_id, seq)`` key, so two processes recovering at
+once, or a crash between the copy and the unlink, do no harm). `foreign_lines` reads
+the journals of live processes, whose last events may not be in SQLite yet.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["Segment", "journal_files", "recover", "foreign_lines"]
+
+_log = logging.getLogger("loopwise")
+
+#: A segment past this size is sealed and a new one started (it is deleted once in SQLite).
+SEGMENT_MAX = 4 * 1024 * 1024
+#: The live segment is emptied once all of it is in SQLite and it is at least this big.
+TRUNCATE_AT = 256 * 1024
+
+_INSERT_IGNORE = "INSERT OR IGNORE INTO events (run_id, seq, kind, ts, data) VALUES (?, ?, ?, ?, ?)"
+
+
+def _prefix(db: Path) -> str:
+    return f"{db.name}-lwj-"
+
+
+class Segment:
+    """One journal file of this process: written under the store's lock."""
+
+    __slots__ = ("fd", "ingested", "path", "sealed", "size", "written")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.size = 0
+        self.written = 0  # batches appended
+        self.ingested = 0  # of those, batches the writer has put in SQLite
+        self.sealed = False
+
+    def append(self, blob: bytes) -> None:
+        view = memoryview(blob)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.size += len(blob)
+        self.written += 1
+
+    def drained(self) -> bool:
+        return self.ingested == self.written
+
+    def truncate(self) -> None:
+        os.ftruncate(self.fd, 0)
+        self.size = 0
+
+    def remove(self) -> None:
+        """Unlink, then close (the lock goes with the last descriptor, after the file is gone)."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+def journal_files(db: Path) -> list[Path]:
+    """Every journal segment of `db`, whoever wrote it."""
+    prefix = _prefix(db)
+    try:
+        with os.scandir(db.parent) as it:
+            return sorted(Path(e.path) for e in it if e.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def _complete_lines(data: bytes) -> Iterator[bytes]:
+    """The whole lines of a journal (a torn last line, from a write being made, is left out)."""
+    end = data.rfind(b"\n")
+    if end < 0:
+        return
+    for line in data[:end].split(b"\n"):
+        if line:
+            yield line
+
+
+def _row(line: bytes) -> tuple | None:
+    try:
+        d = json.loads(line)
+        return (d["run_id"], d["seq"], d["kind"], d["ts"], line.decode())
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def recover(conn: sqlite3.Connection, db: Path, own: set[Path]) -> int:
+    """Copy the journals of dead processes into SQLite, then delete them; returns the events copied."""
+    copied = 0
+    for path in journal_files(db):
+        if path in own:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its process is alive: its writer copies it
+            data = path.read_bytes()
+            rows = []
+            for line in _complete_lines(data):
+                row = _row(line)
+                if row is None:
+                    _log.error("journal %s: an unreadable line was skipped: %.80r", path, line)
+                    continue
+                rows.append(row)
+            if rows:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(_INSERT_IGNORE, rows)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                copied += len(rows)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        finally:
+            os.close(fd)
+    return copied
+
+
+def foreign_lines(db: Path, own: set[Path], needle: str) -> list[bytes]:
+    """The journal lines of other live processes that mention `needle` (a run id)."""
+    key = needle.encode()
+    out: list[bytes] = []
+    for path in journal_files(db):
+        if path in own:
+            continue
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        if key in data:
+            out.extend(line for line in _complete_lines(data) if key in line)
+    return out
