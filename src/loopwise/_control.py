@@ -9,10 +9,14 @@ run in this process, by the watcher to runs in other processes.
 Backends:
 
 - `LocalControl` (default): tables beside the event log in the SQLite database;
-  reaches every process on this machine that uses the same file. A watcher thread
-  per process polls for new kill requests every `POLL_S` while runs are attached
-  (one indexed query for all of them), and refreshes their leases every
-  `HEARTBEAT_S` in one statement.
+  reaches every process on this machine that uses the same file. Every kill also
+  overwrites a small marker file beside the database (``<db>-lwkills``). While runs
+  are attached, a timer on their event loop compares the marker's bytes (memory
+  mapped: no system call, no thread switch) every `POLL_S`, and wakes this
+  process's watcher thread only when there is work: the marker changed (it reads
+  ``lw_kills`` then, one indexed query for all the runs), or leases to write or
+  delete. The watcher also reads ``lw_kills`` every `QUERY_EVERY_S` whatever the
+  marker says, and refreshes the leases every `HEARTBEAT_S` in one statement.
 - `MemoryControl`: for a `MemoryStore`; this process only.
 - `RedisControl` (``loopwise._control_redis``): `$LOOPWISE_REDIS_URL`; any machine.
 
@@ -26,6 +30,7 @@ import asyncio
 import getpass
 import json
 import logging
+import mmap
 import os
 import socket
 import sqlite3
@@ -59,6 +64,10 @@ _log = logging.getLogger("loopwise")
 
 #: How often the watcher looks for kill requests while runs are attached.
 POLL_S = 0.02
+#: The watcher reads ``lw_kills`` at least this often even when the kill marker did not
+#: change: a kill whose marker write failed (the marker's permissions, or deleted at the
+#: wrong moment), or from a loopwise that does not write it, is delivered this late.
+QUERY_EVERY_S = 1.0
 #: How often leases of running runs are refreshed.
 HEARTBEAT_S = 2.0
 #: A watcher with no run to watch for this long ends its thread (the next run starts one).
@@ -66,7 +75,7 @@ IDLE_EXIT_S = 10.0
 #: A lease not refreshed for this long belongs to a process presumed dead.
 LEASE_TTL_S = 15.0
 #: An unfinished run without a lease whose last event is this recent is presumed running:
-#: leases are written at the watcher's next poll, not when the run starts.
+#: leases are written one to two polls after the run starts (`POLL_S`), not when it starts.
 LEASE_GRACE_S = 2.0
 
 HOST = socket.gethostname()
@@ -325,34 +334,148 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA synchronous = NORMAL")
+    # Checkpoints are the event log writer's job, on its own schedule (it lets the WAL grow
+    # past SQLite's default of 1,000 pages on purpose). With the default here, each of our
+    # small commits copied the whole WAL back into the database once it was that long:
+    # milliseconds of CPU for a lease, most of what the control plane cost.
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
     return conn
+
+
+def marker_path(db: Path) -> Path:
+    """The kill marker of database `db`: 8 bytes that every `record_kills` overwrites after its commit."""
+    return db.with_name(db.name + "-lwkills")
+
+
+_MARKER_SIZE = 8
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _marker_mode(db: Path) -> int:
+    # The database's permissions, as SQLite gives its -wal and -shm files: whoever may
+    # store a kill may signal it.
+    try:
+        return os.stat(db).st_mode & 0o666
+    except OSError:
+        return 0o644
+
+
+def _bump_marker(db: Path) -> None:
+    """Tell the watchers of every process on `db` that ``lw_kills`` has new rows (best effort).
+
+    Fresh random bytes, written in place: whatever another killer writes at the same
+    time, the marker ends up different from what any watcher saw before either write
+    (a collision is a 2**-64 chance, and `QUERY_EVERY_S` catches even that). Never
+    truncated or appended to: a watcher maps its first 8 bytes. A marker that cannot
+    be written only slows delivery to `QUERY_EVERY_S`: the request is already stored.
+    """
+    path = marker_path(db)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | _CLOEXEC, _marker_mode(db))
+        try:
+            if hasattr(os, "pwrite"):
+                os.pwrite(fd, os.urandom(_MARKER_SIZE), 0)
+            else:  # Windows
+                os.write(fd, os.urandom(_MARKER_SIZE))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        _log.debug("loopwise control plane (%s): cannot signal the kill through %s (%s); watchers "
+                   "read it within %g s", db, path, exc, QUERY_EVERY_S)
+
+
+def _map_marker(db: Path) -> tuple[mmap.mmap, tuple[int, int]] | None:
+    """The kill marker of `db` mapped read-only (created if missing), with its (device, inode).
+
+    None where it cannot be: the watcher then reads ``lw_kills`` at every poll.
+    """
+    path = marker_path(db)
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _CLOEXEC, _marker_mode(db))
+        except PermissionError:  # another user's marker: watch it all the same
+            fd = os.open(path, os.O_RDONLY | _CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if st.st_size < _MARKER_SIZE:
+                # Only ever grown (a killer's write may land first; it is kept): reading a
+                # mapped page past the end of the file would be a SIGBUS.
+                os.ftruncate(fd, _MARKER_SIZE)
+                if hasattr(os, "fchmod"):
+                    try:
+                        os.fchmod(fd, _marker_mode(db))
+                    except OSError:
+                        pass
+            return mmap.mmap(fd, _MARKER_SIZE, access=mmap.ACCESS_READ), (st.st_dev, st.st_ino)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as exc:
+        _log.debug("loopwise control plane (%s): cannot map the kill marker %s (%s); polling the "
+                   "database instead", db, path, exc)
+        return None
 
 
 class LocalControl(ControlPlane):
     """The control plane in the SQLite database of the event log (tables ``lw_leases``, ``lw_kills``).
 
-    One per database file and process (`control_for` caches it). Attaching a run queues
-    its lease for the watcher thread, which writes leases, refreshes heartbeats and
-    polls for kill requests off the event loop.
+    One per database file and process (`control_for` caches it).
+
+    What a run costs its event loop: attaching and detaching it are a few dict
+    operations under a lock held for nothing longer; while runs are attached, a timer
+    on their loop "turns" every `POLL_S` (comparing 8 mapped bytes, ageing the runs
+    attached since the last turn). The I/O is the watcher thread's, and it is woken
+    only for work: a changed kill marker, a lease to write or delete, a heartbeat, the
+    `QUERY_EVERY_S` query. A thread woken 50 times a second would cost more than all
+    that: each wake-up must win the GIL back from a busy event loop, which takes tens
+    of context switches on a loaded machine.
+
+    Leases: a run still attached at the second turn after it was attached (it has run
+    for a poll at least) gets one. Most runs of a busy process end sooner and never
+    need one: nobody could have looked for them yet, and a kill by id reaches them by
+    their recent events (`LEASE_GRACE_S`). Runs attached outside their event loop's
+    thread (or with none) have no timer: the watcher turns and polls for them every
+    `POLL_S`, as it does when the marker cannot be mapped.
     """
 
     name = "local"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
-        self._conn = _connect(self.path)  # for blocking calls (kill, resume, views); under _lock
-        with self._lock:
+        # For blocking calls (kill, resume, views), under _conn_lock; never under _lock, which
+        # the event loop takes: a kill waiting for the database must not hold up the loop.
+        self._conn_lock = threading.Lock()
+        self._conn = _connect(self.path)
+        with self._conn_lock:
             self._conn.executescript(_SCHEMA)
+        # Everything below is under _lock (taken before _conn_lock when both are).
+        self._lock = threading.Lock()
         self._runs: dict[str, LiveRun] = {}
-        self._to_attach: list[LiveRun] = []
-        self._to_detach: list[str] = []
+        # Where each attached run is counted: its event loop (whose timer turns for it), or
+        # None (the watcher turns for it); and how many runs each counts.
+        self._keys: dict[str, asyncio.AbstractEventLoop | None] = {}
+        self._counts: dict[asyncio.AbstractEventLoop | None, int] = {}
+        self._timers: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
+        # Runs attached since the last turn; attached before it (leased at the next turn if
+        # still attached); and due for a lease now (the watcher writes them).
+        self._fresh: list[LiveRun] = []
+        self._aging: list[LiveRun] = []
+        self._to_lease: list[LiveRun] = []
+        self._turned = 0.0
+        # Leases to delete: (run_id, acquired) of leases this process wrote whose run was
+        # detached. The acquired time names one lease: a late delete never removes the
+        # lease a later `acquire` (resume) took for the same run.
+        self._to_release: list[tuple[str, float]] = []
+        # Leases this process wrote (or is about to) and has not released: run_id -> acquired.
+        self._written: dict[str, float] = {}
+        # The kill marker as the watcher mapped it, and its bytes when the watcher last read
+        # lw_kills (None: read it at the next poll).
+        self._map: mmap.mmap | None = None
+        self._map_id: tuple[int, int] | None = None
+        self._seen: bytes | None = None
         self._wake = threading.Event()
-        self._idle = True  # the watcher waits for a first run (not polling)
+        self._idle = True  # the watcher has no run to watch (it waits to end, not to poll)
         self._thread: threading.Thread | None = None
         self._last_kill_id = 0
-        # Leases this process has written and not deleted yet (the watcher's, and `acquire`'s).
-        self._written: set[str] = set()
 
     def describe(self) -> str:
         return f"local ({self.path})"
@@ -360,97 +483,226 @@ class LocalControl(ControlPlane):
     # -- the run's side: never blocks ---------------------------------------------
 
     def _attach(self, run: LiveRun) -> None:
+        loop = getattr(run, "loop", None)
+        if loop is not None and asyncio._get_running_loop() is not loop:
+            loop = None  # not in its loop's thread: no timer there, the watcher polls for it
         with self._lock:
             self._runs[run.run_id] = run
-            self._to_attach.append(run)
+            self._fresh.append(run)
+            self._keys[run.run_id] = loop
+            counts = self._counts
+            counts[loop] = counts.get(loop, 0) + 1
+            if loop is not None and loop not in self._timers:
+                for stale in [x for x in self._timers if x.is_closed()]:
+                    del self._timers[stale]  # closed before its timer came (`asyncio.run` after a run)
+                self._timers[loop] = loop.call_later(POLL_S, self._on_timer, loop)
             if self._thread is None or not self._thread.is_alive():
-                # Kill requests stored from now on are for us; older ones are history.
-                row = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM lw_kills").fetchone()
-                self._last_kill_id = row[0]
-                self._thread = threading.Thread(target=self._watch, name=f"loopwise-control-{self.path.name}",
-                                                daemon=True)
-                self._thread.start()
-            idle = self._idle
-        if idle:  # otherwise the watcher takes it at its next poll, with others: one transaction
+                self._start_watcher()
+            wake = self._idle or loop is None
+        if wake:  # (a watcher with runs on their loops is woken by their timers)
             self._wake.set()
 
     def _detach(self, run_id: str) -> None:
         with self._lock:
-            self._runs.pop(run_id, None)
-            self._to_detach.append(run_id)
+            if self._runs.pop(run_id, None) is not None:
+                key = self._keys.pop(run_id, None)
+                n = self._counts[key] - 1
+                if n:
+                    self._counts[key] = n
+                else:
+                    del self._counts[key]
+            acquired = self._written.pop(run_id, None)
+            if acquired is None:
+                return  # never leased: nothing to undo
+            self._to_release.append((run_id, acquired))
+            if self._thread is None or not self._thread.is_alive():
+                self._start_watcher()  # (a lease `acquire` took for a resume that failed)
+        self._wake.set()  # released promptly: a lease left behind says the run is running
+
+    def _start_watcher(self) -> None:
+        # (Under _lock.) Kill requests stored from now on are for us; older ones are history.
+        with self._conn_lock:
+            row = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM lw_kills").fetchone()
+        self._last_kill_id = row[0]
+        self._seen = None
+        self._thread = threading.Thread(target=self._watch, name=f"loopwise-control-{self.path.name}", daemon=True)
+        self._thread.start()
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Every `POLL_S` on a loop with attached runs: turn, and wake the watcher if there is work."""
+        with self._lock:
+            if loop in self._counts:
+                self._timers[loop] = loop.call_later(POLL_S, self._on_timer, loop)
+            else:
+                self._timers.pop(loop, None)
+            work = self._turn(time.monotonic()) or self._signalled()
+        if work:
+            self._wake.set()
+
+    def _turn(self, now: float) -> bool:
+        """(Under _lock.) Age the runs attached since the last turn; whether leases are to be written or deleted.
+
+        Turns are `POLL_S` apart at least, whoever turns (the timers of several loops, the
+        watcher): a lease is written one to two polls after its run was attached, or
+        sooner after a pause.
+        """
+        if now - self._turned >= POLL_S * 0.9:
+            # Attached at the last turn and still attached (the same run, not a later segment).
+            due = self._aging
+            if now - self._turned > 3 * POLL_S:
+                # No turn for several polls: the timers were held up (a loop blocked by a sync
+                # call: the watcher's turn every `QUERY_EVERY_S` is the one that comes), or
+                # there was no run. Every run attached by then is leased, well within
+                # `LEASE_GRACE_S`.
+                due, self._fresh = due + self._fresh, []
+            self._turned = now
+            runs, written = self._runs, self._written
+            self._to_lease += [r for r in due if runs.get(r.run_id) is r and r.run_id not in written]
+            self._aging, self._fresh = self._fresh, []
+        return bool(self._to_lease or self._to_release)
+
+    def _signalled(self) -> bool:
+        """(Under _lock.) Whether the kill marker changed since the watcher last read lw_kills."""
+        m = self._map
+        if m is None:
+            return True
+        try:
+            return m[:_MARKER_SIZE] != self._seen
+        except ValueError:  # (closed)
+            return True
 
     # -- the watcher thread -------------------------------------------------------
 
     def _watch(self) -> None:
         conn = _connect(self.path)
-        next_beat = time.monotonic() + HEARTBEAT_S
+        now = time.monotonic()
+        next_beat = now + HEARTBEAT_S
+        next_query = now  # at once: kills stored before the marker was mapped
         while True:
+            self._wake.clear()  # (before the work: a wake-up during it is not lost)
+            now = time.monotonic()
             try:
-                self._tick(conn)
-                now = time.monotonic()
+                full = now >= next_query
+                if full:
+                    self._remap()
+                with self._lock:
+                    polling = self._polling()
+                    if full or polling:
+                        self._turn(now)  # (for runs no timer turns for, or whose loop is blocked)
+                    watching = bool(self._runs)
+                    query = watching and (full or polling or self._signalled())
+                    m = self._map
+                if query:
+                    # The marker is read before the query: a kill stored after the query
+                    # overwrites it after this read, and the next turn sees the change.
+                    before = m[:_MARKER_SIZE] if m is not None else None
+                    self._poll_kills(conn)
+                    with self._lock:
+                        self._seen = before
+                if full:
+                    next_query = now + QUERY_EVERY_S
+                self._write_leases(conn)
                 if now >= next_beat:
-                    conn.execute("UPDATE lw_leases SET heartbeat = ? WHERE owner = ?", (time.time(), _owner()))
+                    if self._written:
+                        conn.execute("UPDATE lw_leases SET heartbeat = ? WHERE owner = ?", (time.time(), _owner()))
                     next_beat = now + HEARTBEAT_S
-            except sqlite3.Error as exc:  # a locked or vanished database: say so, keep trying
+            except (sqlite3.Error, ValueError) as exc:  # a locked or vanished database: say so, keep trying
                 _log.warning("loopwise control plane (%s): %s; retrying", self.path, exc)
                 time.sleep(0.2)
             with self._lock:
-                idle = self._idle = not self._runs and not self._to_attach and not self._to_detach
-                self._wake.clear()
-            woken = self._wake.wait(IDLE_EXIT_S if idle else POLL_S)
+                idle = self._idle = not self._runs and not self._to_lease and not self._to_release
+                polling = self._polling()
+            if idle:
+                timeout = IDLE_EXIT_S
+            elif polling:
+                timeout = POLL_S
+            else:
+                timeout = max(0.0, min(next_query, next_beat) - time.monotonic())
+            woken = self._wake.wait(timeout)
             if idle and not woken:
                 with self._lock:
-                    if not self._runs and not self._to_attach and not self._to_detach:
+                    if not self._runs and not self._to_lease and not self._to_release:
                         # Nothing to watch for a while: end the thread (the next run starts one).
                         self._thread = None
                         conn.close()
                         return
 
-    def _tick(self, conn: sqlite3.Connection) -> None:
+    def _polling(self) -> bool:
+        """(Under _lock.) Whether the watcher must turn and read lw_kills every `POLL_S` itself."""
+        return None in self._counts or (self._map is None and bool(self._runs))
+
+    def _remap(self) -> None:
+        """Map the kill marker (again, if it was deleted or replaced; it is `stat`-ed once a `QUERY_EVERY_S`)."""
+        try:
+            st = os.stat(marker_path(self.path))
+            if self._map is not None and (st.st_dev, st.st_ino) == self._map_id and st.st_size >= _MARKER_SIZE:
+                return
+        except OSError:
+            pass
+        mapped = _map_marker(self.path)
         with self._lock:
-            attach, self._to_attach = self._to_attach, []
-            detach, self._to_detach = self._to_detach, []
-            watching = bool(self._runs)
-            # A run that came and went within one poll never needed a lease: nobody could
-            # have looked for it yet (kills for it were delivered all the same).
-            gone = set(detach)
-            attach = [r for r in attach if r.run_id not in gone]
-            detach = [run_id for run_id in detach if run_id in self._written]
-            self._written.update(r.run_id for r in attach)
-            self._written.difference_update(detach)
-        if attach or detach:
+            # A new mapping's bytes were never compared: the next poll reads lw_kills.
+            self._map, self._map_id = mapped if mapped is not None else (None, None)
+            self._seen = None
+
+    def _write_leases(self, conn: sqlite3.Connection) -> None:
+        """Write the leases due, delete those of detached runs: one transaction."""
+        with self._lock:
             now = time.time()
-            owner = _owner()
-            pid = os.getpid()
+            runs, written = self._runs, self._written
+            lease = [r for r in self._to_lease if runs.get(r.run_id) is r and r.run_id not in written]
+            self._to_lease = []
+            for r in lease:
+                written[r.run_id] = now
+            release, self._to_release = self._to_release, []
+        if not lease and not release:
+            return
+        owner = _owner()
+        pid = os.getpid()
+        try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO lw_leases (run_id, owner, host, pid, tags, acquired, heartbeat) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(r.run_id, owner, HOST, pid, json.dumps(list(r.tags)), now, now) for r in attach],
-                )
-                conn.executemany("DELETE FROM lw_leases WHERE run_id = ? AND owner = ?",
-                                 [(run_id, owner) for run_id in detach])
+                for i in range(0, len(release), 400):
+                    part = release[i:i + 400]
+                    conn.execute("DELETE FROM lw_leases WHERE owner = ? AND (run_id, acquired) IN "
+                                 f"(VALUES {','.join(['(?,?)'] * len(part))})",
+                                 [owner, *(v for pair in part for v in pair)])
+                for i in range(0, len(lease), 400):
+                    part = lease[i:i + 400]
+                    conn.execute("INSERT OR REPLACE INTO lw_leases (run_id, owner, host, pid, tags, acquired, "
+                                 f"heartbeat) VALUES {','.join(['(?,?,?,?,?,?,?)'] * len(part))}",
+                                 [v for r in part
+                                  for v in (r.run_id, owner, HOST, pid, json.dumps(list(r.tags)), now, now)])
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        if watching:
-            rows = conn.execute("SELECT id, run_id, reason, by, ts FROM lw_kills WHERE id > ? ORDER BY id",
-                                (self._last_kill_id,)).fetchall()
-            if rows:
-                self._last_kill_id = rows[-1][0]
-                with self._lock:
-                    targets = [(self._runs.get(r[1]), r) for r in rows]
-                for run, r in targets:
-                    if run is not None:
-                        run.deliver(KillRequest(r[1], r[2], r[3], r[4]))
+        except BaseException:
+            # Not written: again at the next wake-up.
+            with self._lock:
+                self._to_release[:0] = release
+                for r in lease:
+                    if self._written.get(r.run_id) == now:  # (not detached, nor acquired again since)
+                        del self._written[r.run_id]
+                        self._to_lease.append(r)
+            raise
+
+    def _poll_kills(self, conn: sqlite3.Connection) -> None:
+        rows = conn.execute("SELECT id, run_id, reason, by, ts FROM lw_kills WHERE id > ? ORDER BY id",
+                            (self._last_kill_id,)).fetchall()
+        if rows:
+            self._last_kill_id = rows[-1][0]
+            with self._lock:
+                targets = [(self._runs.get(r[1]), r) for r in rows]
+            for run, r in targets:
+                if run is not None:
+                    run.deliver(KillRequest(r[1], r[2], r[3], r[4]))
 
     # -- blocking calls -------------------------------------------------------------
 
     def acquire(self, run_id: str, tags: Iterable[str]) -> None:
         now = time.time()
-        with self._lock:
+        with self._conn_lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -458,7 +710,8 @@ class LocalControl(ControlPlane):
                                    "WHERE run_id = ?", (run_id,)).fetchone()
                 if row is not None:
                     lease = _lease(row)
-                    if lease.live(now):
+                    # (A lease of ours for a run not executing here is being released: free.)
+                    if lease.live(now) and not (lease.owner == _owner() and run_id not in _local_runs):
                         raise UserError(
                             f"run {run_id} is being executed by {lease.host} pid {lease.pid} (its lease was "
                             f"renewed {now - lease.heartbeat:.0f} s ago); stop it with `loopwise kill {run_id}` "
@@ -470,14 +723,15 @@ class LocalControl(ControlPlane):
                     (run_id, _owner(), HOST, os.getpid(), json.dumps(list(tags)), now, now),
                 )
                 conn.execute("COMMIT")
-                self._written.add(run_id)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+        with self._lock:
+            self._written[run_id] = now
 
     def leases(self, run_ids: Iterable[str] | None = None) -> dict[str, Lease]:
         sql = "SELECT run_id, owner, host, pid, tags, acquired, heartbeat FROM lw_leases"
-        with self._lock:
+        with self._conn_lock:
             if run_ids is None:
                 rows = self._conn.execute(sql).fetchall()
             else:
@@ -492,7 +746,7 @@ class LocalControl(ControlPlane):
     def record_kills(self, requests: list[KillRequest]) -> None:
         if not requests:
             return
-        with self._lock:
+        with self._conn_lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -502,15 +756,17 @@ class LocalControl(ControlPlane):
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+        # After the commit: a watcher that sees the marker change reads the new rows.
+        _bump_marker(self.path)
 
     def pending_kill(self, run_id: str) -> KillRequest | None:
-        with self._lock:
+        with self._conn_lock:
             row = self._conn.execute("SELECT run_id, reason, by, ts FROM lw_kills WHERE run_id = ? "
                                      "ORDER BY id DESC LIMIT 1", (run_id,)).fetchone()
         return None if row is None else KillRequest(*row)
 
     def close(self) -> None:
-        with self._lock:
+        with self._conn_lock:
             self._conn.close()
 
 
