@@ -437,3 +437,33 @@ def test_sqlite_store_gets_every_event_and_result_matches(sqlite_store):
     events = sqlite_store.load(result.run_id)
     assert_valid_log(events)
     assert lw.RunResult.from_events(events) == result
+
+
+def test_the_loops_fast_constructors_make_what_the_classes_make():
+    """The positional constructors the loop uses (no keyword matching, no checks it does not need)."""
+    import dataclasses
+
+    from loopwise import _events
+    from loopwise._messages import Message, new_message
+
+    makers = {name: fn for name, fn in vars(_events).items() if name.startswith("new_") and callable(fn)}
+    assert len(makers) == 7
+    for fn in makers.values():
+        cls = getattr(_events, fn.__name__.removeprefix("new_"))  # new_ToolCallFinished: ToolCallFinished
+        names = [f.name for f in dataclasses.fields(cls)][1:]  # less `kind`
+        values = [object() for _ in names]
+        made = fn(*values)
+        assert type(made) is cls and made == cls(**dict(zip(names, values)))
+    call = ToolCall("t", {"a": 1}, "c")
+    assert new_message("assistant", "x", (call,)) == Message("assistant", "x", (call,))
+    assert new_message("tool", "y", (), "c") == Message("tool", "y", tool_call_id="c")
+    started = _events.RunStarted(run_id="r", seq=0, ts=1.0, task=[Message("user", "t")], tags=["a"])
+    finished = _events.RunFinished(run_id="r", seq=9, ts=2.0, stop_reason="done", output="o", iterations=2,
+                                   model_calls=3, usage=Usage(1, 2), cost_usd=0.5, duration_s=1.5, reason="x",
+                                   error=_events.ErrorInfo(type="E", message="m"))
+    assert dataclasses.asdict(lw.RunResult.of(started, finished)) == {
+        "run_id": "r", "output": "o", "stop_reason": "done", "iterations": 2,
+        "usage": {"input_tokens": 1, "output_tokens": 2, "cached_input_tokens": 0, "reasoning_tokens": 0},
+        "cost_usd": 0.5, "duration_s": 1.5, "model_calls": 3, "tags": ("a",), "reason": "x",
+        "error": {"type": "E", "message": "m", "traceback": None},
+    }

@@ -21,7 +21,7 @@ from ._resume import check_resumable, restore
 from ._limits import Limits
 from ._prices import price_for, worst_price
 from ._tokens import TokenEstimator, for_model
-from ._messages import Message, ToolSpec
+from ._messages import Message, ToolSpec, new_message
 from ._result import RunResult
 from ._runaway import RunawayDetector
 from ._run import Run
@@ -68,7 +68,7 @@ _default_stores: dict[Any, EventStore] = {}
 
 def _task_messages(task: Task) -> list[Message]:
     if isinstance(task, str) and task:
-        return [Message("user", task)]
+        return [new_message("user", task)]
     if isinstance(task, Message):
         return [task]
     if isinstance(task, Sequence) and task:
@@ -233,6 +233,11 @@ class Agent:
             self.redact_event = None
         self._description: dict[str, Any] | None = None
         self._prices: list[Price | None] | None = None
+        # Each model's price by the model's id (the first of `all_models` that is it): every
+        # model call looks its price up.
+        self._price_by_id: dict[int, Price | None] | None = None
+        # Whether every model's price is known (a dollar budget needs them all): checked once.
+        self._all_priced: bool | None = None
         self._estimators: list[TokenEstimator] = []
 
     def _budgets(self, run_id: str, shared: Budget | None) -> tuple[Budget, ...]:
@@ -247,7 +252,7 @@ class Agent:
             budgets.append(Budget(limits.budget_usd, tokens=limits.budget_tokens))  # "budget of $0.50"
         if shared is not None:
             budgets.append(shared)
-        if any(b.usd is not None for b in budgets):
+        if self._all_priced is not True and any(b.usd is not None for b in budgets):
             for model, price in zip(self.all_models, self.prices):
                 if price is None:
                     raise UserError(
@@ -255,6 +260,7 @@ class Agent:
                         f"price=lw.models.Price(input_per_mtok=..., output_per_mtok=...) to the model "
                         "(Price(0, 0) for a self-hosted server), or Limits(budget_usd=None) for no dollar limit"
                     )
+            self._all_priced = True
         return tuple(budgets)
 
     @property
@@ -268,7 +274,13 @@ class Agent:
         return next(i for i, m in enumerate(self.all_models) if m is model)
 
     def price_of(self, model: Model) -> Price | None:
-        return self.prices[self._index(model)]
+        by_id = self._price_by_id
+        if by_id is None:
+            by_id = {}
+            for m, price in zip(self.all_models, self.prices):
+                by_id.setdefault(id(m), price)
+            self._price_by_id = by_id
+        return by_id[id(model)]
 
     def worst_price_of(self, models: Sequence[Model]) -> Price | None:
         """The highest rates among `models`: what a call that may reach any of them reserves."""
@@ -348,9 +360,8 @@ class Agent:
         if budget is not None and not isinstance(budget, Budget):
             raise UserError(f"budget must be a loopwise.Budget, got {type(budget).__name__}")
         budgets = self._budgets(run_id, budget)
-        return Run(self, run_id=run_id, task=messages, tags=tags, deps=self.deps if deps is None else deps,
-                   budgets=budgets,
-                   store=store, sink=sink)
+        # (agent, run_id, task, tags, deps, store, sink, budgets)
+        return Run(self, run_id, messages, tags, self.deps if deps is None else deps, store, sink, budgets)
 
     async def _execute(self, run: Run) -> RunResult:
         # A tool that blocks the event loop cannot be timed out; the watchdog says so.
@@ -360,15 +371,13 @@ class Agent:
         run.loop = asyncio.get_running_loop()
         control.attach(run)  # a Run is its own LiveRun: one object fewer per run
         try:
-            finished = await run.execute()
-            if self.redact_event is not None:  # the result is read from the log: redacted as it is
-                finished = self.redact_event(finished)  # type: ignore[assignment]
+            finished = await run.execute()  # as logged: the result is read from the log, redacted as it is
         finally:
             control.detach(run.run_id)
             _active_run_ids.discard(run.run_id)
             if self.redact_event is not None:
                 self.redact_event.end_run(run.run_id)
-        return RunResult.from_events([run.started, finished])
+        return RunResult.of(run.started, finished)
 
     async def run(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None,
                   budget: Budget | None = None) -> RunResult:

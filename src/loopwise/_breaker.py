@@ -77,6 +77,9 @@ class CircuitBreaker:
 
         Returns the state change this check caused (open → half-open), if any.
         """
+        if self.state == "closed":
+            # Nearly every call: one read of the state, as if the lock were taken then.
+            return None
         with self._lock:
             if self.state == "closed":
                 return None
@@ -99,6 +102,8 @@ class CircuitBreaker:
             return None
 
     def on_success(self, tool: str) -> BreakerChange | None:
+        if self.state == "closed" and not self._probing:
+            return None  # nothing to change (closed: no probe in flight), as if under the lock
         with self._lock:
             self._probing = False
             if self.state == "closed":

@@ -152,7 +152,7 @@ class Budget:
         self.usd = None if usd is None else float(usd)
         self.tokens = tokens
         self.name = name
-        self._limit_p = None if usd is None else _to_pico(usd)
+        self._limit_p = None if usd is None else _limit_pico(float(usd))
         self._lock = threading.Lock()
         self._spent_p = 0
         self._reserved_p = 0
@@ -448,6 +448,12 @@ def _hold(reservation: Reservation) -> Any:
 def _to_pico(usd: float, *, up: bool = False) -> int:
     exact = Decimal(repr(float(usd))) * _PICO
     return math.ceil(exact) if up else round(exact)
+
+
+@functools.lru_cache(maxsize=256)
+def _limit_pico(usd: float) -> int:
+    """`_to_pico(usd)`, remembered: every run of an agent makes a budget of the same limit."""
+    return _to_pico(usd)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -21,10 +21,12 @@ import anyio
 from ._breaker import BreakerChange, CircuitOpenError
 from ._errors import ToolRetry
 from ._events import ErrorInfo
+from ._runvars import cancel_scope, wait_within
 from ._tool_policy import Fallback, ToolPolicy
+from ._tools import Tool
 
 if TYPE_CHECKING:
-    from ._tools import RunContext, Tool
+    from ._tools import RunContext
 
 __all__ = ["CallEvents", "CallOutcome", "execute", "tool_content"]
 
@@ -33,6 +35,8 @@ _MAX_FALLBACK_DEPTH = 3
 # A derived total_timeout fits the attempts exactly; the loop's own microseconds must
 # not turn the last attempt's timeout into a "total_timeout ran out".
 _SLACK_S = 0.001
+# What a plain async tool's `call` is (a subclass may have its own).
+_tool_call = Tool.call
 
 
 class CallEvents(Protocol):
@@ -61,9 +65,19 @@ def tool_content(value: Any) -> str:
     """A tool's return value as the text the model reads."""
     if isinstance(value, str):
         return value
+    return (_to_json or _load_to_json())(value, fallback=str).decode()
+
+
+# pydantic_core's `to_json`, imported on first use (not at `import loopwise`).
+_to_json: Callable[..., bytes] | None = None
+
+
+def _load_to_json() -> Callable[..., bytes]:
+    global _to_json
     from pydantic_core import to_json
 
-    return to_json(value, fallback=str).decode()
+    _to_json = to_json
+    return to_json
 
 
 def _truncate(content: str, limit: int | None) -> str:
@@ -104,12 +118,15 @@ def _redactor(policy: ToolPolicy, kwargs: dict[str, Any]) -> Callable[[str], str
     return redact
 
 
-async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext, events: CallEvents,
+async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, events: CallEvents,
                   *, depth: int = 0) -> CallOutcome:
-    """Run one tool call under its policy; never raises except for cancellation."""
+    """Run one tool call under its policy; never raises except for cancellation.
+
+    `ctx` may be None for a tool that takes no `RunContext` and has no fallback.
+    """
     policy = tool.policy
     name = tool.name
-    redact = _redactor(policy, kwargs)
+    redact = _redactor(policy, kwargs) if policy.secret else _as_is
     started = _mono()
     total = policy.total_timeout
     reserve = (policy.fallback_reserve() or 0.0) if policy.fallback else 0.0
@@ -121,7 +138,10 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext, events: C
     # -- attempts ----------------------------------------------------------------------
     # The attempts and the waits between them must end in time for the fallbacks.
     deadline = None if total is None else started + max(0.0, total - reserve)
-    for attempt in range(1, policy.attempts + 1):
+    # A plain async tool is awaited here: what `Tool.call` does for it, less a frame.
+    direct = tool.fn if tool.is_async and tool.context_param is None and type(tool).call is _tool_call else None
+    last_attempt = policy.retries + 1
+    for attempt in range(1, last_attempt + 1):
         if breaker is not None:
             try:
                 change = breaker.before_call(name)
@@ -140,9 +160,15 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext, events: C
         cost += policy.cost_usd
         t0 = _mono()
         exc: BaseException | None = None
+        timed_out = False
         try:
-            with anyio.move_on_after(limit) as scope:
-                value = await tool.call(kwargs, ctx, events)
+            if limit is None:  # no deadline: no scope (nothing but the caller's scopes could cancel it)
+                value = await (tool.call(kwargs, ctx, events) if direct is None else direct(**kwargs))
+            else:  # `move_on_after(limit)`, its timer armed only if the tool waits
+                with cancel_scope() as scope:
+                    value = await wait_within(scope, limit, tool.call(kwargs, ctx, events) if direct is None
+                                              else direct(**kwargs))
+                timed_out = scope.cancelled_caught
         except anyio.get_cancelled_exc_class():
             if breaker is not None:
                 breaker.on_abort()
@@ -150,11 +176,11 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext, events: C
         except Exception as e:  # the tool failed (cancellation is not an Exception on asyncio)
             exc = e
         latency = _mono() - t0
-        if exc is None and not scope.cancelled_caught:
+        if exc is None and not timed_out:
             if breaker is not None and (change := breaker.on_success(name)) is not None:
                 events.breaker_changed(change)
             content = _truncate(tool_content(value), policy.max_result_chars)
-            return CallOutcome("ok", content, attempts, cost_usd=cost, value=value)
+            return CallOutcome("ok", content, attempts, None, None, cost, value)  # (..., fallback, error, cost_usd, value)
         if exc is None:
             if cut_by_total:
                 summary = f"ran out of its total_timeout of {total:g} s after {_plural(attempts, 'attempt')}"
@@ -169,7 +195,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext, events: C
         failure = _Failure(summary, error)
         if breaker is not None and (change := breaker.on_failure(name)) is not None:
             events.breaker_changed(change)
-        delay = policy.backoff.delay(attempt) if retryable and attempt < policy.attempts else None
+        delay = policy.backoff.delay(attempt) if retryable and attempt < last_attempt else None
         if delay is not None and deadline is not None and _mono() + delay >= deadline:
             delay = None  # no time left for another attempt within total_timeout
         events.attempt_failed(name, attempt, error, latency, delay)
@@ -199,7 +225,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext, events: C
                        error=failure.error, cost_usd=cost)
 
 
-async def _try_fallback(step: Fallback, kwargs: dict[str, Any], ctx: RunContext, events: CallEvents,
+async def _try_fallback(step: Fallback, kwargs: dict[str, Any], ctx: RunContext | None, events: CallEvents,
                         remaining: float | None, depth: int) -> tuple[bool, str, float, str]:
     """(answered, content, cost, why it did not answer)."""
     if step.kind == "value":

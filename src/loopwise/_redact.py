@@ -363,9 +363,12 @@ class EventRedactor:
     needed redacting, else a copy (the run's own objects are never changed).
     It remembers, per run until `end_run`, the values of secret arguments it
     replaced, and replaces them wherever they appear later in the run.
+
+    Every event of every run passes here, nearly always with nothing to redact: the
+    common path is a few look-ups in the memos, with no object made.
     """
 
-    __slots__ = ("_fields", "_memo", "_objects", "_run_secrets", "redactor", "secret_args")
+    __slots__ = ("_fields", "_memo", "_objects", "_run_secrets", "_text", "redactor", "secret_args")
 
     def __init__(self, redactor: Redactor, secret_args: Mapping[str, frozenset[str]]) -> None:
         self.redactor = redactor
@@ -376,6 +379,8 @@ class EventRedactor:
         # ones by value, long ones by identity (the instructions, the agent description).
         self._memo: dict[str, str] = {}
         self._objects: dict[int, tuple[Any, Any]] = {}
+        #: A string, redacted (through the memos): made once, called for every string.
+        self._text: Callable[[str], str] = self._make_text()
 
     def __call__(self, event: Event) -> Event:
         fields = self._fields.get(type(event))
@@ -385,6 +390,32 @@ class EventRedactor:
             return event
         secret_args = self.secret_args
         text = self._text
+        if not secret_args:
+            # The common path: short strings straight from the memo, without a call each.
+            memo_get = self._memo.get
+            changes: dict[str, Any] | None = None
+            for name in fields:
+                value = getattr(event, name)
+                if value is None:
+                    continue
+                cls = type(value)
+                if cls is str:
+                    if len(value) <= _MEMO_CHARS and memo_get(value) is _UNCHANGED:
+                        continue
+                    new = text(value)
+                elif cls is dict and name == "arguments":  # tool_call_started: as in the response
+                    new = self._plain_dict(value)
+                elif cls is list and name == "tool_calls":  # model_call_finished
+                    new = self._calls(value)
+                else:
+                    new = self._walk(value, text, name)
+                if new is not value:
+                    if changes is None:
+                        changes = {}
+                    changes[name] = new
+            if changes is None:
+                return event
+            return dataclasses.replace(event, **changes)  # type: ignore[type-var]
         if secret_args:
             run_secrets = self._run_secrets.get(event.run_id)
             found = self._secret_values(event)
@@ -393,7 +424,7 @@ class EventRedactor:
                     sorted({*(run_secrets or ()), *found}, key=len, reverse=True))
             if run_secrets is not None:
                 text = _with_values(text, run_secrets)
-        changes: dict[str, Any] | None = None
+        changes = None
         for name in fields:
             value = getattr(event, name)
             if value is None:
@@ -419,7 +450,8 @@ class EventRedactor:
 
     def end_run(self, run_id: str) -> None:
         """Forget the secret argument values of a run that has ended."""
-        self._run_secrets.pop(run_id, None)
+        if self._run_secrets:
+            self._run_secrets.pop(run_id, None)
 
     def _fields_of(self, cls: type) -> tuple[str, ...]:
         names = tuple(f.name for f in dataclasses.fields(cls)
@@ -428,19 +460,26 @@ class EventRedactor:
         self._fields[cls] = names
         return names
 
-    def _text(self, text: str) -> str:
-        if len(text) <= _MEMO_CHARS:
-            memo = self._memo
-            out = memo.get(text)
-            if out is None:
-                if len(memo) >= _MEMO_ENTRIES:
-                    memo.clear()
-                out = self.redactor.redact(text)
-                # Nothing to redact is remembered as such: an equal string made anew (a tool's
-                # result, each run) comes back as itself, so its event is not copied.
-                out = memo[text] = _UNCHANGED if out is text or out == text else out
-            return text if out is _UNCHANGED else out
-        return self._same(text, self.redactor.redact)
+    def _make_text(self) -> Callable[[str], str]:
+        memo = self._memo
+        get = memo.get
+        redact = self.redactor.redact
+        same = self._same
+
+        def text(value: str) -> str:
+            if len(value) <= _MEMO_CHARS:
+                out = get(value)
+                if out is None:
+                    if len(memo) >= _MEMO_ENTRIES:
+                        memo.clear()
+                    out = redact(value)
+                    # Nothing to redact is remembered as such: an equal string made anew (a
+                    # tool's result, each run) comes back as itself, so its event is not copied.
+                    out = memo[value] = _UNCHANGED if out is value or out == value else out
+                return value if out is _UNCHANGED else out
+            return same(value, redact)  # type: ignore[no-any-return]
+
+        return text
 
     def _same(self, value: Any, compute: Callable[[Any], Any]) -> Any:
         """`compute(value)`, once per object for objects that come back (kept while they do)."""
@@ -462,7 +501,13 @@ class EventRedactor:
         if cls is list or cls is tuple:
             out = None
             for i, item in enumerate(value):
-                new = text(item) if type(item) is str else self._walk(item, text)
+                item_cls = type(item)
+                if item_cls is str:
+                    new = text(item)
+                elif item_cls is ToolCall:  # a response's calls, a message's calls
+                    new = self._call(item, text)
+                else:
+                    new = self._walk(item, text)
                 if new is not item:
                     if out is None:
                         out = list(value)
@@ -495,9 +540,12 @@ class EventRedactor:
 
     def _walk_dict(self, value: dict[str, Any], text: Callable[[str], str]) -> dict[str, Any]:
         out = None
+        memo_get = self._memo.get if text is self._text else None
         for k, item in value.items():
             cls = type(item)
             if cls is str:
+                if memo_get is not None and len(item) <= _MEMO_CHARS and memo_get(item) is _UNCHANGED:
+                    continue  # known to hold nothing to redact: no call
                 new = text(item)
             elif item is None or cls is int or cls is float or cls is bool:
                 continue
@@ -511,18 +559,51 @@ class EventRedactor:
 
     def _call(self, call: ToolCall, text: Callable[[str], str]) -> ToolCall:
         args = call.arguments
-        secret = self.secret_args.get(call.name) if isinstance(call.name, str) else None
-        new_args = self._arguments(args, secret, text)
+        secret_args = self.secret_args
+        if not secret_args and type(args) is dict and text is self._text:
+            new_args = self._plain_dict(args)
+        else:
+            secret = secret_args.get(call.name) if secret_args and isinstance(call.name, str) else None
+            new_args = self._arguments(args, secret, text)
         if new_args is args:
             return call
         return ToolCall(call.name, new_args, call.id)
 
+    def _calls(self, calls: list[Any]) -> list[Any]:
+        """A response's tool calls (no secret arguments): `_walk` of the list, a call or two fewer each."""
+        out = None
+        for i, call in enumerate(calls):
+            if type(call) is ToolCall and type(args := call.arguments) is dict:
+                new_args = self._plain_dict(args)
+                new = call if new_args is args else ToolCall(call.name, new_args, call.id)
+            else:
+                new = self._walk(call, self._text)
+            if new is not call:
+                if out is None:
+                    out = list(calls)
+                out[i] = new
+        return calls if out is None else out
+
+    def _plain_dict(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Arguments without secret ones, redacted: once per dict object while it comes back.
+
+        The same dict is in the model's response and in the call's start: walked once.
+        """
+        objects = self._objects
+        hit = objects.get(id(args))
+        if hit is not None and hit[0] is args:
+            return hit[1]  # type: ignore[no-any-return]
+        out = self._walk_dict(args, self._text)
+        if len(objects) >= _MEMO_OBJECTS:
+            objects.clear()
+        objects[id(args)] = (args, out)
+        return out
+
     def _arguments(self, args: Any, secret: frozenset[str] | None, text: Callable[[str], str]) -> Any:
         if secret:
             args = _replace_secret_arguments(args, secret)
-        elif type(args) is dict and text == self._text:
-            # The same dict is in the model's response and in the call's start: walk it once.
-            return self._same(args, lambda d: self._walk_dict(d, text))
+        elif type(args) is dict and text is self._text:
+            return self._plain_dict(args)
         return self._walk(args, text)
 
     def _secret_values(self, event: Event) -> list[str]:

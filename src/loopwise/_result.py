@@ -11,6 +11,8 @@ from ._messages import Usage
 
 __all__ = ["RunResult"]
 
+_new = object.__new__
+
 
 @dataclass(kw_only=True, slots=True)
 class RunResult:
@@ -44,6 +46,25 @@ class RunResult:
             raise UserError("these events hold no run_started event: they are not a run's log")
         if finished is None:
             raise UserError(f"run {started.run_id!r} has not finished: its log has no run_finished event")
+        return cls.of(started, finished)
+
+    @classmethod
+    def of(cls, started: RunStarted, finished: RunFinished) -> RunResult:
+        """The result of a run from its first and its last event."""
+        if cls is RunResult:  # every run returns one: its fields stored without keyword matching
+            result = _new(RunResult)
+            result.run_id = finished.run_id
+            result.output = finished.output
+            result.stop_reason = finished.stop_reason
+            result.iterations = finished.iterations
+            result.usage = finished.usage
+            result.cost_usd = finished.cost_usd
+            result.duration_s = finished.duration_s
+            result.model_calls = finished.model_calls
+            result.tags = tuple(started.tags)
+            result.reason = finished.reason
+            result.error = finished.error
+            return result
         return cls(
             run_id=finished.run_id,
             output=finished.output,

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -34,28 +34,31 @@ from ._events import (
     ErrorInfo,
     ModelAttemptFailed,
     Event,
-    IterationStarted,
     KillReceived,
     LimitHit,
     ModelCallFinished,
-    ModelCallStarted,
     Nudge,
     RunFinished,
     RunStarted,
     StopReason,
     ThreadAbandoned,
     ToolAttemptFailed,
-    ToolCallFinished,
-    ToolCallStarted,
     ToolFallback,
+    new_iteration_started,
+    new_model_call_finished,
+    new_model_call_started,
+    new_run_finished,
+    new_run_started,
+    new_tool_call_finished,
+    new_tool_call_started,
 )
 from ._control import call_in_loop
 from ._execute import execute
 from ._expect import NO_VALUE, judge, split_expectation
 from ._logging import LOGGED_KINDS, log_event
 from ._resume import UNKNOWN_OUTCOME
-from ._messages import Message, ToolCall, Usage
-from ._runvars import CurrentRun, current_run
+from ._messages import Message, ToolCall, Usage, new_message
+from ._runvars import CurrentRun, cancel_scope, current_run, task_group
 from ._tools import RunContext, Tool, ToolArgumentsError
 from .models._base import Model, ModelRequest, ModelResponse
 from .models._resilience import AttemptRecord, call_with_policy
@@ -129,6 +132,7 @@ class Run:
         "monitor",
         "output",
         "pending",
+        "redact",
         "resumption",
         "run_id",
         "seq",
@@ -146,7 +150,6 @@ class Run:
     def __init__(
         self,
         agent: Agent,
-        *,
         run_id: str,
         task: list[Message],
         tags: tuple[str, ...],
@@ -161,6 +164,8 @@ class Run:
         self.deps = deps
         self.store = store
         self.sink = sink
+        #: What every event passes through before the log, the stream and `logging` see it.
+        self.redact = agent.redact_event
         self.pending: list[Event] = []
         self.seq = 0
         self.iteration = 0
@@ -175,7 +180,7 @@ class Run:
         # The first system message: the instructions, plus how to state expectations when on.
         instructions = agent.system_prompt
         self.transcript: list[Message] = (
-            [Message("system", instructions), *task] if instructions else list(task)
+            [new_message("system", instructions), *task] if instructions else list(task)
         )
         self.context = agent.context.start(head=len(self.transcript))
         self.monitor = agent.runaway.start() if agent.runaway is not None else None
@@ -192,45 +197,49 @@ class Run:
         self.resumption: Resumption | None = None
         self.active_before = 0.0
         self.since = 0.0
-        self.started = RunStarted(
-                run_id=run_id,
-                seq=0,
-                ts=_wall(),
-                task=task,
-                instructions=instructions,
-                agent=agent.describe(),
-                limits=agent.limits.to_dict(),
-                tags=list(tags),
-        )
-        self._emit(self.started)
+        # (run_id, seq, ts, task, instructions, agent, limits, tags)
+        # RunResult reads it: as logged (redacted).
+        self.started: RunStarted = self._emit(new_run_started(  # type: ignore[assignment]
+            run_id, 0, _wall(), task, instructions, agent.describe(), agent.limits.to_dict(), list(tags)))
 
     # -- the log -------------------------------------------------------------------
 
-    def _emit(self, event: Event) -> None:
+    def _emit(self, event: Event) -> Event:
+        """Append `event` to the log (and the stream, and `logging`); return it as logged."""
         self.seq += 1
         # What the log, the stream and `logging` get is redacted; the run keeps the real content.
-        redact = self.agent.redact_event
+        redact = self.redact
         if redact is not None:
             event = redact(event)
-            if event.kind == "run_started":
-                self.started = event  # type: ignore[assignment]  # RunResult reads it: as logged
         self.pending.append(event)
         if self.sink is not None:
             self.sink(event)
         if event.kind in LOGGED_KINDS:
             log_event(event)
+        return event
 
     async def _flush(self) -> None:
-        if self.pending:
-            batch, self.pending = self.pending, []
-            waiter = self.store.write(batch)
-            if waiter is not None:
-                await waiter
+        if (waiter := self._write()) is not None:
+            await waiter
+
+    def _write(self) -> Awaitable[None] | None:
+        """Hand the pending events to the store; what to await for them to be durable, if anything.
+
+        (`_flush` without a coroutine of its own: a store that is done at once, like the
+        in-memory one, costs no frame.)
+        """
+        if not self.pending:
+            return None
+        batch, self.pending = self.pending, []
+        return self.store.write(batch)
 
     # -- the run -------------------------------------------------------------------
 
     async def execute(self) -> RunFinished:
-        """Run to a stop reason; the run's end is written to the log in every case."""
+        """Run to a stop reason; the run's end is written to the log in every case.
+
+        Returns the run's end as logged (redacted).
+        """
         token = current_run.set(self.current)
         self.started_mono = _mono()
         try:
@@ -283,7 +292,7 @@ class Run:
         if deadline_s is not None:
             # The deadline counts active time: a resumed run has only what its earlier segments left.
             deadline = self.deadline = anyio.current_time() + deadline_s - self.active_before
-        with anyio.CancelScope(deadline=deadline) as self.kill_scope:
+        with cancel_scope(deadline) as self.kill_scope:
             if self.killed is None:
                 return await self._loop()
         self.kill_scope = None
@@ -312,26 +321,15 @@ class Run:
                 f"taken {per_iteration:.2f} s and the answer needs time too")
 
     async def _finish(self, stop: _Stop) -> RunFinished:
-        event = RunFinished(
-            run_id=self.run_id,
-            seq=self.seq,
-            ts=_wall(),
-            stop_reason=stop.reason,
-            output=self.output,
-            iterations=self.iteration,
-            model_calls=self.model_calls,
-            usage=Usage(
-                self.usage.input_tokens,
-                self.usage.output_tokens,
-                self.usage.cached_input_tokens,
-                self.usage.reasoning_tokens,
-            ),
-            cost_usd=self.cost_usd,
-            duration_s=self.active_before + _mono() - self.started_mono,
-            reason=stop.detail,
-            error=stop.error,
+        usage = self.usage
+        # (run_id, seq, ts, stop_reason, output, iterations, model_calls, usage, cost_usd,
+        #  duration_s, reason, error)
+        event = new_run_finished(
+            self.run_id, self.seq, _wall(), stop.reason, self.output, self.iteration, self.model_calls,
+            Usage(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.reasoning_tokens),
+            self.cost_usd, self.active_before + _mono() - self.started_mono, stop.detail, stop.error,
         )
-        self._emit(event)
+        event = self._emit(event)  # type: ignore[assignment]
         try:
             await self._flush()
         except Exception as exc:  # the store itself is failing: say so loudly, still return
@@ -343,6 +341,8 @@ class Run:
         agent = self.agent
         max_iterations = agent.limits.max_iterations
         specs = agent.tool_specs
+        # A context that never folds sends the whole transcript: THINK without `_think`'s frame.
+        folds = agent.context.folds
         if self.resumption is not None:
             plan, self.resumption = self.resumption, None
             if (stop := await self._resume_step(plan)) is not None:
@@ -352,15 +352,19 @@ class Run:
                 # The seed's rule: the kill switch is checked between iterations too.
                 self.kill_scope.cancel()
                 await anyio.lowlevel.checkpoint()
-            if (why := self._out_of_time(self.iteration + 1)) is not None:
+            if self.deadline is not None and (why := self._out_of_time(self.iteration + 1)) is not None:
                 return await self._limit_stop(self.iteration, "deadline", why)
             self.iteration += 1
             iteration = self.iteration
             cost_before = self.cost_usd
             contents: list[str] = []
-            self._emit(IterationStarted(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration))
+            self._emit(new_iteration_started(self.run_id, self.seq, _wall(), iteration))
             # THINK
-            response = await self._think(iteration, specs, "think")
+            if folds:
+                response = await self._think(iteration, specs, "think")
+            else:  # (messages, tools, max_tokens)
+                request = ModelRequest(list(self.transcript), specs, agent.max_tokens)
+                response = (await self._call_model(iteration, request, "think", agent.models))[0]
             calls = response.tool_calls
             if not calls:
                 text = response.text
@@ -371,12 +375,12 @@ class Run:
                 elif text is None or not text.strip():
                     self._nudge(iteration, EMPTY_RESPONSE_NUDGE, "the model returned an empty response")
                 else:
-                    self.transcript.append(Message("assistant", text))
+                    self.transcript.append(new_message("assistant", text))
                     self.output = text
                     return _Stop("done")
             else:
                 calls = self._assign_ids(iteration, calls)
-                self.transcript.append(Message("assistant", response.text, tuple(calls)))
+                self.transcript.append(new_message("assistant", response.text, tuple(calls)))
                 if iteration >= max_iterations:
                     self._skip_tools(iteration, calls)
                     return await self._limit_stop(iteration, "max_iterations",
@@ -507,9 +511,8 @@ class Run:
         model = models[0]
         held: CallReservation | None = None
         estimate = None
-        price = agent.worst_price_of(models) if self.budgets else None
-        if self.budgets and (price is None or price.input_per_mtok or price.output_per_mtok
-                             or self.counts_tokens):
+        if self.budgets and ((price := agent.worst_price_of(models)) is None or price.input_per_mtok
+                             or price.output_per_mtok or self.counts_tokens):
             # Reserve the call's worst case on every budget before making it: the input
             # (an upper bound, for the costliest model that may answer) and max_tokens,
             # capped to what the budgets can still pay for. No fit, no call.
@@ -527,36 +530,27 @@ class Run:
         specs = request.tools
         self.model_calls += 1
         self.current.model_calls = self.model_calls
-        self._emit(
-            ModelCallStarted(
-                run_id=self.run_id,
-                seq=self.seq,
-                ts=_wall(),
-                iteration=iteration,
-                purpose=purpose,  # type: ignore[arg-type]
-                model=model.name,
-                n_messages=len(request.messages),
-                n_tools=len(specs),
-                max_tokens=request.max_tokens,
-                estimated_input_tokens=None if estimate is None else int(estimate),
-                reserved_usd=None if held is None else held.usd,
-            )
-        )
-        started = _mono()
+        # (run_id, seq, ts, iteration, purpose, model, n_messages, n_tools, max_tokens,
+        #  estimated_input_tokens, reserved_usd)
+        self._emit(new_model_call_started(
+            self.run_id, self.seq, _wall(), iteration, purpose, model.name, len(request.messages), len(specs),
+            request.max_tokens, None if estimate is None else int(estimate), None if held is None else held.usd,
+        ))
         error: ErrorInfo | None = None
         response: ModelResponse | None = None
         try:
-            await self._flush()  # the log is durable before every model call
+            if (waiter := self._write()) is not None:  # the log is durable before every model call
+                await waiter
         except BaseException:
             if held is not None:
                 held.release()
             raise
         started = _mono()
         try:
+            # (models, request, policy, on_attempt, check, report_ok): positionally, every call passes here
             response, model = await call_with_policy(
-                models, request, agent.model_policy,
-                on_attempt=_ModelAttemptReporter(self, iteration, purpose), check=self._check_response,
-                report_ok=False,
+                models, request, agent.model_policy, _ModelAttemptReporter(self, iteration, purpose),
+                self._check_response, False,
             )
         except anyio.get_cancelled_exc_class():
             if held is not None:
@@ -598,24 +592,12 @@ class Run:
                 if low_by > 0:
                     _log.error("run %s: the input estimate for %s was %d tokens low; later reservations "
                                "are widened", self.run_id, model.name, low_by)
-        self._emit(
-            ModelCallFinished(
-                run_id=self.run_id,
-                seq=self.seq,
-                ts=_wall(),
-                iteration=iteration,
-                purpose=purpose,  # type: ignore[arg-type]
-                text=response.text,
-                tool_calls=list(response.tool_calls),
-                finish_reason=response.finish_reason,
-                usage=usage,
-                usage_estimated=estimated,
-                cost_usd=cost,
-                latency_s=latency,
-                model=model.name,
-                overrun_usd=overrun_usd,
-            )
-        )
+        # (run_id, seq, ts, iteration, purpose, text, tool_calls, finish_reason, usage,
+        #  usage_estimated, cost_usd, latency_s, error, model, overrun_usd)
+        self._emit(new_model_call_finished(
+            self.run_id, self.seq, _wall(), iteration, purpose, response.text, list(response.tool_calls),
+            response.finish_reason, usage, estimated, cost, latency, None, model.name, overrun_usd,
+        ))
         if purpose == "think":
             self.think_input_tokens = usage.input_tokens
         return response, model
@@ -637,8 +619,9 @@ class Run:
     def _usage_of(request: ModelRequest, response: ModelResponse) -> tuple[Usage, bool]:
         usage = response.usage
         if usage is not None:
-            values = (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.reasoning_tokens)
-            if all(type(v) is int and v >= 0 for v in values):
+            i, o, c, r = usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.reasoning_tokens
+            if (type(i) is int and type(o) is int and type(c) is int and type(r) is int
+                    and i >= 0 and o >= 0 and c >= 0 and r >= 0):
                 return usage, False
         # Missing or nonsensical usage: estimate from the text, and say so in the log.
         input_tokens = sum(estimate_tokens(m) for m in request.messages)
@@ -678,24 +661,24 @@ class Run:
         arguments, expected = call.arguments, None
         if self.agent.expectations:
             expected, arguments = split_expectation(arguments)
-        self._emit(ToolCallStarted(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
-                                   call_id=call.id, name=str(call.name), arguments=arguments,  # type: ignore[arg-type]
-                                   expected=expected))
+        # (run_id, seq, ts, iteration, call_id, name, arguments, expected)
+        self._emit(new_tool_call_started(self.run_id, self.seq, _wall(), iteration, call.id, str(call.name),
+                                         arguments, expected))
         return arguments
 
     def _tool_finished(self, iteration: int, call: ToolCall, outcome: str, content: str,
-                       latency: float, error: ErrorInfo | None, *, attempts: int = 0,
+                       latency: float, error: ErrorInfo | None, attempts: int = 0,
                        fallback: str | None = None, cost_usd: float = 0.0, value: Any = NO_VALUE) -> None:
         match = match_by = note = None
         if self.agent.expectations:  # did the result match the model's expectation?
             tool = self.agent.tools_by_name.get(call.name) if isinstance(call.name, str) else None
             match, match_by, note = judge(tool, split_expectation(call.arguments)[0], outcome, content,
                                           fallback, value)
-        self._emit(ToolCallFinished(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
-                                    call_id=call.id, name=str(call.name), outcome=outcome,  # type: ignore[arg-type]
-                                    content=content, latency_s=latency, error=error,  # type: ignore[arg-type]
-                                    attempts=attempts, fallback=fallback, cost_usd=cost_usd,
-                                    match=match, match_by=match_by, match_note=note))
+        # (run_id, seq, ts, iteration, call_id, name, outcome, content, latency_s, error, attempts,
+        #  fallback, cost_usd, match, match_by, match_note)
+        self._emit(new_tool_call_finished(self.run_id, self.seq, _wall(), iteration, call.id, str(call.name),
+                                          outcome, content, latency, error, attempts, fallback, cost_usd,
+                                          match, match_by, note))
 
     async def _act(self, iteration: int, calls: list[ToolCall]) -> list[str]:
         tools = self.agent.tools_by_name
@@ -722,38 +705,43 @@ class Run:
         if runnable:
             # The calls are durable before any tool runs: after a crash, resume knows
             # what may have happened (and never re-runs a non-idempotent call blindly).
-            await self._flush()
+            if (waiter := self._write()) is not None:
+                await waiter
         if len(runnable) == 1:
             await self._call_tool(iteration, contents, *runnable[0])
         elif runnable:
             bound = self.agent.max_parallel_tools
             limiter = anyio.CapacityLimiter(bound) if bound is not None and bound < len(runnable) else None
-            async with anyio.create_task_group() as tg:
+            async with task_group() as tg:
                 if limiter is not None:
                     for item in runnable:
-                        tg.start_soon(self._call_tool, iteration, contents, *item, limiter)
+                        tg.start_soon(self._call_tool, iteration, contents, *item, limiter, name=_CALL_TOOL)
                 else:
                     # The first call runs in this task, inside the group's cancel scope, and
                     # the others in tasks of their own: one task fewer per response (a
                     # spawned task costs ~20 µs and ~20 objects). The first still starts
                     # first, and the others start as soon as it first waits.
                     for item in runnable[1:]:
-                        tg.start_soon(self._call_tool, iteration, contents, *item)
+                        tg.start_soon(self._call_tool, iteration, contents, *item, name=_CALL_TOOL)
                     await self._call_tool(iteration, contents, *runnable[0])
         for call, content in zip(calls, contents):
-            self.transcript.append(Message("tool", content, tool_call_id=call.id))
+            self.transcript.append(new_message("tool", content, (), call.id))
         return contents
 
     async def _call_tool(self, iteration: int, contents: list[str], index: int, call: ToolCall,
                          tool: Tool, kwargs: dict[str, Any], limiter: anyio.CapacityLimiter | None = None) -> None:
-        ctx = RunContext(run_id=self.run_id, call_id=call.id, iteration=iteration,  # type: ignore[arg-type]
-                         tags=self.tags, deps=self.deps)
+        policy = tool.policy
+        # Only a tool that takes a RunContext reads it (or a fallback tool, or a `call` of a
+        # subclass, that may): made for those only.
+        ctx = (RunContext(run_id=self.run_id, call_id=call.id, iteration=iteration,  # type: ignore[arg-type]
+                          tags=self.tags, deps=self.deps)
+               if tool.context_param is not None or policy.fallback or type(tool).call is not _tool_call else None)
         held = None
-        cost_usd = tool.policy.cost_usd
+        cost_usd = policy.cost_usd
         if cost_usd and self.budgets:
             # A paid tool reserves its worst case (every attempt) before it runs.
             try:
-                held = reserve(self.budgets, usd=cost_usd * tool.policy.attempts)
+                held = reserve(self.budgets, usd=cost_usd * policy.attempts)
             except BudgetExceeded as exc:
                 content = f"not executed: {exc}"
                 self._tool_finished(iteration, call, "not_executed", content, 0.0,
@@ -777,10 +765,17 @@ class Run:
         if held is not None:
             held.settle(result.cost_usd, 0)
         self.cost_usd += result.cost_usd
-        self._tool_finished(iteration, call, result.outcome, result.content, _mono() - started, result.error,
-                            attempts=result.attempts, fallback=result.fallback, cost_usd=result.cost_usd,
-                            value=result.value if result.outcome == "ok" else NO_VALUE)
+        outcome = result.outcome
+        # (positionally: ..., attempts, fallback, cost_usd, value)
+        self._tool_finished(iteration, call, outcome, result.content, _mono() - started, result.error,
+                            result.attempts, result.fallback, result.cost_usd,
+                            result.value if outcome == "ok" else NO_VALUE)
         contents[index] = result.content
+
+
+_tool_call = Tool.call
+# The name anyio gives a task of `_call_tool` (`module.qualname`), worked out once.
+_CALL_TOOL = f"{Run._call_tool.__module__}.{Run._call_tool.__qualname__}"
 
 
 class _CallReporter:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,12 +59,41 @@ def canonical_call(call: ToolCall) -> str:
             arguments = json.loads(arguments)
         except ValueError:
             pass
-    return json.dumps([str(call.name), arguments], sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, default=str)
+    return _canonical_json([str(call.name), arguments])
 
 
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+def _make_canonical_json() -> Callable[[Any], str]:
+    """`json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)`.
+
+    Every tool call is encoded once, so this skips `json.dumps`'s Python layers: the
+    stdlib's C encoder, made as `JSONEncoder.iterencode` makes it (a fresh circular-reference
+    check each call). Where that encoder is missing or does not write the same bytes as
+    `JSONEncoder` for a probe, the `JSONEncoder` itself (made once).
+    """
+    encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
+    from json.encoder import c_make_encoder, encode_basestring
+
+    if c_make_encoder is None:  # pragma: no cover - a Python without the _json accelerator
+        return encoder
+
+    def canonical(value: Any, _make: Any = c_make_encoder, _string: Any = encode_basestring,
+                  _join: Callable[[Any], str] = "".join) -> str:
+        return _join(_make({}, str, _string, None, ":", ",", True, False, True)(value, 0))
+
+    probe = ["tool", {"b": [1, 2.5, None, True, "é\n\"x\""], "a": float("nan"), "c": {"z": 1, "y": object()}}]
+    try:
+        if canonical(probe) != encoder(probe):  # pragma: no cover - another Python's encoder
+            return encoder
+    except Exception:  # noqa: BLE001  # pragma: no cover - its signature changed
+        return encoder
+    return canonical
+
+
+_canonical_json = _make_canonical_json()
+
+
+def _digest(text: str, _blake2b: Any = hashlib.blake2b) -> bytes:
+    return _blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _short(text: str, limit: int = 120) -> str:
@@ -214,10 +243,12 @@ class RunawayMonitor:
         d = self.detector
         if not d.enabled:
             return None
-        found = [self._repeated(calls), self._stale(results), self._growth(input_tokens, cost_usd)]
-        fired = [f for f in found if f is not None]
-        if not fired:
-            return None
+        repeated = self._repeated(calls)
+        stale = self._stale(results)
+        growth = self._growth(input_tokens, cost_usd)
+        if repeated is None and stale is None and growth is None:
+            return None  # nearly every iteration: no list made
+        fired = [f for f in (repeated, stale, growth) if f is not None]
         signal, message, nudge, details = fired[0]
         if len(fired) > 1:
             details = {**details, "also": [f[0] for f in fired[1:]]}
@@ -234,18 +265,21 @@ class RunawayMonitor:
     # -- the signals -----------------------------------------------------------------
 
     def _repeated(self, calls: Sequence[ToolCall]) -> tuple[RunawaySignal, str, str, dict[str, Any]] | None:
-        worst: tuple[int, ToolCall, str] | None = None
+        counts = self._call_counts
+        worst = 0
+        worst_call: ToolCall | None = None
+        worst_text = ""
         for call in calls:
             text = canonical_call(call)
             key = _digest(text)
-            count = self._call_counts.get(key, 0) + 1
-            self._call_counts[key] = count
-            if worst is None or count > worst[0]:
-                worst = (count, call, text)
+            count = counts.get(key, 0) + 1
+            counts[key] = count
+            if count > worst:
+                worst, worst_call, worst_text = count, call, text
         k = self.detector.repeat_calls
-        if k is None or worst is None or worst[0] < k:
+        if k is None or worst_call is None or worst < k:
             return None
-        count, call, text = worst
+        count, call, text = worst, worst_call, worst_text
         arguments = _short(_arguments_of(text))
         message = f"{call.name} was called {count} times with the same arguments {arguments}"
         nudge = (f"Runtime check: you have called {call.name} with the same arguments {arguments} {count} times "
@@ -254,10 +288,11 @@ class RunawayMonitor:
 
     def _stale(self, results: Sequence[str]) -> tuple[RunawaySignal, str, str, dict[str, Any]] | None:
         new = False
+        seen = self._seen
         for content in results:
             key = _digest(content if isinstance(content, str) else str(content))
-            if key not in self._seen:
-                self._seen.add(key)
+            if key not in seen:
+                seen.add(key)
                 new = True
         self._stale_streak = 0 if new else self._stale_streak + 1
         k = self.detector.stale_iterations

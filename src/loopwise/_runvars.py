@@ -1,15 +1,35 @@
-"""The run a piece of code is executing in, as a context variable.
+"""The run a piece of code is executing in, as a context variable; and its cancel scopes.
 
-The loop sets it for the duration of a run; test models read it to replay their
-script per run (`ScriptedModel`) without the model interface carrying run state.
+The loop sets `current_run` for the duration of a run; test models read it to replay
+their script per run (`ScriptedModel`) without the model interface carrying run state.
+
+`cancel_scope` and `task_group` make the same anyio objects as `anyio.CancelScope` and
+`anyio.create_task_group`. On asyncio they skip anyio's look-up of the running async
+library (a few frames deep; `anyio.move_on_after` makes two): every run, model call and
+tool call makes a scope. `wait_within` gives a call its timeout, as `move_on_after`
+would.
 """
 
 from __future__ import annotations
 
+import math
+from asyncio import _get_running_loop
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["CurrentRun", "current_run"]
+import anyio
+
+if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop
+
+try:  # what sniffio (anyio's way to tell the library) checks before it looks for asyncio
+    from sniffio import current_async_library_cvar as _library_var
+    from sniffio import thread_local as _library_thread
+except ImportError:  # pragma: no cover - anyio without sniffio assumes asyncio, as here
+    _library_var = _library_thread = None  # type: ignore[assignment]
+
+__all__ = ["CurrentRun", "cancel_scope", "current_run", "task_group", "wait_within"]
 
 
 @dataclass(slots=True)
@@ -20,3 +40,54 @@ class CurrentRun:
 
 
 current_run: ContextVar[CurrentRun | None] = ContextVar("loopwise_current_run", default=None)
+
+# The asyncio backend's own classes, learnt from the first of each made on asyncio.
+_asyncio_scope: Any = None
+_asyncio_group: Any = None
+
+
+def _asyncio_loop() -> AbstractEventLoop | None:
+    """The running asyncio loop when anyio would pick its asyncio backend here, else None."""
+    if _library_thread is not None:
+        name = _library_thread.name
+        if name is None:
+            name = _library_var.get()
+        if name is not None and name != "asyncio":
+            return None  # trio, or another library named explicitly: anyio decides
+    return _get_running_loop()
+
+
+def _learn_scope_class() -> Any:
+    global _asyncio_scope
+    _asyncio_scope = type(anyio.CancelScope())
+    return _asyncio_scope
+
+
+def _learn_group_class() -> Any:
+    global _asyncio_group
+    _asyncio_group = type(anyio.create_task_group())
+    return _asyncio_group
+
+
+def cancel_scope(deadline: float = math.inf) -> anyio.CancelScope:
+    """`anyio.CancelScope(deadline=deadline)`; `deadline` on the clock of `anyio.current_time()`."""
+    if _asyncio_loop() is None:
+        return anyio.CancelScope(deadline=deadline)
+    return (_asyncio_scope or _learn_scope_class())(deadline=deadline)  # type: ignore[no-any-return]
+
+
+def task_group() -> anyio.abc.TaskGroup:
+    """`anyio.create_task_group()`."""
+    if _asyncio_loop() is None:
+        return anyio.create_task_group()
+    return (_asyncio_group or _learn_group_class())()  # type: ignore[no-any-return]
+
+
+def wait_within(scope: anyio.CancelScope, delay: float, coro: Any) -> Any:
+    """`coro` to await inside `scope` (entered without a deadline), given one `delay` s from now.
+
+    What `with move_on_after(delay): await coro` does, with the scope made once by the
+    caller (which also needs it to tell a timeout from other cancellations).
+    """
+    scope.deadline = anyio.current_time() + delay
+    return coro

@@ -141,7 +141,7 @@ class Tool:
         # that nothing else holds, so it needs no copy.
         return model.__dict__
 
-    async def call(self, kwargs: dict[str, Any], ctx: RunContext, events: Any = None) -> Any:
+    async def call(self, kwargs: dict[str, Any], ctx: RunContext | None, events: Any = None) -> Any:
         """One attempt with validated arguments (the policy around it is `_execute`'s).
 
         Async tools run on the event loop and are cancelled on timeout. Sync tools run

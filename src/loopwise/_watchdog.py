@@ -167,8 +167,10 @@ def start_watchdog(
     if threshold <= 0 or interval <= 0:
         raise ValueError(f"threshold and interval must be positive, got {threshold} and {interval}")
     last = _last
-    if last is not None and last.loop is loop and last.running:
-        return last  # the fast path: no lock, no registry lookup
+    if last is not None and last.loop is loop and not last._stopped.is_set():
+        # The fast path: no lock, no registry lookup. Its thread is alive: a watchdog whose
+        # thread ends is no longer `_last` (`_watch` unregisters it on its way out).
+        return last
     with _registry_lock:
         existing = _watchdogs.get(loop)
         if existing is not None and existing.running:

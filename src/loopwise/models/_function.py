@@ -16,13 +16,15 @@ __all__ = ["FunctionModel", "ScriptedModel"]
 ModelFunction = Callable[[ModelRequest], "ModelResponse | str | Awaitable[ModelResponse | str]"]
 
 
-def _coerce(value: Any, source: str) -> ModelResponse:
+def _coerce(value: Any, source: str | FunctionModel) -> ModelResponse:
     if type(value) is ModelResponse:
         return value
     if isinstance(value, ModelResponse):
         return value
     if isinstance(value, str):
         return ModelResponse(text=value)
+    if isinstance(source, FunctionModel):  # named only when it is wrong: no string per call
+        source = f"FunctionModel function {source.name!r}"
     raise ModelBehaviorError(
         f"{source} returned {type(value).__name__}; expected a ModelResponse "
         "(or a str for a final answer)"
@@ -57,7 +59,7 @@ class FunctionModel(Model):
             value = self.fn(request)
             if inspect.isawaitable(value):
                 value = await value
-        return _coerce(value, f"FunctionModel function {self.name!r}")
+        return _coerce(value, self)
 
 
 class ScriptedModel(Model):

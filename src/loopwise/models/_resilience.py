@@ -48,6 +48,7 @@ from .._errors import (
     UserError,
 )
 from .._events import ErrorInfo
+from .._runvars import cancel_scope, wait_within
 from ._base import Model, ModelRequest, ModelResponse
 
 __all__ = ["AttemptRecord", "ModelPolicy", "call_with_policy", "parse_retry_after"]
@@ -156,12 +157,12 @@ async def call_with_policy(
     models: Sequence[Model],
     request: ModelRequest,
     policy: ModelPolicy,
-    *,
     on_attempt: Callable[[AttemptRecord], None] | None = None,
     check: Callable[[ModelResponse], None] | None = None,
+    report_ok: bool = True,
+    *,
     sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
     rng: Callable[[], float] = random.random,
-    report_ok: bool = True,
 ) -> tuple[ModelResponse, Model]:
     """Make one model call under `policy`: the first model, then each fallback in turn.
 
@@ -172,10 +173,13 @@ async def call_with_policy(
         on_attempt: Called after every attempt (before any backoff wait).
         check: Validates a response; a `ModelError` it raises fails the attempt
             (a `ModelBehaviorError` is not retried, so the fallback is tried).
-        sleep: Waits between attempts (tests pass one that records instead).
-        rng: Returns a float in [0, 1) for the backoff jitter.
         report_ok: False: `on_attempt` hears only of failed attempts (the loop logs
             nothing for an attempt that answered, so it asks for none).
+        sleep: Waits between attempts (tests pass one that records instead).
+        rng: Returns a float in [0, 1) for the backoff jitter.
+
+    The loop passes `on_attempt`, `check` and `report_ok` positionally: CPython matches
+    keyword arguments one by one, and every model call passes here.
 
     Returns:
         The response and the model that gave it (its `price` is the one to charge).
@@ -189,7 +193,6 @@ async def call_with_policy(
     failures: list[tuple[str, int, ModelError]] = []
     timeout = policy.timeout
     for index, model in enumerate(models):
-        fallback = models[index + 1] if index + 1 < len(models) else None
         attempt = 0
         while True:
             attempt += 1
@@ -200,12 +203,16 @@ async def call_with_policy(
                 # A cancel scope of our own (what `anyio.fail_after` uses), so a deadline
                 # we set is told apart from a `TimeoutError` the model raises itself, and
                 # from a cancellation from outside, which the scope lets through. (Inline
-                # rather than in a helper coroutine: every model call passes here.)
-                with anyio.move_on_after(timeout) as scope:
+                # rather than in a helper coroutine: every model call passes here.) Its
+                # event-loop timer is armed only if the call waits (`wait_within`).
+                if timeout is None:  # no deadline: no scope (nothing but the caller's scopes could cancel it)
                     response = await model.request(request)
-                if scope.cancelled_caught:
-                    raise ModelTimeoutError(
-                        f"{model.name} did not answer within timeout={timeout:g}s (ModelPolicy.timeout)")
+                else:
+                    with cancel_scope() as scope:
+                        response = await wait_within(scope, timeout, model.request(request))
+                    if scope.cancelled_caught:
+                        raise ModelTimeoutError(
+                            f"{model.name} did not answer within timeout={timeout:g}s (ModelPolicy.timeout)")
                 if not isinstance(response, ModelResponse):
                     raise ModelBehaviorError(f"{model.name} returned {type(response).__name__}, not a ModelResponse")
                 if check is not None:
@@ -227,6 +234,7 @@ async def call_with_policy(
                 _report(on_attempt, model, attempt, error, latency, retry_in, False, why)
                 await sleep(retry_in)
                 continue
+            fallback = models[index + 1] if index + 1 < len(models) else None
             why += f"; falling back to {fallback.name}" if fallback is not None else "; no fallback left"
             _report(on_attempt, model, attempt, error, latency, None, fallback is not None, why)
             break

@@ -1,0 +1,143 @@
+"""`wait_within`: a call's timeout as `move_on_after` gives it; the scopes made without anyio's look-ups."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import pytest
+
+from loopwise._runvars import cancel_scope, task_group, wait_within
+
+
+async def test_a_call_that_does_not_wait_sees_its_deadline():
+    seen: list[float] = []
+
+    async def quick() -> str:
+        seen.append(anyio.current_effective_deadline())
+        return "done"
+
+    started = anyio.current_time()
+    with cancel_scope() as scope:
+        assert await wait_within(scope, 30.0, quick()) == "done"
+    assert not scope.cancelled_caught
+    assert started + 30.0 <= seen[0] <= anyio.current_time() + 30.0
+
+
+async def test_a_call_that_waits_is_timed_out_at_its_deadline():
+    seen: list[float] = []
+    cleaned_up: list[bool] = []
+
+    async def slow() -> str:
+        seen.append(anyio.current_effective_deadline())
+        try:
+            await anyio.sleep(5)
+        finally:
+            cleaned_up.append(True)
+        return "late"
+
+    started = anyio.current_time()
+    with cancel_scope() as scope:
+        await wait_within(scope, 0.05, slow())
+    took = anyio.current_time() - started
+    assert scope.cancelled_caught and cleaned_up == [True]
+    assert 0.04 <= took < 1.0
+    assert seen[0] == scope.deadline
+
+
+async def test_a_call_that_waits_and_answers_in_time_keeps_its_result_and_no_timer():
+    loop = asyncio.get_running_loop()
+
+    async def waits() -> int:
+        await asyncio.sleep(0)
+        await anyio.sleep(0.01)
+        return 7
+
+    with cancel_scope() as scope:
+        assert await wait_within(scope, 5.0, waits()) == 7
+    assert not scope.cancelled_caught
+    timer = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+    assert all(h.when() < scope.deadline - 1 for h in timer)  # ours was cancelled on the way out
+
+
+async def test_errors_before_and_after_the_first_wait_propagate():
+    async def fails_at_once() -> None:
+        raise ValueError("now")
+
+    async def fails_later() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("later")
+
+    for coro, error in ((fails_at_once(), ValueError), (fails_later(), KeyError)):
+        with pytest.raises(error), cancel_scope() as scope:
+            await wait_within(scope, 5.0, coro)
+        assert not scope.cancelled_caught
+
+
+async def test_a_cancellation_from_outside_reaches_the_call_and_is_not_taken_for_a_timeout():
+    seen: list[str] = []
+
+    async def sleeper() -> None:
+        try:
+            await anyio.sleep(5)
+        except anyio.get_cancelled_exc_class():
+            seen.append("cancelled")
+            raise
+
+    inner = None
+    with anyio.move_on_after(0.05) as outer:
+        with cancel_scope() as inner:
+            await wait_within(inner, 10.0, sleeper())
+    assert outer.cancelled_caught and not inner.cancelled_caught and seen == ["cancelled"]
+
+
+async def test_a_call_that_ignores_its_timeout_is_cancelled_again_at_its_next_wait():
+    attempts: list[int] = []
+
+    async def stubborn() -> None:
+        for i in range(3):
+            try:
+                attempts.append(i)
+                await anyio.sleep(5)
+            except anyio.get_cancelled_exc_class():
+                continue  # swallowed: anyio cancels the next wait too
+
+    started = anyio.current_time()
+    with cancel_scope() as scope:
+        await wait_within(scope, 0.02, stubborn())
+    assert scope.cancel_called and attempts == [0, 1, 2] and anyio.current_time() - started < 1.0
+
+
+async def test_an_awaitable_that_is_not_a_coroutine_gets_the_deadline_at_once():
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    with cancel_scope() as scope:
+        await wait_within(scope, 0.02, future)
+    assert scope.cancelled_caught and future.cancelled()
+    done = loop.create_future()
+    done.set_result(3)
+    with cancel_scope() as scope:
+        assert await wait_within(scope, 1.0, done) == 3
+
+
+async def test_no_time_left_cancels_at_the_first_wait_as_move_on_after_does():
+    async def waits() -> str:
+        await asyncio.sleep(0)
+        return "late"
+
+    async def quick() -> str:
+        return "in time"
+
+    with cancel_scope() as scope:
+        await wait_within(scope, 0.0, waits())
+    assert scope.cancelled_caught
+    with cancel_scope() as scope:
+        assert await wait_within(scope, 0.0, quick()) == "in time"
+    assert not scope.cancelled_caught
+
+
+async def test_the_scopes_and_groups_are_anyios_own():
+    with cancel_scope() as scope, anyio.CancelScope() as reference:
+        assert type(scope) is type(reference)
+    async with task_group() as tg, anyio.create_task_group() as reference_tg:
+        assert type(tg) is type(reference_tg)
