@@ -390,32 +390,7 @@ class EventRedactor:
             return event
         secret_args = self.secret_args
         text = self._text
-        if not secret_args:
-            # The common path: short strings straight from the memo, without a call each.
-            memo_get = self._memo.get
-            changes: dict[str, Any] | None = None
-            for name in fields:
-                value = getattr(event, name)
-                if value is None:
-                    continue
-                cls = type(value)
-                if cls is str:
-                    if len(value) <= _MEMO_CHARS and memo_get(value) is _UNCHANGED:
-                        continue
-                    new = text(value)
-                elif cls is dict and name == "arguments":  # tool_call_started: as in the response
-                    new = self._plain_dict(value)
-                elif cls is list and name == "tool_calls":  # model_call_finished
-                    new = self._calls(value)
-                else:
-                    new = self._walk(value, text, name)
-                if new is not value:
-                    if changes is None:
-                        changes = {}
-                    changes[name] = new
-            if changes is None:
-                return event
-            return dataclasses.replace(event, **changes)  # type: ignore[type-var]
+        memo_get = None
         if secret_args:
             run_secrets = self._run_secrets.get(event.run_id)
             found = self._secret_values(event)
@@ -424,15 +399,25 @@ class EventRedactor:
                     sorted({*(run_secrets or ()), *found}, key=len, reverse=True))
             if run_secrets is not None:
                 text = _with_values(text, run_secrets)
-        changes = None
+        else:
+            # The common path: short strings straight from the memo, without a call each.
+            memo_get = self._memo.get
+        changes: dict[str, Any] | None = None
         for name in fields:
             value = getattr(event, name)
             if value is None:
                 continue
+            cls = type(value)
             if name == "arguments" and secret_args:  # tool_call_started: the call's own arguments
                 new = self._arguments(value, secret_args.get(getattr(event, "name", None)), text)
-            elif type(value) is str:
+            elif cls is str:
+                if memo_get is not None and len(value) <= _MEMO_CHARS and memo_get(value) is _UNCHANGED:
+                    continue
                 new = text(value)
+            elif memo_get is not None and cls is dict and name == "arguments":  # as in the response
+                new = self._plain_dict(value)
+            elif memo_get is not None and cls is list and name == "tool_calls":  # model_call_finished
+                new = self._calls(value)
             else:
                 new = self._walk(value, text, name)
             if new is not value:
