@@ -329,3 +329,29 @@ def test_the_journal_line_format_is_the_stored_json(tmp_path):
     finally:
         store.close()
     assert all(_journal._row(r[0].encode())[4] == r[0] for r in rows)
+
+
+def test_load_in_this_process_does_not_wait_for_a_blocked_writer(tmp_path):
+    """Another connection holds SQLite's write lock: this process's run is still read whole, at once."""
+    db = _prepared(tmp_path / "j.db")
+    store = lw.SQLiteStore(db)
+    try:
+        with _WriteLock(db):
+            agent = lw.Agent(ScriptedModel([ToolCall("step", {"n": 1}), ToolCall("step", {"n": 2}), "all done"]),
+                             tools=[_step], store=store)
+            agent.run_sync("go", run_id="blocked-writer")
+            started = time.monotonic()
+            assert store.has_run("blocked-writer")
+            _expect_whole_run(store.load("blocked-writer"))
+            assert time.monotonic() - started < 2.0  # the writer waits for the lock up to 10 s
+            assert _rows_in_sqlite(db, "blocked-writer") == 0
+        _expect_whole_run(store.load("blocked-writer"))
+        assert store.list_runs(limit=1)[0].run_id == "blocked-writer"  # waits for the writer: now in SQLite
+        assert _rows_in_sqlite(db, "blocked-writer") == len(store.load("blocked-writer"))
+    finally:
+        store.close()
+
+
+@lw.tool(name="step")
+def _step(n: int) -> str:
+    return f"step {n} done"

@@ -19,7 +19,7 @@ SQLite, or sealed when it grows past `SEGMENT_MAX` and deleted once it is.
 
 Readers: `recover` copies the journals of dead processes into SQLite (idempotent:
 ``INSERT OR IGNORE`` on the ``(run_id, seq)`` key, so two processes recovering at
-once, or a crash between the copy and the unlink, do no harm). `foreign_lines` reads
+once, or a crash between the copy and the unlink, do no harm). `journal_lines` reads
 the journals of live processes, whose last events may not be in SQLite yet.
 """
 
@@ -33,7 +33,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["Segment", "journal_files", "recover", "foreign_lines"]
+__all__ = ["Segment", "journal_files", "journal_lines", "recover"]
 
 _log = logging.getLogger("loopwise")
 
@@ -162,13 +162,11 @@ def recover(conn: sqlite3.Connection, db: Path, own: set[Path]) -> int:
     return copied
 
 
-def foreign_lines(db: Path, own: set[Path], needle: str) -> list[bytes]:
-    """The journal lines of other live processes that mention `needle` (a run id)."""
+def journal_lines(db: Path, needle: str) -> list[bytes]:
+    """The journal lines, of every live process (this one too), that mention `needle` (a run id)."""
     key = needle.encode()
     out: list[bytes] = []
     for path in journal_files(db):
-        if path in own:
-            continue
         try:
             data = path.read_bytes()
         except FileNotFoundError:

@@ -7,9 +7,10 @@ events survive a crash of the process, and the run moves on. A writer thread per
 store then copies the journaled batches into SQLite, every batch waiting in one
 transaction (group commit: a sequential caller's few runs or 1,000 concurrent runs
 cost one commit every few milliseconds, not one per batch). sqlite3 releases the GIL
-while it does I/O. Reads in this process wait for its writer to catch up, so they
-see their own writes; `load` also reads other live processes' journals, and
-recovers those of crashed ones, so it sees every event that is durable.
+while it does I/O. `load` and `has_run` read the journals (this process's and other
+live ones') besides the database, and recover those of crashed processes, so they
+see every event that is durable without waiting; other reads in this process wait
+for its writer to catch up, so they see their own writes.
 
 The database runs in WAL mode with ``synchronous=NORMAL``, and neither it nor the
 journal calls fsync: a write survives a crash of the process, but not a power loss
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from ._errors import UserError
 from ._events import Event, RunFinished, RunStarted, dump_events, load_event
-from ._journal import SEGMENT_MAX, TRUNCATE_AT, Segment, foreign_lines, journal_files, recover
+from ._journal import SEGMENT_MAX, TRUNCATE_AT, Segment, journal_files, journal_lines, recover
 from ._store import EventStore, PruneResult, RunSummary, check_prune_args, running_here
 
 __all__ = ["SQLiteStore", "default_db_path"]
@@ -394,11 +395,12 @@ class SQLiteStore(EventStore):
 
     # -- reading -----------------------------------------------------------------------
 
-    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
-        """A query of the database, once this process's journaled events are in it."""
+    def _read(self, sql: str, args: tuple = (), *, sync: bool = True) -> list[tuple]:
+        """A query of the database, once this process's journaled events are in it (unless not `sync`)."""
         if self._closed is _FORKED:
             raise UserError(f"the store {self.path} is {_FORKED}")
-        self._sync()
+        if sync:
+            self._sync()
         with self._read_lock:
             try:
                 return self._reader.execute(sql, args).fetchall()
@@ -406,13 +408,14 @@ class SQLiteStore(EventStore):
                 raise UserError(f"cannot read the loopwise database {self.path}: {exc}") from None
 
     def _journaled(self, run_id: str) -> dict[int, bytes]:
-        """`run_id`'s events that only other live processes' journals hold yet, by seq.
+        """`run_id`'s events in the journals (this process's and other live ones'), by seq.
 
         Read before the database: a line gone from a journal meanwhile (emptied once in
-        SQLite) is then in the database when it is read.
+        SQLite) is then in the database when it is read. So `load` and `has_run` never
+        wait for a writer (this process's may be held up by another's long transaction).
         """
         out: dict[int, bytes] = {}
-        for line in foreign_lines(self.path, self._own_paths(), run_id):
+        for line in journal_lines(self.path, run_id):
             try:
                 d = json.loads(line)
             except ValueError:
@@ -422,10 +425,10 @@ class SQLiteStore(EventStore):
         return out
 
     def load(self, run_id: str) -> list[Event]:
-        """All of a run's events: a crashed process's journal is recovered first, a live one's read too."""
+        """All of a run's events: a crashed process's journal is recovered first, live ones are read too."""
         self._recover()
         journaled = self._journaled(run_id)
-        rows = self._read("SELECT seq, data FROM events WHERE run_id = ? ORDER BY seq", (run_id,))
+        rows = self._read("SELECT seq, data FROM events WHERE run_id = ? ORDER BY seq", (run_id,), sync=False)
         if journaled:
             merged: dict[int, str | bytes] = {**journaled, **dict(rows)}
             rows = sorted(merged.items())
@@ -434,11 +437,11 @@ class SQLiteStore(EventStore):
         return [load_event(data) for _, data in rows]
 
     def has_run(self, run_id: str) -> bool:
-        if self._read("SELECT 1 FROM events WHERE run_id = ? LIMIT 1", (run_id,)):
+        query = "SELECT 1 FROM events WHERE run_id = ? LIMIT 1"
+        if self._read(query, (run_id,), sync=False):
             return True
         self._recover()
-        return bool(self._journaled(run_id)) or bool(
-            self._read("SELECT 1 FROM events WHERE run_id = ? LIMIT 1", (run_id,)))
+        return bool(self._journaled(run_id)) or bool(self._read(query, (run_id,), sync=False))
 
     def list_runs(self, *, limit: int = 20) -> list[RunSummary]:
         rows = self._read(
