@@ -176,12 +176,11 @@ class _Writer(threading.Thread):
             conn.close()
 
     def _commit(self, conn: sqlite3.Connection, items: list) -> None:
-        batches = [_rows(metas, blob) for _, metas, blob in items]
-        rows = batches[0] if len(batches) == 1 else [row for batch in batches for row in batch]
+        batches = [(metas, blob) for _, metas, blob in items]
         delay = 0.05
         while True:
             try:
-                self._insert(conn, rows)
+                self._insert(conn, batches)
                 return
             except sqlite3.IntegrityError:
                 break
@@ -194,26 +193,40 @@ class _Writer(threading.Thread):
         # kept out, alone: the other batches go in.
         for batch in batches:
             try:
-                self._insert(conn, batch)
+                self._insert(conn, [batch])
             except sqlite3.Error as exc:
                 _log.error("the event log %s refused %d events of run %s (%s: %s); they are dropped",
-                           self.store.path, len(batch), batch[0][0], type(exc).__name__, exc)
+                           self.store.path, len(batch[0]), batch[0][0][0], type(exc).__name__, exc)
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, rows: list[tuple]) -> None:
-        # Many rows per INSERT, not `executemany`: sqlite3 lets go of the GIL around every
-        # statement step, and while the event loop is busy, getting it back can take the
-        # interpreter's switch interval (5 ms). One step per row left the writer behind
-        # (~50x the wall time, ~9x the CPU per row) and cost the loop a forced switch a row.
+    def _insert(conn: sqlite3.Connection, batches: list[tuple[list[tuple], bytes]]) -> None:
+        """One transaction; rows made from the journaled bytes a statement's worth at a time.
+
+        Many rows per INSERT, not `executemany`: sqlite3 lets go of the GIL around every
+        statement step, and while the event loop is busy, getting it back can take the
+        interpreter's switch interval (5 ms). One step per row left the writer behind
+        (~50x the wall time, ~9x the CPU per row) and cost the loop a forced switch a row.
+        Rows (the events' text decoded) exist for one statement at a time: a commit of
+        thousands of batches, when the writer has fallen behind, does not hold them all.
+        """
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for i in range(0, len(rows), _ROWS_PER_INSERT):
-                part = rows[i:i + _ROWS_PER_INSERT]
-                conn.execute(_INSERT_ROWS + ",".join(["(?,?,?,?,?)"] * len(part)), [v for r in part for v in r])
+            part: list = []
+            for metas, blob in batches:
+                part += _rows(metas, blob)
+                if len(part) >= _ROWS_PER_INSERT:
+                    _insert_rows(conn, part)
+                    part = []
+            if part:
+                _insert_rows(conn, part)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def _insert_rows(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+    conn.execute(_INSERT_ROWS + ",".join(["(?,?,?,?,?)"] * len(rows)), [v for r in rows for v in r])
 
 
 # Tables beside the event log keyed by a `run_id` column: `prune` deletes a pruned run's
@@ -238,8 +251,9 @@ def _rows(metas: list[tuple], blob: bytes) -> list[tuple]:
 
 
 _INSERT_ROWS = "INSERT INTO events (run_id, seq, kind, ts, data) VALUES "
-# 5 parameters a row, under SQLite's limit of 32,766 parameters a statement.
-_ROWS_PER_INSERT = 4000
+# Rows per INSERT statement (5 parameters a row; SQLite allows 32,766 a statement): few
+# statements per commit, and a bounded amount of rows and bound text alive at once.
+_ROWS_PER_INSERT = 500
 
 
 def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
