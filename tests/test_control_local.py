@@ -8,9 +8,11 @@ the races use real processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,22 @@ class _Runs:
 
 def _request(run_id: str) -> KillRequest:
     return KillRequest(run_id, "test", "tester", time.time())
+
+
+@contextlib.asynccontextmanager
+async def _attached(db: Path, ids: list[str]) -> AsyncIterator[tuple[LocalControl, _Runs]]:
+    """A watcher on `db` with runs `ids` attached on this loop; all detached and closed after."""
+    plane = LocalControl(db)
+    runs = _Runs()
+    loop = asyncio.get_running_loop()
+    for run_id in ids:
+        plane.attach(runs.make(run_id, loop))
+    try:
+        yield plane, runs
+    finally:
+        for run_id in ids:
+            plane.detach(run_id)
+        plane.close()
 
 
 async def _until(predicate, timeout: float) -> None:
@@ -125,23 +143,14 @@ async def test_many_kills_racing_with_the_poll_are_all_delivered(tmp_path, monke
     # marker after the watcher read it.
     monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
     db = _db(tmp_path)
-    plane = LocalControl(db)
-    runs = _Runs()
-    loop = asyncio.get_running_loop()
     ids = [f"run-{i:03d}" for i in range(300)]
-    for run_id in ids:
-        plane.attach(runs.make(run_id, loop))
-    try:
+    async with _attached(db, ids) as (_, runs):
         await asyncio.sleep(0.1)
         procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", _KILLER, str(db), *ids[k::3])
                  for k in range(3)]
         for proc in procs:
             assert await proc.wait() == 0
         await runs.wait(len(ids), timeout=5.0)
-    finally:
-        for run_id in ids:
-            plane.detach(run_id)
-        plane.close()
 
 
 async def test_a_kill_stored_right_after_the_query_is_not_missed(tmp_path, monkeypatch):
@@ -178,12 +187,7 @@ async def test_a_kill_stored_right_after_the_query_is_not_missed(tmp_path, monke
 async def test_kills_racing_with_the_poll_from_threads(tmp_path, monkeypatch):
     monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
     db = _db(tmp_path)
-    plane = LocalControl(db)
-    runs = _Runs()
-    loop = asyncio.get_running_loop()
     ids = [f"t-{i:03d}" for i in range(200)]
-    for run_id in ids:
-        plane.attach(runs.make(run_id, loop))
     killers = [LocalControl(db) for _ in range(4)]
 
     def kill(k: int) -> None:
@@ -193,15 +197,13 @@ async def test_kills_racing_with_the_poll_from_threads(tmp_path, monkeypatch):
                 time.sleep(0.003)  # land some of them right around a poll
 
     try:
-        await asyncio.sleep(0.05)
-        await asyncio.gather(*(asyncio.to_thread(kill, k) for k in range(4)))
-        await runs.wait(len(ids), timeout=5.0)
+        async with _attached(db, ids) as (_, runs):
+            await asyncio.sleep(0.05)
+            await asyncio.gather(*(asyncio.to_thread(kill, k) for k in range(4)))
+            await runs.wait(len(ids), timeout=5.0)
     finally:
-        for run_id in ids:
-            plane.detach(run_id)
         for k in killers:
             k.close()
-        plane.close()
 
 
 async def test_a_kill_without_its_marker_write_is_delivered_by_the_safety_query(tmp_path, monkeypatch):
