@@ -14,7 +14,7 @@ concurrent runs do not interfere.
 
 (a) CPU per run, M = T = 0: sequential `await agent.run(...)` in one event loop after
     a warm-up, with the SQLite event log on (and MemoryStore for comparison). Process
-    CPU (`time.process_time`: every thread, the SQLite writer included) and the event
+    CPU (`time.process_time`: every thread, the store's janitor included) and the event
     loop thread's CPU (`time.thread_time` in that thread) are reported separately.
 (b) Concurrency, M = 50 ms, T = 20 ms, SQLite on: N runs at once (`asyncio.gather`).
     Wall time over the critical path 3M + 2T = 190 ms; memory per concurrent run =
@@ -222,7 +222,7 @@ class Concurrent:
 
 
 async def _concurrent(agent: lw.Agent, warm_agent: lw.Agent, runs: int, model_s: float, tool_s: float) -> Concurrent:
-    # Warm up: the writer thread, the code paths, the allocator's arenas for a small batch.
+    # Warm up: the store's copies, the code paths, the allocator's arenas for a small batch.
     for result in await asyncio.gather(*(warm_agent.run(TASK) for _ in range(50))):
         check(result)
     await asyncio.gather(*(agent.run(TASK) for _ in range(10)))

@@ -1,7 +1,7 @@
 """The SQLite store's journal: events are durable before SQLite has them, and never lost.
 
-These tests hold SQLite's write lock from the test process so that a child process's
-writer thread cannot commit anything: whatever the child's runs logged is then only in
+These tests hold SQLite's write lock from the test process so that a child process
+cannot copy anything into SQLite: whatever the child's runs logged is then only in
 its journal, and must still be found (by a reader, while the child lives) and recovered
 (once it has died).
 """
@@ -125,7 +125,7 @@ def test_a_live_process_journal_is_read_before_sqlite_has_it(tmp_path):
             _expect_whole_run(reader.load("live"))
             # A live process's journal is read, never recovered (its lock is held).
             assert journal_files(db)
-        # The lock is gone: the child's writer puts it all in SQLite.
+        # The lock is gone: the child copies it all into SQLite.
         deadline = time.monotonic() + 30
         while _rows_in_sqlite(db, "live") < 9 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -278,7 +278,7 @@ def test_a_run_reads_its_own_writes_at_once(tmp_path):
 
 
 def test_a_store_used_in_a_forked_child_says_so_instead_of_hanging(tmp_path):
-    """SQLite connections and the writer's locks do not survive fork(): a clear error, at once."""
+    """SQLite connections and the store's locks do not survive fork(): a clear error, at once."""
     if not hasattr(os, "fork"):
         pytest.skip("no fork on this platform")
     db = tmp_path / "j.db"
@@ -318,7 +318,7 @@ def test_a_store_used_in_a_forked_child_says_so_instead_of_hanging(tmp_path):
 
 
 def test_the_journal_line_format_is_the_stored_json(tmp_path):
-    """Recovery stores exactly the bytes the writer would: one JSON event a line."""
+    """Recovery stores exactly the bytes a copy would: one JSON event a line."""
     db = tmp_path / "j.db"
     store = lw.SQLiteStore(db)
     try:
@@ -343,7 +343,7 @@ def test_load_in_this_process_does_not_wait_for_a_blocked_writer(tmp_path):
             started = time.monotonic()
             assert store.has_run("blocked-writer")
             _expect_whole_run(store.load("blocked-writer"))
-            assert time.monotonic() - started < 2.0  # the writer waits for the lock up to 10 s
+            assert time.monotonic() - started < 2.0  # a blocking copy would wait for the lock up to 10 s
             assert _rows_in_sqlite(db, "blocked-writer") == 0
         _expect_whole_run(store.load("blocked-writer"))
         assert store.list_runs(limit=1)[0].run_id == "blocked-writer"  # waits for the writer: now in SQLite

@@ -179,7 +179,8 @@ def test_a_run_being_executed_is_never_pruned(tmp_path, capsys):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
-        while not (tmp_path / "log.db.hanging").exists():
+        # In its tool, and its events in SQLite (copied from its journal within milliseconds).
+        while not (tmp_path / "log.db.hanging").exists() or _run_ids(db) != {"live-0"}:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the run never reached its tool"
             time.sleep(0.02)

@@ -334,8 +334,8 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA synchronous = NORMAL")
-    # Checkpoints are the event log writer's job, on its own schedule (it lets the WAL grow
-    # past SQLite's default of 1,000 pages on purpose). With the default here, each of our
+    # Checkpoints are the event log's job, on its own schedule (its janitor thread lets the
+    # WAL grow past SQLite's default of 1,000 pages on purpose). With the default here, each of our
     # small commits copied the whole WAL back into the database once it was that long:
     # milliseconds of CPU for a lease, most of what the control plane cost.
     conn.execute("PRAGMA wal_autocheckpoint = 0")

@@ -8,8 +8,8 @@ the loop appends the events' JSON to a file of its own process, the journal, wit
 `write(2)`: once it returns, the bytes are in the operating system's page cache and
 survive the process (exactly what SQLite's WAL with ``synchronous=NORMAL`` promises:
 a process crash loses nothing, a power loss or an OS crash may lose the last writes).
-The store's writer thread then copies the events into SQLite, many runs' batches per
-transaction, off the loop's path.
+The store then copies the events into SQLite, many runs' batches per transaction,
+every few milliseconds (`_sqlite`).
 
 Files: ``<db>-lwj-<pid>-<token>-<n>`` beside the database, one line of JSON an event.
 The process holds an exclusive `flock` on each of its segments for as long as it may
