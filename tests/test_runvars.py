@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 
 import anyio
 import pytest
@@ -10,18 +12,20 @@ import pytest
 from loopwise._runvars import cancel_scope, task_group, wait_within
 
 
-async def test_a_call_that_does_not_wait_sees_its_deadline():
+async def test_a_call_that_does_not_wait_arms_no_timer():
+    loop = asyncio.get_running_loop()
     seen: list[float] = []
 
     async def quick() -> str:
         seen.append(anyio.current_effective_deadline())
         return "done"
 
-    started = anyio.current_time()
+    timers = len(loop._scheduled)  # type: ignore[attr-defined]
     with cancel_scope() as scope:
         assert await wait_within(scope, 30.0, quick()) == "done"
+        assert len(loop._scheduled) == timers  # type: ignore[attr-defined]
     assert not scope.cancelled_caught
-    assert started + 30.0 <= seen[0] <= anyio.current_time() + 30.0
+    assert scope.deadline == math.inf and seen == [math.inf]  # never set: nothing to time out
 
 
 async def test_a_call_that_waits_is_timed_out_at_its_deadline():
@@ -30,6 +34,8 @@ async def test_a_call_that_waits_is_timed_out_at_its_deadline():
 
     async def slow() -> str:
         seen.append(anyio.current_effective_deadline())
+        await asyncio.sleep(0)
+        seen.append(anyio.current_effective_deadline())  # set at the first wait
         try:
             await anyio.sleep(5)
         finally:
@@ -42,7 +48,58 @@ async def test_a_call_that_waits_is_timed_out_at_its_deadline():
     took = anyio.current_time() - started
     assert scope.cancelled_caught and cleaned_up == [True]
     assert 0.04 <= took < 1.0
-    assert seen[0] == scope.deadline
+    # Counted from the call's start, not from its first wait.
+    assert seen[0] == math.inf and seen[1] == scope.deadline and started + 0.05 <= scope.deadline < started + 0.1
+
+
+async def test_a_call_that_runs_past_its_deadline_before_it_waits_is_cancelled_at_its_first_wait():
+    steps: list[str] = []
+
+    async def busy_then_waits() -> str:
+        time.sleep(0.06)  # past the 0.05 s deadline without a single wait
+        steps.append("busy")
+        await asyncio.sleep(0)
+        steps.append("resumed")
+        return "late"
+
+    with cancel_scope() as scope:
+        await wait_within(scope, 0.05, busy_then_waits())
+    assert scope.cancelled_caught and steps == ["busy"]
+
+
+async def test_a_call_with_scopes_and_tasks_of_its_own_across_its_first_wait():
+    """The call's own cancel scopes nest inside ours: its first step already runs inside it."""
+    results: list[str] = []
+
+    async def child(name: str) -> None:
+        await anyio.sleep(0.01)
+        results.append(name)
+
+    async def structured() -> str:
+        with anyio.move_on_after(5) as own:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(child, "a")
+                tg.start_soon(child, "b")
+                await anyio.sleep(0)
+        assert not own.cancelled_caught
+        with anyio.move_on_after(0.01) as short:
+            await anyio.sleep(5)
+        assert short.cancelled_caught
+        return "ok"
+
+    with cancel_scope() as scope:
+        assert await wait_within(scope, 5.0, structured()) == "ok"
+    assert not scope.cancelled_caught and sorted(results) == ["a", "b"]
+
+    with cancel_scope() as scope:  # and our deadline reaches into them
+        await wait_within(scope, 0.05, _sleeps_in_a_task_group())
+    assert scope.cancelled_caught
+
+
+async def _sleeps_in_a_task_group() -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.sleep, 5)
+        await anyio.sleep(5)
 
 
 async def test_a_call_that_waits_and_answers_in_time_keeps_its_result_and_no_timer():

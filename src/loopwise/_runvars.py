@@ -7,13 +7,15 @@ their script per run (`ScriptedModel`) without the model interface carrying run 
 `anyio.create_task_group`. On asyncio they skip anyio's look-up of the running async
 library (a few frames deep; `anyio.move_on_after` makes two): every run, model call and
 tool call makes a scope. `wait_within` gives a call its timeout, as `move_on_after`
-would.
+would, arming the event loop's timer only once the call waits.
 """
 
 from __future__ import annotations
 
 import math
 from asyncio import _get_running_loop
+from collections.abc import Generator
+from types import CoroutineType
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -87,7 +89,55 @@ def wait_within(scope: anyio.CancelScope, delay: float, coro: Any) -> Any:
     """`coro` to await inside `scope` (entered without a deadline), given one `delay` s from now.
 
     What `with move_on_after(delay): await coro` does, with the scope made once by the
-    caller (which also needs it to tell a timeout from other cancellations).
+    caller (which also needs it to tell a timeout from other cancellations). The
+    deadline is counted from now but set on the scope only when the call first waits:
+    a call that answers without waiting (a cache hit, a scripted model) never arms a
+    timer in the event loop, which costs ~9 µs a call (`call_at`, then cancelling it,
+    and the heap's upkeep). A call that runs past its deadline before it first waits
+    is cancelled at that first wait, as with the timer.
     """
-    scope.deadline = anyio.current_time() + delay
-    return coro
+    loop = _asyncio_loop()
+    deadline = (loop.time() if loop is not None else anyio.current_time()) + delay  # (anyio's clock)
+    if type(coro) is not CoroutineType:  # another awaitable: no first step to take apart
+        scope.deadline = deadline
+        return coro
+    return _ArmOnWait(scope, deadline, coro)
+
+
+class _ArmOnWait:
+    """Awaits a coroutine; its first step runs with no deadline, the rest under `deadline`."""
+
+    __slots__ = ("coro", "deadline", "scope")
+
+    def __init__(self, scope: anyio.CancelScope, deadline: float, coro: CoroutineType[Any, Any, Any]) -> None:
+        self.scope = scope
+        self.deadline = deadline
+        self.coro = coro
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro = self.coro
+        try:
+            signal = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+        self.scope.deadline = self.deadline  # it waits: public API, the timer is armed now
+        # Hand what it waits on to the event loop, and what comes back to it. Once the
+        # loop resumes it plainly (asyncio sends None), `yield from` forwards the rest in C.
+        while True:
+            try:
+                value = yield signal
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # a cancellation (the deadline's, a kill's) or an error thrown in
+                try:
+                    signal = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+                continue
+            if value is None:
+                return (yield from coro.__await__())
+            try:  # (a library that resumes tasks with values: trio)
+                signal = coro.send(value)
+            except StopIteration as stop:
+                return stop.value
