@@ -9,6 +9,7 @@ import time
 import anyio
 import pytest
 
+from loopwise import _runvars
 from loopwise._runvars import cancel_scope, task_group, wait_within
 
 
@@ -198,3 +199,71 @@ async def test_the_scopes_and_groups_are_anyios_own():
         assert type(scope) is type(reference)
     async with task_group() as tg, anyio.create_task_group() as reference_tg:
         assert type(tg) is type(reference_tg)
+
+
+# -- far deadlines: armed by the loop's sweeper once near ----------------------------
+
+
+@pytest.fixture
+def short_horizon(monkeypatch):
+    """Deadlines further than 0.2 s are held by the sweeper, which looks every 0.1 s."""
+    monkeypatch.setattr(_runvars, "ARM_HORIZON_S", 0.2)
+    monkeypatch.setattr(_runvars, "SWEEP_EVERY_S", 0.1)
+
+
+async def test_a_far_deadline_is_armed_in_time_and_falls_due_exactly(short_horizon):
+    loop = asyncio.get_running_loop()
+    started = anyio.current_time()
+    with cancel_scope() as scope:
+        await wait_within(scope, 0.5, anyio.sleep(5))
+    took = anyio.current_time() - started
+    assert scope.cancelled_caught and started + 0.5 <= scope.deadline < started + 0.55
+    assert 0.5 <= took < 0.9  # the timer was armed ahead of the deadline, not a sweep late
+    assert not _runvars._sweeper(loop).held
+
+
+async def test_a_call_that_ends_long_before_its_deadline_never_arms_a_timer(short_horizon):
+    loop = asyncio.get_running_loop()
+    sweeper = _runvars._sweeper(loop)
+    seen: list[tuple] = []
+
+    async def brief() -> str:
+        await anyio.sleep(0.01)  # it waits: its deadline (30 s away) is held, not armed
+        timers = [h for h in loop._scheduled if abs(h.when() - (loop.time() + 30)) < 1]  # type: ignore[attr-defined]
+        seen.append((len(sweeper.held), scope.deadline, timers))
+        await anyio.sleep(0.04)
+        return "done"
+
+    with cancel_scope() as scope:
+        assert await wait_within(scope, 30.0, brief()) == "done"
+    assert seen == [(1, math.inf, [])]
+    assert not scope.cancelled_caught and not sweeper.held
+    await anyio.sleep(0.25)  # the sweeper's own timer stops once it holds nothing
+    assert sweeper.handle is None
+
+
+async def test_a_held_call_cancelled_from_outside_is_released(short_horizon):
+    sweeper = _runvars._sweeper(asyncio.get_running_loop())
+    with anyio.move_on_after(0.05) as outer:
+        with cancel_scope() as inner:
+            await wait_within(inner, 30.0, anyio.sleep(5))
+    assert outer.cancelled_caught and not inner.cancelled_caught
+    assert not sweeper.held
+
+
+async def test_many_calls_each_time_out_at_their_own_deadline(short_horizon):
+    took: dict[float, float] = {}
+
+    async def one(delay: float) -> None:
+        started = anyio.current_time()
+        with cancel_scope() as scope:
+            await wait_within(scope, delay, anyio.sleep(5))
+        assert scope.cancelled_caught
+        took[delay] = anyio.current_time() - started
+
+    delays = [0.1 + 0.02 * i for i in range(30)]  # near and far, mixed
+    async with anyio.create_task_group() as tg:
+        for delay in delays:
+            tg.start_soon(one, delay)
+    for delay in delays:
+        assert delay <= took[delay] < delay + 0.3, (delay, took[delay])
