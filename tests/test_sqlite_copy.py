@@ -60,32 +60,38 @@ def _wait_for_rows(db: Path, run_id: str, n: int, timeout: float = 10.0) -> floa
     return time.monotonic() - started
 
 
-def test_the_event_loop_copies_its_runs_while_they_run(db, store):
-    """A run in progress is in SQLite (for other processes' `loopwise runs`) within milliseconds."""
-    seen: list[int] = []
-    release = asyncio.Event()
+def test_the_event_loop_copies_its_runs_while_they_run(db, store, monkeypatch):
+    """A run in progress is in SQLite (for other processes' `loopwise runs`) within milliseconds.
 
-    @lw.tool
-    async def wait_here() -> str:
-        """Waits until the test has looked."""
-        await release.wait()
-        return "released"
+    Twice, in two event loops one after the other (the first closed with a copy
+    scheduled), with the janitor out of the way: each loop copies its own runs.
+    """
+    monkeypatch.setattr(_sqlite, "JANITOR_S", 60.0)
 
-    async def main() -> None:
+    async def main(run_id: str) -> int:
+        release = asyncio.Event()
+
+        @lw.tool
+        async def wait_here() -> str:
+            """Waits until the test has looked."""
+            await release.wait()
+            return "released"
+
         agent = lw.Agent(ScriptedModel([ToolCall("wait_here", {}), "done"]), tools=[wait_here], store=store)
-        task = asyncio.create_task(agent.run("go", run_id="in-progress"))
+        task = asyncio.create_task(agent.run("go", run_id=run_id))
         deadline = time.monotonic() + 10
         # run_started, iteration_started, model_call_started | model_call_finished, tool_call_started
-        while _sqlite_rows(db, "in-progress") < 5:
+        while _sqlite_rows(db, run_id) < 5:
             assert time.monotonic() < deadline, "the loop never copied the run's first batches"
             await asyncio.sleep(0.005)
-        seen.append(_sqlite_rows(db, "in-progress"))
+        seen = _sqlite_rows(db, run_id)
         release.set()
         await task
+        return seen
 
-    asyncio.run(main())
-    assert seen == [5]
-    assert [r.run_id for r in store.list_runs()] == ["in-progress"]
+    assert asyncio.run(main("in-progress-1")) == 5
+    assert asyncio.run(main("in-progress-2")) == 5
+    assert {r.run_id for r in store.list_runs()} == {"in-progress-1", "in-progress-2"}
 
 
 def test_a_locked_database_never_holds_up_the_event_loop(tmp_path):

@@ -398,7 +398,8 @@ class SQLiteStore(EventStore):
             elif self._janitor is None:
                 self._janitor = _Janitor(self)
                 self._janitor.start()
-            if self._flush_loop is None:
+            flush_loop = self._flush_loop
+            if flush_loop is None or flush_loop.is_closed():  # (closed before its copy came)
                 self._schedule_flush()
         return None
 
