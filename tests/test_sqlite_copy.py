@@ -200,3 +200,34 @@ def test_a_version_2_database_is_migrated_with_its_events(tmp_path):
             conn.execute("INSERT INTO events (run_id, seq, kind, ts, data) VALUES ('old-run', 0, 'x', 0, '{}')")
     finally:
         conn.close()
+
+
+def test_event_loops_in_several_threads_share_one_store(db, store):
+    """Each loop copies what is pending, its own batches and the others' alike: nothing twice, nothing lost."""
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        async def main() -> None:
+            await asyncio.gather(*(_agent(store).run("go", run_id=f"t{t}-{i}") for i in range(25)))
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    ids = {f"t{t}-{i}" for t in range(4) for i in range(25)}
+    assert {r.run_id for r in store.list_runs(limit=200)} == ids
+    conn = sqlite3.connect(db)
+    try:
+        counts = dict(conn.execute("SELECT run_id, count(*) FROM events GROUP BY run_id").fetchall())
+        gaps = conn.execute("SELECT count(*) FROM (SELECT run_id FROM events GROUP BY run_id "
+                            "HAVING max(seq) + 1 != count(*))").fetchone()[0]
+    finally:
+        conn.close()
+    assert counts == dict.fromkeys(ids, EVENTS) and gaps == 0
