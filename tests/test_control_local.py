@@ -404,3 +404,35 @@ async def test_attach_and_detach_leave_nothing_behind(tmp_path, n):
         assert plane._runs == {} and plane._counts == {} and plane._keys == {} and plane._written == {}
     finally:
         plane.close()
+
+
+async def test_kills_of_all_or_a_tag_reach_attached_runs_in_a_database_made_before_the_tag_column(tmp_path):
+    """`lw_kills` without its `tag` column (an older loopwise made it) gets one; broadcasts match attached runs."""
+    import sqlite3
+
+    db = _db(tmp_path)
+    conn = sqlite3.connect(db)
+    conn.executescript("CREATE TABLE lw_kills (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, "
+                       "reason TEXT NOT NULL, by TEXT NOT NULL, ts REAL NOT NULL);")
+    conn.close()
+    other = LocalControl(db)  # another process, as far as the watcher can tell
+    try:
+        async with _attached(db, []) as (plane, runs):
+            loop = asyncio.get_running_loop()
+            for run_id, tags in (("a", ("nightly",)), ("b", ("nightly", "eu")), ("c", ("eu",))):
+                plane.attach(runs.make(run_id, loop, tags))
+            other.record_broadcast("nightly", KillRequest("", "tagged", "tester", time.time()))
+            await runs.wait(2, timeout=5)
+            assert set(runs.killed) == {"a", "b"}
+            other.record_broadcast(None, KillRequest("", "all", "tester", time.time()))
+            await runs.wait(3, timeout=5)
+            plane.attach(runs.make("late", loop, ("nightly",)))  # attached after both kills...
+            # ...and after this one, made a second ago but read only now.
+            other.record_broadcast("nightly", KillRequest("", "old", "tester", time.time() - 1.0))
+            other.record_kills([_request("c")])  # (a marker bump behind it, read with it)
+            await asyncio.sleep(_control.POLL_S * 5)
+            assert set(runs.killed) == {"a", "b", "c"}
+            for run_id in ("a", "b", "c", "late"):
+                plane.detach(run_id)
+    finally:
+        other.close()

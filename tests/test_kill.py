@@ -415,3 +415,63 @@ def test_a_killed_run_being_resumed_shows_as_running_and_can_be_killed_again(tmp
     events = _events(db, run_id)
     assert [e.kind for e in events].count("run_finished") == 2
     assert events[-1].stop_reason == "killed" and events[-1].reason.endswith(": again")
+
+
+YOUNG_CHILD = """
+import asyncio, sys
+from pathlib import Path
+import loopwise as lw
+from loopwise import _control
+from loopwise.models import ScriptedModel, ToolCall
+
+# Its runs never get a lease: they stay as young as a run a poll old, for as long as the test needs.
+_control.LocalControl._turn = lambda self, now: False
+
+db, flag = sys.argv[1], Path(sys.argv[2])
+
+@lw.tool
+async def nap() -> str:
+    flag.touch()
+    await asyncio.sleep(30)
+    return "rested"
+
+store = lw.SQLiteStore(db)
+first = lw.Agent(ScriptedModel([ToolCall("nap", {}), "done"]), tools=[nap], store=store)
+print("first", first.run_sync("go", run_id="young-1", tags=["young"]).stop_reason, flush=True)
+later = lw.Agent(ScriptedModel(["done"]), store=store)  # started after the kill: not its target
+print("later", later.run_sync("go", run_id="young-2", tags=["young"]).stop_reason, flush=True)
+store.close()
+"""
+
+
+@pytest.mark.parametrize("how", [{"tag": "young"}, {"all": True}])
+def test_a_kill_by_tag_or_all_stops_a_run_too_young_for_a_lease(tmp_path, how):
+    """The other process's run holds no lease (it never gets one here): the kill still stops it, and only it."""
+    db = tmp_path / "lw.db"
+    lw.SQLiteStore(db).close()
+    flag = tmp_path / "napping"
+    proc = subprocess.Popen([sys.executable, "-c", YOUNG_CHILD, str(db), str(flag)], cwd=ROOT, env=_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not flag.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the child's run never reached its tool"
+            time.sleep(0.02)
+        store = lw.SQLiteStore(db)
+        try:
+            plane = LocalControl(db)
+            try:
+                assert plane.leases() == {}  # nothing names it
+            finally:
+                plane.close()
+            assert lw.kill(**how, reason="young batch", store=store) == 0  # (it is not counted)
+        finally:
+            store.close()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.split("\n")[:2] == ["first killed", "later done"]
+    finished = _events(db, "young-1")[-1]
+    assert finished.stop_reason == "killed" and "young batch" in finished.reason

@@ -236,6 +236,15 @@ class ControlPlane(ABC):
     def pending_kill(self, run_id: str) -> KillRequest | None:
         """The latest stored kill request of `run_id`, if any (the check between iterations)."""
 
+    def record_broadcast(self, tag: str | None, request: KillRequest) -> None:  # noqa: B027 - optional hook
+        """Also stop the runs (every one, or those with `tag`) attached before `request.ts`, leased or not.
+
+        For a backend whose leases lag behind its runs: `LocalControl` writes a run's lease
+        a poll or two after the run starts, so `kill(tag=...)` cannot name the youngest
+        runs of other processes; it stores one row their watchers match. The default
+        does nothing (`request.run_id` is unused).
+        """
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (threads, connections)."""
 
@@ -313,10 +322,28 @@ CREATE TABLE IF NOT EXISTS lw_kills (
     run_id TEXT NOT NULL,
     reason TEXT NOT NULL,
     by TEXT NOT NULL,
-    ts REAL NOT NULL
+    ts REAL NOT NULL,
+    tag TEXT
 );
 CREATE INDEX IF NOT EXISTS lw_kills_run ON lw_kills (run_id, id);
 """
+
+# A kill of every run (``tag`` NULL), or of every run with a tag, is also stored as one
+# row with an empty ``run_id`` (a run's id is never empty): watchers match it against
+# the runs they have attached, those too young to have a lease yet included.
+_BROADCAST = ""
+
+
+def _add_tag_column(conn: sqlite3.Connection) -> None:
+    """``lw_kills.tag``, in a database made before it existed."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(lw_kills)")}
+    if "tag" not in columns:
+        try:
+            conn.execute("ALTER TABLE lw_kills ADD COLUMN tag TEXT")
+        except sqlite3.OperationalError as exc:  # another process added it first
+            if "duplicate column" not in str(exc):
+                raise
+
 
 # Identifies this process's leases: host, pid, and a random part (pids are reused).
 _OWNER = f"{HOST}:{os.getpid()}:{os.urandom(4).hex()}"
@@ -447,9 +474,13 @@ class LocalControl(ControlPlane):
         self._conn = _connect(self.path)
         with self._conn_lock:
             self._conn.executescript(_SCHEMA)
+            _add_tag_column(self._conn)
         # Everything below is under _lock (taken before _conn_lock when both are).
         self._lock = threading.Lock()
         self._runs: dict[str, LiveRun] = {}
+        # When each run was attached (wall clock): a kill of all runs, or of a tag, stops
+        # those attached before it was made.
+        self._attached_at: dict[str, float] = {}
         # Where each attached run is counted: its event loop (whose timer turns for it), or
         # None (the watcher turns for it); and how many runs each counts.
         self._keys: dict[str, asyncio.AbstractEventLoop | None] = {}
@@ -488,6 +519,7 @@ class LocalControl(ControlPlane):
             loop = None  # not in its loop's thread: no timer there, the watcher polls for it
         with self._lock:
             self._runs[run.run_id] = run
+            self._attached_at[run.run_id] = time.time()
             self._fresh.append(run)
             self._keys[run.run_id] = loop
             counts = self._counts
@@ -505,6 +537,7 @@ class LocalControl(ControlPlane):
     def _detach(self, run_id: str) -> None:
         with self._lock:
             if self._runs.pop(run_id, None) is not None:
+                self._attached_at.pop(run_id, None)
                 key = self._keys.pop(run_id, None)
                 n = self._counts[key] - 1
                 if n:
@@ -688,15 +721,23 @@ class LocalControl(ControlPlane):
             raise
 
     def _poll_kills(self, conn: sqlite3.Connection) -> None:
-        rows = conn.execute("SELECT id, run_id, reason, by, ts FROM lw_kills WHERE id > ? ORDER BY id",
+        rows = conn.execute("SELECT id, run_id, reason, by, ts, tag FROM lw_kills WHERE id > ? ORDER BY id",
                             (self._last_kill_id,)).fetchall()
         if rows:
             self._last_kill_id = rows[-1][0]
+            targets: list[tuple[LiveRun | None, str, tuple]] = []
             with self._lock:
-                targets = [(self._runs.get(r[1]), r) for r in rows]
-            for run, r in targets:
+                for r in rows:
+                    if r[1] != _BROADCAST:
+                        targets.append((self._runs.get(r[1]), r[1], r))
+                        continue
+                    tag, ts = r[5], r[4]  # every run (tag NULL) or every run with the tag, attached before
+                    attached_at = self._attached_at
+                    targets += [(run, run.run_id, r) for run in self._runs.values()
+                                if (tag is None or tag in run.tags) and attached_at.get(run.run_id, ts) <= ts]
+            for run, run_id, r in targets:
                 if run is not None:
-                    run.deliver(KillRequest(r[1], r[2], r[3], r[4]))
+                    run.deliver(KillRequest(run_id, r[2], r[3], r[4]))
 
     # -- blocking calls -------------------------------------------------------------
 
@@ -757,6 +798,19 @@ class LocalControl(ControlPlane):
                 conn.execute("ROLLBACK")
                 raise
         # After the commit: a watcher that sees the marker change reads the new rows.
+        _bump_marker(self.path)
+
+    def record_broadcast(self, tag: str | None, request: KillRequest) -> None:
+        with self._conn_lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("INSERT INTO lw_kills (run_id, reason, by, ts, tag) VALUES (?, ?, ?, ?, ?)",
+                             (_BROADCAST, request.reason, request.by, request.ts, tag))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         _bump_marker(self.path)
 
     def pending_kill(self, run_id: str) -> KillRequest | None:
@@ -845,7 +899,9 @@ def kill(
 
     A finished run is a no-op (0, and a log line says so); so is a run whose process
     died (resume it instead). An unknown run id raises `UserError`. A tag or `all`
-    reaches the runs running at that moment.
+    reaches the runs running at that moment, in every process; the count leaves out
+    runs of other processes younger than a few tens of milliseconds (no lease yet),
+    which the local control plane stops all the same.
 
     Args:
         run_id: The run to stop.
@@ -882,6 +938,9 @@ def kill(
         remote = {lease.run_id for lease in plane.leases().values()
                   if lease.live(now_live) and lease.owner != me and (tag is None or tag in lease.tags)}
         targets = sorted(local | remote)
+    if run_id is None:
+        # The runs of other processes too young to hold a lease yet: their watchers match this.
+        plane.record_broadcast(tag, KillRequest("", text, by, now))
     requests = [KillRequest(t, text, by, now) for t in targets]
     plane.record_kills(requests)
     # Runs in this process hear of it at once; others through their watcher.
