@@ -23,7 +23,7 @@ import pytest
 import loopwise as lw
 from loopwise._control import LocalControl, control_for, local_runs
 from loopwise.cli import main
-from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ToolCall
+from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ScriptedModel, ToolCall
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -444,20 +444,27 @@ store.close()
 """
 
 
-@pytest.mark.parametrize("how", [{"tag": "young"}, {"all": True}])
-def test_a_kill_by_tag_or_all_stops_a_run_too_young_for_a_lease(tmp_path, how):
-    """The other process's run holds no lease (it never gets one here): the kill still stops it, and only it."""
-    db = tmp_path / "lw.db"
+def _young_child(tmp_path: Path, db: Path) -> subprocess.Popen:
+    """`YOUNG_CHILD` on `db`, once its first run is in its tool."""
     lw.SQLiteStore(db).close()
     flag = tmp_path / "napping"
     proc = subprocess.Popen([sys.executable, "-c", YOUNG_CHILD, str(db), str(flag)], cwd=ROOT, env=_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not flag.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the child's run never reached its tool: {proc.communicate()}")
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.mark.parametrize("how", [{"tag": "young"}, {"all": True}])
+def test_a_kill_by_tag_or_all_stops_a_run_too_young_for_a_lease(tmp_path, how):
+    """The other process's run holds no lease (it never gets one here): the kill still stops it, and only it."""
+    db = tmp_path / "lw.db"
+    proc = _young_child(tmp_path, db)
     try:
-        deadline = time.monotonic() + 30
-        while not flag.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the child's run never reached its tool"
-            time.sleep(0.02)
         store = lw.SQLiteStore(db)
         try:
             plane = LocalControl(db)
@@ -475,3 +482,29 @@ def test_a_kill_by_tag_or_all_stops_a_run_too_young_for_a_lease(tmp_path, how):
     assert out.split("\n")[:2] == ["first killed", "later done"]
     finished = _events(db, "young-1")[-1]
     assert finished.stop_reason == "killed" and "young batch" in finished.reason
+
+
+def test_a_run_too_young_for_a_lease_is_not_resumed_elsewhere(tmp_path):
+    """Resuming another process's brand-new run (no lease yet) is refused; once that process is dead, it resumes."""
+    db = tmp_path / "lw.db"
+    proc = _young_child(tmp_path, db)
+
+    @lw.tool
+    async def nap() -> str:
+        raise AssertionError("the call that may have happened is reported, not run again")
+
+    try:
+        store = lw.SQLiteStore(db)
+        try:
+            agent = lw.Agent(ScriptedModel([ToolCall("nap", {}), "resumed"]), tools=[nap], store=store)
+            with pytest.raises(lw.UserError, match="being executed by another process"):
+                agent.resume_sync("young-1")
+            proc.kill()
+            proc.wait(timeout=30)
+            result = agent.resume_sync("young-1")  # its journal is a dead process's now
+        finally:
+            store.close()
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert result.stop_reason == "done" and result.output == "resumed"

@@ -438,10 +438,18 @@ class Agent:
         if not store.has_run(run_id):
             raise UserError(f"no run with id {run_id!r} in {store.describe()}; `loopwise runs` lists the runs there")
         events = store.load(run_id)
-        check_resumable(run_id, events)  # a clear error before taking the lease
+        previous_end = check_resumable(run_id, events)  # a clear error before taking the lease
         control = self.control
         started = events[0]
         assert isinstance(started, RunStarted)
+        if (previous_end == "crashed" and run_id not in control.leases([run_id])
+                and store.written_elsewhere(run_id)):
+            # A run that started in another process a moment ago: its lease comes a poll or
+            # two in (the local control plane). Resuming it now would execute it twice.
+            raise UserError(
+                f"run {run_id} is being executed by another process (it has no end, no lease yet, and a live "
+                f"process journaled its last events); stop it with `loopwise kill {run_id}` or wait for it to end"
+            )
         since = time.time()
         control.acquire(run_id, started.tags)
         try:

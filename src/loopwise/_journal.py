@@ -31,9 +31,10 @@ import logging
 import os
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["Segment", "journal_files", "journal_lines", "recover"]
+__all__ = ["Segment", "journal_files", "journal_lines", "live_journal_mentions", "recover"]
 
 _log = logging.getLogger("loopwise")
 
@@ -127,15 +128,9 @@ def recover(conn: sqlite3.Connection, db: Path, own: set[Path]) -> int:
     for path in journal_files(db):
         if path in own:
             continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its process is alive: its writer copies it
+        with _probe(path, fcntl.LOCK_EX) as dead:
+            if not dead:
+                continue  # gone, or its process is alive: its own copies go on
             data = path.read_bytes()
             rows = []
             for line in _complete_lines(data):
@@ -157,9 +152,26 @@ def recover(conn: sqlite3.Connection, db: Path, own: set[Path]) -> int:
                 path.unlink()
             except FileNotFoundError:
                 pass
-        finally:
-            os.close(fd)
     return copied
+
+
+@contextmanager
+def _probe(path: Path, lock: int) -> Iterator[bool | None]:
+    """Whether `path`'s process is dead: True (its lock is ours, held in the block), False (alive), None (gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, lock | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
 
 
 def journal_lines(db: Path, needle: str) -> list[bytes]:
@@ -174,3 +186,25 @@ def journal_lines(db: Path, needle: str) -> list[bytes]:
         if key in data:
             out.extend(line for line in _complete_lines(data) if key in line)
     return out
+
+
+def live_journal_mentions(db: Path, run_id: str, own: set[Path]) -> bool:
+    """Whether the journal of a live process other than this one (`own`: ours) holds an event of `run_id`."""
+    key = run_id.encode()
+    for path in journal_files(db):
+        if path in own:
+            continue
+        with _probe(path, fcntl.LOCK_SH) as dead:
+            if dead is not False:
+                continue  # gone, or a dead process's (recovery copies it)
+            data = path.read_bytes()
+        if key not in data:
+            continue
+        for line in _complete_lines(data):
+            if key in line:
+                try:
+                    if json.loads(line).get("run_id") == run_id:
+                        return True
+                except (ValueError, AttributeError):
+                    continue
+    return False

@@ -48,7 +48,15 @@ from pathlib import Path
 
 from ._errors import UserError
 from ._events import Event, RunFinished, RunStarted, dump_events, load_event
-from ._journal import SEGMENT_MAX, TRUNCATE_AT, Segment, journal_files, journal_lines, recover
+from ._journal import (
+    SEGMENT_MAX,
+    TRUNCATE_AT,
+    Segment,
+    journal_files,
+    journal_lines,
+    live_journal_mentions,
+    recover,
+)
 from ._store import EventStore, PruneResult, RunSummary, check_prune_args, running_here
 
 __all__ = ["SQLiteStore", "default_db_path"]
@@ -629,6 +637,14 @@ class SQLiteStore(EventStore):
         if not rows:
             raise self._unknown(run_id)
         return [load_event(data) for _, data in rows]
+
+    def written_elsewhere(self, run_id: str) -> bool:
+        """Whether a live process's journal (not this one's) holds events of `run_id`.
+
+        Its lock says it lives. A young run's batches stay in its journal until the
+        journal is emptied (once copied and 256 KB long): long enough for its lease.
+        """
+        return live_journal_mentions(self.path, run_id, self._own_paths())
 
     def has_run(self, run_id: str) -> bool:
         query = "SELECT 1 FROM events WHERE run_id = ? LIMIT 1"

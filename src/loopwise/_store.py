@@ -138,6 +138,14 @@ class EventStore(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (flush pending writes)."""
 
+    def written_elsewhere(self, run_id: str) -> bool:
+        """Whether another process that is still alive wrote `run_id`'s latest events.
+
+        `resume` asks when a run has no end and no lease: a run that started in another
+        process a moment ago holds no lease yet. A store that cannot tell says False.
+        """
+        return False
+
     def _unknown(self, run_id: str) -> UserError:
         return UserError(f"no run with id {run_id!r} in {self.describe()}; `loopwise runs` lists the stored runs")
 
