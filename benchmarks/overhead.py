@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=200, help="runs before measuring (a) (default 200)")
     parser.add_argument("--repeat", type=int, default=3, help="batches in (a); the median is shown (default 3)")
     parser.add_argument("--concurrency", type=int, default=1000, help="concurrent runs in (b) (default 1000)")
+    parser.add_argument("--repeat-b", type=int, default=3,
+                        help="batches in (b), each in a fresh store; the median ratio is shown (default 3)")
     parser.add_argument("--model-ms", type=float, default=50.0, help="M in (b) (default 50)")
     parser.add_argument("--tool-ms", type=float, default=20.0, help="T in (b) (default 20)")
     parser.add_argument("--calls", type=int, default=5000, help="calls per batch in (d) (default 5000)")
@@ -440,12 +442,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=["a", "b", "c", "d"], action="append", help="run only these parts")
     args = parser.parse_args(argv)
     if args.quick:
-        args.runs, args.warmup, args.repeat, args.concurrency, args.calls = 200, 50, 1, 200, 1000
+        args.runs, args.warmup, args.repeat, args.concurrency, args.calls, args.repeat_b = 200, 50, 1, 200, 1000, 1
     parts = set(args.only or "abcd")
     model_s, tool_s = args.model_ms / 1000, args.tool_ms / 1000
 
     rows: list[tuple[str, str, str, str]] = []
     notes: list[str] = []
+    # (b) before (a): its memory is read in a process that has run nothing else yet. What
+    # (a) leaves allocated is reused by a batch after it: measured after (a), (b) read
+    # ~14 KB per run where on its own it reads ~22 KB.
+    if "b" in parts:
+        # Memory from the first batch: later ones reuse what the first made the process take.
+        first, *more = [measure_concurrent(args.concurrency, model_s, tool_s) for _ in range(max(1, args.repeat_b))]
+        batches = sorted([first, *more], key=lambda c: c.ratio)
+        conc = batches[len(batches) // 2]
+        rows_b = [
+            (f"(b) wall ÷ critical path, {conc.runs} concurrent", f"{conc.ratio:.2f}× ({conc.wall_s * 1000:.0f} ms)",
+             f"≤ {TARGET_WALL_RATIO}×", _verdict(conc.ratio <= TARGET_WALL_RATIO)),
+            ("(b) memory per concurrent run", f"{first.kb_per_run:.1f} KB", f"≤ {TARGET_KB_PER_RUN:.0f} KB",
+             _verdict(first.kb_per_run <= TARGET_KB_PER_RUN)),
+            ("(b) CPU/run at concurrency, process", f"{conc.cpu.us_per_run:.0f} µs", "", ""),
+            ("(b) CPU/run at concurrency, event-loop thread", f"{conc.cpu.loop_us_per_run:.0f} µs", "", ""),
+        ]
+        if conc.critical_s > 0:
+            bare_ratio, bare_cpu = measure_bare(args.concurrency, model_s, tool_s)
+            rows_b += [
+                ("(b) baseline: same sleeps in bare asyncio, no loopwise", f"{bare_ratio:.2f}×, {bare_cpu.us_per_run:.0f} µs/run",
+                 "", ""),
+            ]
+        notes_b = [f"(b) M = {args.model_ms:g} ms, T = {args.tool_ms:g} ms, critical path "
+                   f"{conc.critical_s * 1000:.0f} ms; the median of {len(batches)} batches (ratios "
+                   f"{', '.join(f'{c.ratio:.2f}×' for c in batches)}); memory from the first batch, RSS "
+                   f"{first.rss_before_kb / 1024:.1f} → {first.rss_peak_kb / 1024:.1f} MiB ({first.peak_method})"]
     if "a" in parts:
         sqlite = measure_sequential("sqlite", args.runs, args.warmup, args.repeat)
         memory = measure_sequential("memory", args.runs, args.warmup, args.repeat)
@@ -462,24 +490,8 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(f"(a) M = T = 0; {args.runs} sequential runs after {args.warmup} warm-up runs, "
                      f"median of {args.repeat} batches")
     if "b" in parts:
-        conc = measure_concurrent(args.concurrency, model_s, tool_s)
-        rows += [
-            (f"(b) wall ÷ critical path, {conc.runs} concurrent", f"{conc.ratio:.2f}× ({conc.wall_s * 1000:.0f} ms)",
-             f"≤ {TARGET_WALL_RATIO}×", _verdict(conc.ratio <= TARGET_WALL_RATIO)),
-            ("(b) memory per concurrent run", f"{conc.kb_per_run:.1f} KB", f"≤ {TARGET_KB_PER_RUN:.0f} KB",
-             _verdict(conc.kb_per_run <= TARGET_KB_PER_RUN)),
-            ("(b) CPU/run at concurrency, process", f"{conc.cpu.us_per_run:.0f} µs", "", ""),
-            ("(b) CPU/run at concurrency, event-loop thread", f"{conc.cpu.loop_us_per_run:.0f} µs", "", ""),
-        ]
-        if conc.critical_s > 0:
-            bare_ratio, bare_cpu = measure_bare(args.concurrency, model_s, tool_s)
-            rows += [
-                ("(b) baseline: same sleeps in bare asyncio, no loopwise", f"{bare_ratio:.2f}×, {bare_cpu.us_per_run:.0f} µs/run",
-                 "", ""),
-            ]
-        notes.append(f"(b) M = {args.model_ms:g} ms, T = {args.tool_ms:g} ms, critical path "
-                     f"{conc.critical_s * 1000:.0f} ms; RSS {conc.rss_before_kb / 1024:.1f} → "
-                     f"{conc.rss_peak_kb / 1024:.1f} MiB ({conc.peak_method})")
+        rows += rows_b
+        notes += notes_b
     if "c" in parts:
         seconds, openai, modules = measure_import()
         rows += [
