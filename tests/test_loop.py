@@ -467,3 +467,43 @@ def test_the_loops_fast_constructors_make_what_the_classes_make():
         "cost_usd": 0.5, "duration_s": 1.5, "model_calls": 3, "tags": ("a",), "reason": "x",
         "error": {"type": "E", "message": "m", "traceback": None},
     }
+
+
+def _three_hanging_calls(cleaned: list[str], limits: lw.Limits) -> lw.Agent:
+    """An agent whose model asks for three calls at once that hang (each records its cleanup)."""
+
+    @lw.tool(timeout=60)
+    async def hang(n: int) -> str:
+        """Hangs for a minute."""
+        try:
+            await asyncio.sleep(60)
+        finally:
+            cleaned.append(f"hang {n}")
+        return "late"
+
+    model = ScriptedModel([[ToolCall("hang", {"n": i}) for i in range(3)], "never"])
+    return lw.Agent(model, tools=[hang], store=lw.MemoryStore(), limits=limits)
+
+
+def test_the_deadline_cancels_every_parallel_call_in_flight():
+    cleaned: list[str] = []
+    agent = _three_hanging_calls(cleaned, lw.Limits(deadline_s=0.3))
+    result = agent.run_sync("go")
+    assert result.stop_reason == "deadline" and result.duration_s < 5
+    events = agent.store.load(result.run_id)
+    assert sorted(cleaned) == ["hang 0", "hang 1", "hang 2"]  # each call's own cleanup ran, before the end
+    assert [e.outcome for e in events if e.kind == "tool_call_finished"] == ["cancelled"] * 3
+    assert_valid_log(events)
+
+
+async def test_cancelling_the_caller_cancels_every_parallel_call_and_leaves_no_task():
+    cleaned: list[str] = []
+    agent = _three_hanging_calls(cleaned, lw.Limits())  # no deadline: only the caller's cancellation stops it
+    before = len(asyncio.all_tasks())
+    with anyio.move_on_after(0.2):
+        await agent.run("go", run_id="cancelled-caller")
+    assert sorted(cleaned) == ["hang 0", "hang 1", "hang 2"]
+    assert len(asyncio.all_tasks()) == before  # the calls' tasks are over, not left behind
+    events = agent.store.load("cancelled-caller")
+    assert [e.outcome for e in events if e.kind == "tool_call_finished"] == ["cancelled"] * 3
+    assert events[-1].kind == "run_finished" and events[-1].stop_reason == "killed"
