@@ -66,7 +66,7 @@ class Segment:
         self.fd = fd
         self.size = 0
         self.written = 0  # batches appended
-        self.ingested = 0  # of those, batches the writer has put in SQLite
+        self.ingested = 0  # of those, batches copied into SQLite
         self.sealed = False
 
     def append(self, blob: bytes) -> None:

@@ -322,7 +322,7 @@ def _close_all() -> None:
 
 
 class SQLiteStore(EventStore):
-    """Events in a SQLite file (WAL mode), committed by a writer thread.
+    """Events in a SQLite file (WAL mode): journaled at once, copied into SQLite every `GATHER_S`.
 
     Args:
         path: The database file; created (with its directory) if missing.
@@ -614,7 +614,7 @@ class SQLiteStore(EventStore):
 
         Read before the database: a line gone from a journal meanwhile (emptied once in
         SQLite) is then in the database when it is read. So `load` and `has_run` never
-        wait for a writer (this process's may be held up by another's long transaction).
+        wait for a copy (this process's may be held up by another's long transaction).
         """
         out: dict[int, bytes] = {}
         for line in journal_lines(self.path, run_id):

@@ -3,7 +3,7 @@
 A store keeps each run's events in order. `write` is called by the loop with the
 events since its last call; it returns `None` when the events are already durable,
 or an awaitable that completes when they are (the SQLite store journals them with
-one append and returns `None`; its writer thread puts them in SQLite). Every view
+one append and returns `None`, then copies them into SQLite within milliseconds). Every view
 reads runs back with `load` and `list_runs`; `prune` deletes whole runs past their
 retention.
 """
