@@ -106,11 +106,7 @@ async def test_a_kill_from_another_process_is_delivered_through_the_marker(tmp_p
     # No safety-net query for the length of the test: only the marker can bring the kill.
     monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
     db = _db(tmp_path)
-    plane = LocalControl(db)
-    runs = _Runs()
-    loop = asyncio.get_running_loop()
-    plane.attach(runs.make("target", loop))
-    try:
+    async with _attached(db, ["target"]) as (_, runs):
         await asyncio.sleep(0.1)
         code = ("import sys, time; from loopwise._control import LocalControl, KillRequest; "
                 "p = LocalControl(sys.argv[1]); p.record_kills([KillRequest('target', 'r', 'b', time.time())]); "
@@ -122,9 +118,6 @@ async def test_a_kill_from_another_process_is_delivered_through_the_marker(tmp_p
         await runs.wait(1, timeout=2.0)
         assert time.time() - returned < 1.0
         assert marker_path(db).stat().st_size == 8
-    finally:
-        plane.detach("target")
-        plane.close()
 
 
 _KILLER = """
@@ -210,10 +203,7 @@ async def test_a_kill_without_its_marker_write_is_delivered_by_the_safety_query(
     # A killer that cannot write the marker (its permissions, an older loopwise).
     monkeypatch.setattr(_control, "QUERY_EVERY_S", 0.3)
     db = _db(tmp_path)
-    plane = LocalControl(db)
-    runs = _Runs()
-    plane.attach(runs.make("unsignalled", asyncio.get_running_loop()))
-    try:
+    async with _attached(db, ["unsignalled"]) as (_, runs):
         await asyncio.sleep(0.1)
         monkeypatch.setattr(_control, "_bump_marker", lambda db: None)
         other = LocalControl(db)
@@ -222,36 +212,26 @@ async def test_a_kill_without_its_marker_write_is_delivered_by_the_safety_query(
         await runs.wait(1, timeout=2.0)
         assert runs.killed["unsignalled"] - t0 < 0.3 + 0.3
         other.close()
-    finally:
-        plane.detach("unsignalled")
-        plane.close()
 
 
 async def test_a_deleted_marker_is_mapped_again(tmp_path, monkeypatch):
     monkeypatch.setattr(_control, "QUERY_EVERY_S", 0.3)
     db = _db(tmp_path)
-    plane = LocalControl(db)
     other = LocalControl(db)
-    runs = _Runs()
-    loop = asyncio.get_running_loop()
-    plane.attach(runs.make("first", loop))
-    plane.attach(runs.make("second", loop))
     try:
-        await asyncio.sleep(0.1)
-        marker_path(db).unlink()  # the watcher's mapping is of a file no killer writes any more
-        other.record_kills([_request("first")])  # (writes a new marker)
-        await runs.wait(1, timeout=2.0)  # by the safety query, which maps the new marker
-        monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
-        await asyncio.sleep(0.4)  # the last safety query with the short interval
-        other.record_kills([_request("second")])
-        t0 = time.monotonic()
-        await runs.wait(2, timeout=2.0)
-        assert runs.killed["second"] - t0 < 0.25, "the new marker is watched"
+        async with _attached(db, ["first", "second"]) as (_, runs):
+            await asyncio.sleep(0.1)
+            marker_path(db).unlink()  # the watcher's mapping is of a file no killer writes any more
+            other.record_kills([_request("first")])  # (writes a new marker)
+            await runs.wait(1, timeout=2.0)  # by the safety query, which maps the new marker
+            monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
+            await asyncio.sleep(0.4)  # the last safety query with the short interval
+            other.record_kills([_request("second")])
+            t0 = time.monotonic()
+            await runs.wait(2, timeout=2.0)
+            assert runs.killed["second"] - t0 < 0.25, "the new marker is watched"
     finally:
-        plane.detach("first")
-        plane.detach("second")
         other.close()
-        plane.close()
 
 
 async def test_a_run_shorter_than_a_poll_takes_no_lease_a_longer_one_does(tmp_path):
@@ -279,33 +259,21 @@ async def test_a_blocked_loop_still_gets_its_runs_leased(tmp_path, monkeypatch):
     # The loop's timer cannot turn while a sync call holds the loop: the watcher's own
     # turn (every QUERY_EVERY_S) leases the run, well within LEASE_GRACE_S.
     monkeypatch.setattr(_control, "QUERY_EVERY_S", 0.3)
-    plane = LocalControl(_db(tmp_path))
-    runs = _Runs()
-    plane.attach(runs.make("stuck", asyncio.get_running_loop()))
-    try:
+    async with _attached(_db(tmp_path), ["stuck"]) as (plane, _):
         deadline = time.monotonic() + 1.5
         while "stuck" not in plane._written and time.monotonic() < deadline:
             time.sleep(0.01)  # the loop is blocked
         assert "stuck" in plane._written
         assert time.monotonic() < deadline
-    finally:
-        plane.detach("stuck")
-        plane.close()
 
 
 async def test_leases_are_renewed(tmp_path, monkeypatch):
     monkeypatch.setattr(_control, "HEARTBEAT_S", 0.1)
-    plane = LocalControl(_db(tmp_path))
-    runs = _Runs()
-    plane.attach(runs.make("beating", asyncio.get_running_loop()))
-    try:
+    async with _attached(_db(tmp_path), ["beating"]) as (plane, _):
         await _until(lambda: "beating" in plane.leases(), timeout=1.0)
         first = plane.leases()["beating"].heartbeat
         await asyncio.sleep(0.35)
         assert plane.leases()["beating"].heartbeat > first
-    finally:
-        plane.detach("beating")
-        plane.close()
 
 
 def test_a_late_release_does_not_remove_a_lease_taken_again(tmp_path, monkeypatch):
