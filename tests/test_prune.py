@@ -205,6 +205,11 @@ def test_prune_deletes_the_runs_rows_in_the_control_tables(tmp_path):
     with conn:
         for run_id in ("old-0", "recent-0"):
             conn.execute("INSERT INTO lw_kills (run_id, reason, by, ts) VALUES (?, 'test', 'me', 0)", (run_id,))
+        # Kills of a tag and of all runs (an empty run id): the old one goes, the recent one stays.
+        conn.execute("INSERT INTO lw_kills (run_id, reason, by, ts, tag) VALUES ('', 'old', 'me', ?, 'nightly')",
+                     (time.time() - 40 * DAY,))
+        conn.execute("INSERT INTO lw_kills (run_id, reason, by, ts, tag) VALUES ('', 'recent', 'me', ?, NULL)",
+                     (time.time() - DAY,))
     conn.close()
     store = lw.SQLiteStore(db)
     try:
@@ -212,7 +217,8 @@ def test_prune_deletes_the_runs_rows_in_the_control_tables(tmp_path):
     finally:
         store.close()
     conn = sqlite3.connect(db)
-    assert [r[0] for r in conn.execute("SELECT run_id FROM lw_kills")] == ["recent-0"]
+    assert [r[:2] for r in conn.execute("SELECT run_id, reason FROM lw_kills ORDER BY id")] == [
+        ("recent-0", "test"), ("", "recent")]
     conn.close()
 
 

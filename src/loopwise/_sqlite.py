@@ -698,6 +698,10 @@ class SQLiteStore(EventStore):
                 ids, n = self._prune_chunk(conn, chosen[i:i + _PRUNE_CHUNK], cutoff, wanted, tag_set)
                 deleted += ids
                 deleted_events += n
+            if _table_exists(conn, "lw_kills"):
+                # Kills of a tag or of all runs (no run id): read by the watchers once, at once;
+                # past the cutoff they are history of no run.
+                conn.execute("DELETE FROM lw_kills WHERE run_id = '' AND ts < ?", (cutoff,))
             if vacuum:
                 conn.execute("VACUUM")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
