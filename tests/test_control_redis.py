@@ -726,3 +726,21 @@ def test_loopwise_kill_reaches_a_run_on_a_machine_without_its_database(server, t
     finally:
         store.close()
     assert finished.stop_reason == "killed" and finished.reason.endswith(": from afar")
+
+
+def test_a_kill_of_a_tag_or_all_reaches_the_runs_attached_before_it(server, raw, runs, planes):
+    """Published to every process: matched against the runs attached there, leased or not yet."""
+    plane = planes(server.url)
+    other = planes(server.url)  # another process, as far as this one can tell
+    for run_id, tags in (("a", ("nightly",)), ("b", ("nightly", "eu")), ("c", ("eu",))):
+        runs.attach(plane, run_id, tags)
+    wait_until(lambda: subscribed(raw), what="the subscription")
+    other.record_broadcast("nightly", KillRequest("", "tagged", "tester", time.time()))
+    assert runs.wait("a").reason == "tagged" and runs.wait("b").reason == "tagged"
+    made = time.time()
+    time.sleep(0.01)
+    runs.attach(plane, "late", ("nightly", "eu"))  # attached after that kill, and after the next one was made
+    other.record_broadcast(None, KillRequest("", "all, made before late", "tester", made))
+    assert runs.wait("c").reason == "all, made before late"
+    other.record_broadcast(None, KillRequest("", "all", "tester", time.time()))
+    assert runs.wait("late").reason == "all"

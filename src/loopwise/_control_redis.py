@@ -424,6 +424,14 @@ class RedisControl(ControlPlane):
             request = _parse_request(item)
             if request is None:
                 continue
+            if request.run_id == "":  # a kill of every run, or of a tag's (`record_broadcast`)
+                tag = item.get("tag")
+                with self._lock:
+                    targets = [r for r in self._runs.values() if (tag is None or tag in r.tags)
+                               and self._acquired.get(r.run_id, request.ts) <= request.ts]
+                for run in targets:
+                    run.deliver(KillRequest(run.run_id, request.reason, request.by, request.ts))
+                continue
             with self._lock:
                 run = self._runs.get(request.run_id)
             if run is not None:
@@ -494,6 +502,16 @@ class RedisControl(ControlPlane):
         n = len(requests)
         self._call(store, f"the kill of {n} run{'s' if n != 1 else ''} was NOT stored and no run was signalled "
                           "(a kill is safe to repeat)")
+
+    def record_broadcast(self, tag: str | None, request: KillRequest) -> None:
+        """Published only (an older loopwise ignores it): it reaches the runs attached when it is sent.
+
+        The leased runs also get a stored kill each (`record_kills`); this is for those
+        whose lease the writer thread has not written yet.
+        """
+        message = json.dumps([{**_request_dict(request), "run_id": "", "tag": tag}])
+        self._call(lambda: self._client.publish(self._channel, message),
+                   "the kill was NOT sent to the runs too young for a lease (a kill is safe to repeat)")
 
     def pending_kill(self, run_id: str) -> KillRequest | None:
         raw = self._call(lambda: self._client.get(self._kill_key(run_id)),
