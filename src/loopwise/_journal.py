@@ -19,7 +19,7 @@ SQLite, or sealed when it grows past `SEGMENT_MAX` and deleted once it is.
 
 Readers: `recover` copies the journals of dead processes into SQLite (idempotent:
 ``INSERT OR IGNORE`` on the ``(run_id, seq)`` key, so two processes recovering at
-once, or a crash between the copy and the unlink, do no harm). `journal_lines` reads
+once, or a crash between the copy and the unlink, do no harm). `journal_events` reads
 the journals of live processes, whose last events may not be in SQLite yet.
 """
 
@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["Segment", "journal_files", "journal_lines", "live_journal_mentions", "recover"]
+__all__ = ["Segment", "journal_events", "journal_files", "live_journal_mentions", "recover"]
 
 _log = logging.getLogger("loopwise")
 
@@ -174,23 +174,35 @@ def _probe(path: Path, lock: int) -> Iterator[bool | None]:
         os.close(fd)
 
 
-def journal_lines(db: Path, needle: str) -> list[bytes]:
-    """The journal lines, of every live process (this one too), that mention `needle` (a run id)."""
-    key = needle.encode()
-    out: list[bytes] = []
+def _run_events(data: bytes, run_id: str) -> Iterator[tuple[dict, bytes]]:
+    """The whole lines of journal `data` that are events of `run_id`: each parsed, and as written."""
+    key = run_id.encode()
+    if key not in data:
+        return
+    for line in _complete_lines(data):
+        if key in line:  # (the id may also appear in another run's text: parsed to be sure)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("run_id") == run_id:
+                yield event, line
+
+
+def journal_events(db: Path, run_id: str) -> list[tuple[dict, bytes]]:
+    """`run_id`'s events in the journals of every process (this one too): each parsed, and as written."""
+    out: list[tuple[dict, bytes]] = []
     for path in journal_files(db):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             continue
-        if key in data:
-            out.extend(line for line in _complete_lines(data) if key in line)
+        out.extend(_run_events(data, run_id))
     return out
 
 
 def live_journal_mentions(db: Path, run_id: str, own: set[Path]) -> bool:
     """Whether the journal of a live process other than this one (`own`: ours) holds an event of `run_id`."""
-    key = run_id.encode()
     for path in journal_files(db):
         if path in own:
             continue
@@ -198,13 +210,6 @@ def live_journal_mentions(db: Path, run_id: str, own: set[Path]) -> bool:
             if dead is not False:
                 continue  # gone, or a dead process's (recovery copies it)
             data = path.read_bytes()
-        if key not in data:
-            continue
-        for line in _complete_lines(data):
-            if key in line:
-                try:
-                    if json.loads(line).get("run_id") == run_id:
-                        return True
-                except (ValueError, AttributeError):
-                    continue
+        if next(_run_events(data, run_id), None) is not None:
+            return True
     return False

@@ -52,8 +52,8 @@ from ._journal import (
     SEGMENT_MAX,
     TRUNCATE_AT,
     Segment,
+    journal_events,
     journal_files,
-    journal_lines,
     live_journal_mentions,
     recover,
 )
@@ -616,15 +616,8 @@ class SQLiteStore(EventStore):
         SQLite) is then in the database when it is read. So `load` and `has_run` never
         wait for a copy (this process's may be held up by another's long transaction).
         """
-        out: dict[int, bytes] = {}
-        for line in journal_lines(self.path, run_id):
-            try:
-                d = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(d, dict) and d.get("run_id") == run_id and isinstance(d.get("seq"), int):
-                out[d["seq"]] = line
-        return out
+        return {event["seq"]: line for event, line in journal_events(self.path, run_id)
+                if isinstance(event.get("seq"), int)}
 
     def load(self, run_id: str) -> list[Event]:
         """All of a run's events: a crashed process's journal is recovered first, live ones are read too."""
