@@ -55,6 +55,7 @@ __all__ = [
     "ContextFolded",
     "ToolOutcome",
     "dump_events",
+    "dump_lines",
 ]
 
 StopReason = Literal["done", "max_iterations", "budget", "deadline", "killed", "runaway", "error"]
@@ -459,6 +460,50 @@ def dump_events(events: list[Event]) -> list[bytes]:
         to_json = get(type(e))
         out.append(to_json(e) if to_json is not None else _one_adapter().dump_json(e))
     return out
+
+
+# msgspec's encoder of dataclasses, for batches of the events above: the same bytes as
+# pydantic's serializers (a test holds them to it) at about half the cost, written in
+# one call per batch. pydantic's own JSON for anything msgspec has no rule for.
+_lines_encoder: Any = None
+_known: frozenset[type] = frozenset(get_args(Event))
+
+
+def dump_lines(events: list[Event]) -> bytes:
+    """The events as JSON lines, each ended by a newline (what the SQLite store journals).
+
+    The same bytes as `dump_events` joined, for events of the classes above with plain
+    JSON values (what a run holds: models send JSON). A batch msgspec cannot encode
+    (a dict keyed by None, an object without a rule) is made by `dump_events`, whose
+    error, if it has one, is the one raised. Not byte for byte the same as pydantic
+    for a few values no model sends: bytes (base64 here, UTF-8 text there),
+    timedelta (``PT90S`` against ``PT1M30S``), and a float's exponent (``1e308``
+    against ``1e+308``, the same number).
+    """
+    global _lines_encoder
+    encoder = _lines_encoder
+    if encoder is None:
+        encoder = _lines_encoder = _make_lines_encoder()
+    known = _known
+    for e in events:
+        if type(e) not in known:  # a subclass or a foreign object: the union says what is wrong
+            break
+    else:
+        try:
+            return encoder.encode_lines(events)  # type: ignore[no-any-return]
+        except Exception:  # noqa: BLE001, S110 - pydantic below makes it, or raises its own error
+            pass
+    datas = dump_events(events)
+    datas.append(b"")
+    return b"\n".join(datas)
+
+
+def _make_lines_encoder() -> Any:
+    import msgspec
+    from pydantic_core import to_jsonable_python
+
+    # What msgspec has no rule for (a pydantic model in a tool's arguments, say) as pydantic makes it.
+    return msgspec.json.Encoder(enc_hook=to_jsonable_python)
 
 
 def dump_event(event: Event) -> bytes:

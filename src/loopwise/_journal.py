@@ -70,10 +70,11 @@ class Segment:
         self.sealed = False
 
     def append(self, blob: bytes) -> None:
-        view = memoryview(blob)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        n = os.write(self.fd, blob)
+        if n < len(blob):  # a short write (a signal, a full disk): the rest, until all or an error
+            view = memoryview(blob)[n:]
+            while view:
+                view = view[os.write(self.fd, view):]
         self.size += len(blob)
         self.written += 1
 

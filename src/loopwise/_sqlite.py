@@ -47,7 +47,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from ._errors import UserError
-from ._events import Event, RunFinished, RunStarted, dump_events, load_event
+from ._events import Event, RunFinished, RunStarted, dump_lines, load_event
 from ._journal import (
     SEGMENT_MAX,
     TRUNCATE_AT,
@@ -384,9 +384,7 @@ class SQLiteStore(EventStore):
         # What the copy needs besides the JSON, which it takes from the journaled bytes
         # (no second copy of the events waits in memory for it).
         metas = [(e.run_id, e.seq, e.kind, e.ts) for e in events]
-        datas = dump_events(events)
-        datas.append(b"")
-        blob = b"\n".join(datas)
+        blob = dump_lines(events)
         with self._cond:
             if self._closed:
                 raise UserError(f"the store {self.path} is {'closed' if self._closed is True else self._closed}")
