@@ -364,27 +364,20 @@ class Agent:
         return Run(self, run_id, messages, tags, self.deps if deps is None else deps, store, sink, budgets)
 
     async def _execute(self, run: Run) -> RunResult:
-        self._attach(run)
-        try:
-            finished = await run.execute()  # as logged: the result is read from the log, redacted as it is
-        finally:
-            self._detach(run)
-        return RunResult.of(run.started, finished)
-
-    def _attach(self, run: Run) -> None:
-        """Before a run executes: its event loop, the control plane (kills), the watchdog."""
         # A tool that blocks the event loop cannot be timed out; the watchdog says so.
         start_watchdog()
         _active_run_ids.add(run.run_id)
+        control = self.control
         run.loop = asyncio.get_running_loop()
-        self.control.attach(run)  # a Run is its own LiveRun: one object fewer per run
-
-    def _detach(self, run: Run) -> None:
-        """After a run ends, however it ends: `_attach` undone, the run's redaction memory dropped."""
-        self.control.detach(run.run_id)
-        _active_run_ids.discard(run.run_id)
-        if self.redact_event is not None:
-            self.redact_event.end_run(run.run_id)
+        control.attach(run)  # a Run is its own LiveRun: one object fewer per run
+        try:
+            finished = await run.execute()  # as logged: the result is read from the log, redacted as it is
+        finally:
+            control.detach(run.run_id)
+            _active_run_ids.discard(run.run_id)
+            if self.redact_event is not None:
+                self.redact_event.end_run(run.run_id)
+        return RunResult.of(run.started, finished)
 
     async def run(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None,
                   budget: Budget | None = None) -> RunResult:

@@ -244,23 +244,7 @@ class Run:
         self.started_mono = _mono()
         try:
             try:
-                # The loop inside one cancel scope: a kill cancels it, and so does the
-                # deadline; whatever is in flight then (the model call, the tool calls) is
-                # cancelled. One scope for both (a scope is a frame and a timer entry per
-                # run; 1000 runs at once feel each), entered here rather than in a
-                # coroutine of its own (a frame held for the whole run).
-                deadline_s = self.agent.limits.deadline_s
-                deadline = math.inf
-                if deadline_s is not None:
-                    # The deadline counts active time: a resumed run has only what its earlier segments left.
-                    deadline = self.deadline = anyio.current_time() + deadline_s - self.active_before
-                stop = None
-                with cancel_scope(deadline) as self.kill_scope:
-                    if self.killed is None:
-                        stop = await self._loop()
-                self.kill_scope = None
-                if stop is None:  # the scope was cancelled (or a kill came before the loop began)
-                    stop = self._stopped_by_scope()
+                stop = await self._guarded_loop()
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True), anyio.move_on_after(FINISH_TIMEOUT_S):
                     await self._finish(_Stop("killed", "cancelled by caller"))
@@ -296,11 +280,25 @@ class Run:
         if self.kill_scope is not None:
             self.kill_scope.cancel()
 
-    def _stopped_by_scope(self) -> _Stop:
-        """The loop's cancel scope stopped it: a kill, or else the deadline."""
+    async def _guarded_loop(self) -> _Stop:
+        """The loop inside one cancel scope: a kill cancels it, and so does the deadline.
+
+        Whatever is in flight then (the model call, the tool calls) is cancelled. One
+        scope for both (a scope is a frame and a timer entry per run; 1000 runs at once
+        feel each).
+        """
+        deadline_s = self.agent.limits.deadline_s
+        deadline = math.inf
+        if deadline_s is not None:
+            # The deadline counts active time: a resumed run has only what its earlier segments left.
+            deadline = self.deadline = anyio.current_time() + deadline_s - self.active_before
+        with cancel_scope(deadline) as self.kill_scope:
+            if self.killed is None:
+                return await self._loop()
+        self.kill_scope = None
         request = self.killed
         if request is None:  # the deadline
-            detail = f"deadline of {self.agent.limits.deadline_s:g} s reached during iteration {self.iteration}"
+            detail = f"deadline of {deadline_s:g} s reached during iteration {self.iteration}"
             self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=self.iteration,
                                 limit="deadline", detail=detail))
             return _Stop("deadline", detail)
@@ -716,33 +714,7 @@ class Run:
             limiter = anyio.CapacityLimiter(bound) if bound is not None and bound < len(runnable) else None
             loop = _asyncio_loop()
             if limiter is None and loop is not None:
-                # On asyncio: the first call in this task, the others in asyncio tasks of
-                # their own. What an anyio task group does here, without its per-task
-                # bookkeeping (a task handle with an event and a cancel scope of its own:
-                # ~2 KB and ~20 µs a spawned call), and inline (a coroutine is a frame per
-                # run in flight). The first call still starts first and the others as soon
-                # as it first waits; each call's timeout scope is its own (`execute`). If
-                # this task is cancelled (a kill, the deadline) the other calls are
-                # cancelled too, and waited for, before the cancellation goes on.
-                # `_call_tool` turns every failure of a tool into an outcome: a call's task
-                # can only end in a cancellation or a runtime bug, which is raised here
-                # once the first call is done.
-                tasks = [loop.create_task(self._call_tool(iteration, contents, *item), name=_CALL_TOOL)
-                         for item in runnable[1:]]
-                try:
-                    await self._call_tool(iteration, contents, *runnable[0])
-                    for task in tasks:
-                        await task
-                except BaseException:
-                    for task in tasks:
-                        task.cancel()
-                    with anyio.CancelScope(shield=True):  # (a cancelled scope would cancel this wait too)
-                        for task in tasks:
-                            try:
-                                await task
-                            except BaseException:  # noqa: BLE001, S110 - its own end is in the log; ours is raised below
-                                pass
-                    raise
+                await self._call_tools_at_once(loop, iteration, contents, runnable)
             else:
                 async with task_group() as tg:
                     if limiter is not None:
@@ -755,6 +727,36 @@ class Run:
         for call, content in zip(calls, contents):
             self.transcript.append(new_message("tool", content, (), call.id))
         return contents
+
+    async def _call_tools_at_once(self, loop: asyncio.AbstractEventLoop, iteration: int, contents: list[str],
+                                  runnable: list[tuple[int, ToolCall, Tool, dict[str, Any]]]) -> None:
+        """ACT on asyncio: the first call in this task, the others in asyncio tasks of their own.
+
+        What an anyio task group does here, without its per-task bookkeeping (a task
+        handle with an event and a cancel scope of its own: ~2 KB and ~20 µs a spawned
+        call). The first call still starts first and the others as soon as it first
+        waits; each call's timeout scope is its own (`execute`). If this task is
+        cancelled (a kill, the deadline) the other calls are cancelled too, and waited
+        for, before the cancellation goes on. `_call_tool` turns every failure of a tool
+        into an outcome: a call's task can only end in a cancellation or a runtime bug,
+        which is raised here once the first call is done.
+        """
+        tasks = [loop.create_task(self._call_tool(iteration, contents, *item), name=_CALL_TOOL)
+                 for item in runnable[1:]]
+        try:
+            await self._call_tool(iteration, contents, *runnable[0])
+            for task in tasks:
+                await task
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            with anyio.CancelScope(shield=True):  # (a cancelled scope would cancel this wait too)
+                for task in tasks:
+                    try:
+                        await task
+                    except BaseException:  # noqa: BLE001, S110 - its own end is in the log; ours is raised below
+                        pass
+            raise
 
     async def _call_tool(self, iteration: int, contents: list[str], index: int, call: ToolCall,
                          tool: Tool, kwargs: dict[str, Any], limiter: anyio.CapacityLimiter | None = None) -> None:
