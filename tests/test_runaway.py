@@ -171,6 +171,35 @@ def test_canonical_call_ignores_key_order_and_keeps_malformed_json():
     assert canonical_call(ToolCall("f", '{"a": 1')) == '["f","{\\"a\\": 1"]'
 
 
+@pytest.mark.parametrize("size", [1, 64, 65, 20_000])
+def test_repeats_are_told_apart_the_same_for_short_and_long_texts(size):
+    """Short texts are remembered as they are, long ones by digest: both repeat and differ alike."""
+    repeats = RunawayDetector(**ONLY_REPEATS).start()
+    arguments = {"q": "x" * size}
+    verdicts = drive(repeats, [([ToolCall("f", arguments, f"c{i}")], [str(i)], 0, 0.0) for i in range(3)])
+    assert verdicts[2] is not None and verdicts[2].signal == "repeated_call"
+    other = RunawayDetector(**ONLY_REPEATS).start()
+    # Texts that differ only in their last character are different calls.
+    varied = [([ToolCall("f", {"q": "x" * (size - 1) + str(i)}, f"c{i}")], [str(i)], 0, 0.0) for i in range(5)]
+    assert drive(other, varied) == [None] * 5
+    stale = RunawayDetector(**ONLY_STALE).start()
+    result = "r" * size
+    verdicts = drive(stale, [([ToolCall("f", {"i": i}, f"c{i}")], [result], 0, 0.0) for i in range(4)])
+    assert verdicts[3] is not None and verdicts[3].signal == "no_new_information"
+    fresh = RunawayDetector(**ONLY_STALE).start()
+    assert drive(fresh, [([ToolCall("f", {"i": i}, f"c{i}")], ["r" * (size - 1) + str(i)], 0, 0.0)
+                         for i in range(5)]) == [None] * 5
+
+
+def test_a_call_that_contains_itself_fails_alone_and_the_next_call_is_encoded_as_before():
+    looped: dict = {"a": 1}
+    looped["self"] = looped
+    with pytest.raises(RecursionError):
+        canonical_call(ToolCall("f", looped))
+    # The one encoder is reused: nothing of the failed call is left in it.
+    assert canonical_call(ToolCall("f", {"b": {"c": [1]}, "a": looped["a"]})) == '["f",{"a":1,"b":{"c":[1]}}]'
+
+
 def test_no_new_information_across_iterations():
     monitor = RunawayDetector(**ONLY_STALE).start()
     assert monitor.observe_iteration([ToolCall("a", {"p": 0})], ["same"], 0, 0.0) is None  # new

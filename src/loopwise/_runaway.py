@@ -66,9 +66,9 @@ def _make_canonical_json() -> Callable[[Any], str]:
     """`json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)`.
 
     Every tool call is encoded once, so this skips `json.dumps`'s Python layers: the
-    stdlib's C encoder, made as `JSONEncoder.iterencode` makes it (a fresh circular-reference
-    check each call). Where that encoder is missing or does not write the same bytes as
-    `JSONEncoder` for a probe, the `JSONEncoder` itself (made once).
+    stdlib's C encoder, made once with the arguments `JSONEncoder.iterencode` gives it.
+    Where that encoder is missing or does not write the same bytes as `JSONEncoder` for
+    a probe, the `JSONEncoder` itself (made once).
     """
     encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
     from json.encoder import c_make_encoder, encode_basestring
@@ -76,9 +76,13 @@ def _make_canonical_json() -> Callable[[Any], str]:
     if c_make_encoder is None:  # pragma: no cover - a Python without the _json accelerator
         return encoder
 
-    def canonical(value: Any, _make: Any = c_make_encoder, _string: Any = encode_basestring,
-                  _join: Callable[[Any], str] = "".join) -> str:
-        return _join(_make({}, str, _string, None, ":", ",", True, False, True)(value, 0))
+    # Made once, with no memo of the containers being encoded (`markers=None`): a memo
+    # shared by every call would keep the ids of a failed encoding's containers. A value
+    # that contains itself fails with RecursionError instead of "Circular reference".
+    encode = c_make_encoder(None, str, encode_basestring, None, ":", ",", True, False, True)
+
+    def canonical(value: Any, _encode: Any = encode, _join: Callable[[Any], str] = "".join) -> str:
+        return _join(_encode(value, 0))
 
     probe = ["tool", {"b": [1, 2.5, None, True, "é\n\"x\""], "a": float("nan"), "c": {"z": 1, "y": object()}}]
     try:
@@ -92,8 +96,18 @@ def _make_canonical_json() -> Callable[[Any], str]:
 _canonical_json = _make_canonical_json()
 
 
+#: Texts up to this long are their own key in the monitor's memory; longer ones (a tool's
+#: 20,000-character result) are kept as a 16-byte digest.
+_KEY_AS_IS = 64
+
+
 def _digest(text: str, _blake2b: Any = hashlib.blake2b) -> bytes:
     return _blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _key(text: str) -> str | bytes:
+    """What the monitor remembers of `text`: itself when short, else its digest (never equal across the two)."""
+    return text if len(text) <= _KEY_AS_IS else _digest(text)
 
 
 def _short(text: str, limit: int = 120) -> str:
@@ -221,8 +235,8 @@ class RunawayMonitor:
         #: The observed iteration that got the nudge, or None.
         self.warned_at: int | None = None
         self.stopped = False
-        self._call_counts: dict[bytes, int] = {}
-        self._seen: set[bytes] = set()
+        self._call_counts: dict[str | bytes, int] = {}
+        self._seen: set[str | bytes] = set()
         self._stale_streak = 0
         self._tokens: list[int] = []
         self._costs: list[float] = []
@@ -271,7 +285,7 @@ class RunawayMonitor:
         worst_text = ""
         for call in calls:
             text = canonical_call(call)
-            key = _digest(text)
+            key = _key(text)
             count = counts.get(key, 0) + 1
             counts[key] = count
             if count > worst:
@@ -290,7 +304,7 @@ class RunawayMonitor:
         new = False
         seen = self._seen
         for content in results:
-            key = _digest(content if isinstance(content, str) else str(content))
+            key = _key(content if isinstance(content, str) else str(content))
             if key not in seen:
                 seen.add(key)
                 new = True
