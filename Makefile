@@ -12,13 +12,17 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 
-# The Redis tests start a real redis-server: installed here when it is missing (Debian/Ubuntu).
+# The Redis tests start a real redis-server, and benchmarks/instructions.py (smoke-run by
+# the tests) counts with valgrind: installed here when missing (Debian/Ubuntu).
 install-dev: $(BIN)/python
-	@command -v redis-server >/dev/null 2>&1 || { \
-		echo "installing redis-server (the Redis tests start one)"; \
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v valgrind >/dev/null 2>&1 || missing="$$missing valgrind"; \
+	[ -z "$$missing" ] || { \
+		echo "installing$$missing (the tests use them)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq >/dev/null && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; }
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 
 ## Install loopwise and run the demo on the built-in simulated model (no network, no keys).

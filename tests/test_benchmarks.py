@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,3 +36,14 @@ def test_kill_prints_its_table():
     out = _run("benchmarks/kill.py", "--runs", "20", "--kills", "3", "--no-redis")
     for text in ("local (SQLite)   same process", "local (SQLite)   other process", "p99 ms"):
         assert text in out, out
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (.ci/run installs it)")
+def test_instructions_counts_a_run_of_each_tree():
+    out = _run("benchmarks/instructions.py", "--runs", "5", "--warmup", "3", "--src", "src", "--src", "src")
+    rows = [line for line in out.splitlines() if line.startswith("│ src")]
+    assert len(rows) == 2, out
+    counts = [int(row.split("│")[2].strip().replace(",", "")) for row in rows]
+    # The loop's own work for one run is hundreds of thousands of instructions, the same for the same tree.
+    assert all(100_000 < c < 20_000_000 for c in counts), out
+    assert abs(counts[0] - counts[1]) < 0.1 * counts[0], out

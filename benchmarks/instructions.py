@@ -1,0 +1,125 @@
+"""Instructions per run of overhead.py's (a) workload, counted by valgrind: a noise-free A/B.
+
+Not a test, and not a time: the CPU instructions one run executes, counted by
+`valgrind --tool=callgrind`. On a shared machine, (a)'s microseconds move by ±10% from
+one run to the next, more than most changes to the loop are worth; this count moves by
+well under 1%, so two trees can be compared in one command:
+
+    .venv/bin/python benchmarks/instructions.py                        # this tree's src/
+    .venv/bin/python benchmarks/instructions.py --src /tmp/old/src --src src
+    .venv/bin/python benchmarks/instructions.py --store sqlite         # see the caveat below
+
+(`git archive REV | tar -x -C /tmp/old` makes a tree of an older commit.)
+
+Each tree runs the workload twice under callgrind, with N and 2N sequential runs after
+the same warm-up; the difference of the two totals over N is what one run executes,
+without the interpreter's start, the imports and the warm-up. Both run at once (two
+processes), about 15 s in all at the default N.
+
+Caveat for `--store sqlite`: the store copies its journal into SQLite on a timer (every
+20 ms), and under valgrind a run takes ~50x longer, so the copies are far more frequent
+and smaller than on the real CPU. Compare SQLite counts with each other, not with the
+MemoryStore's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# What each counted process runs: overhead.py's workload, `runs` times after `warmup`.
+_WORKLOAD = """
+import asyncio, os, sys, tempfile
+sys.path.insert(0, {bench!r})
+import overhead
+import loopwise as lw
+
+async def main(kind, warmup, runs):
+    with tempfile.TemporaryDirectory() as tmp:
+        store = lw.MemoryStore() if kind == "memory" else lw.SQLiteStore(os.path.join(tmp, "i.db"))
+        agent = overhead.make_agent(store, 0, 0)
+        for _ in range(warmup):
+            overhead.check(await agent.run(overhead.TASK))
+        for _ in range(runs):
+            await agent.run(overhead.TASK)
+        store.close()
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+_COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def _start(src: Path, kind: str, warmup: int, runs: int, script: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
+    return subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+         sys.executable, str(script), kind, str(warmup), str(runs)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _collected(process: subprocess.Popen[str]) -> int:
+    out, err = process.communicate()
+    match = _COLLECTED.search(err)
+    if process.returncode != 0 or match is None:
+        raise SystemExit(f"the counted run failed (exit {process.returncode}):\n{out}{err[-3000:]}")
+    return int(match.group(1))
+
+
+def count(src: Path, kind: str, warmup: int, runs: int, script: Path) -> float:
+    """Instructions per run: (total with 2N runs - total with N runs) / N."""
+    once = _start(src, kind, warmup, runs, script)
+    twice = _start(src, kind, warmup, 2 * runs, script)
+    return (_collected(twice) - _collected(once)) / runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", type=Path, action="append",
+                        help="a tree's src/ directory to measure (repeatable; default: this checkout's src/)")
+    parser.add_argument("--store", choices=["memory", "sqlite"], default="memory",
+                        help="the event store (default memory; see the caveat for sqlite)")
+    parser.add_argument("--runs", type=int, default=200, help="N: the runs counted (default 200)")
+    parser.add_argument("--warmup", type=int, default=50, help="runs before counting (default 50)")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed; on Debian or Ubuntu: apt-get install valgrind")
+    if args.runs < 1 or args.warmup < 1:
+        raise SystemExit("--runs and --warmup must be at least 1")
+    sources = args.src or [ROOT / "src"]
+    for src in sources:
+        if not (src / "loopwise" / "__init__.py").is_file():
+            raise SystemExit(f"--src {src}: no loopwise package there (give a tree's src/ directory)")
+    table = Table(title=f"instructions per run, overhead.py (a) workload, {args.store} store")
+    table.add_column("src")
+    table.add_column("instructions/run", justify="right")
+    table.add_column("vs first", justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "workload.py"
+        script.write_text(_WORKLOAD.format(bench=str(HERE)))
+        first = None
+        for src in sources:
+            per_run = count(src.resolve(), args.store, args.warmup, args.runs, script)
+            first = per_run if first is None else first
+            table.add_row(str(src), f"{per_run:,.0f}", f"{(per_run / first - 1) * 100:+.1f}%")
+    console = Console()
+    console.print(table)
+    console.print(f"  N = {args.runs} runs after {args.warmup} warm-up runs, counted by valgrind's callgrind; "
+                  f"Python {sys.version.split()[0]}", style="dim")
+
+
+if __name__ == "__main__":
+    main()
