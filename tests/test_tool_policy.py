@@ -178,6 +178,45 @@ def test_total_timeout_bounds_attempts_backoff_and_fallbacks():
     assert "total_timeout of 0.6 s" in json.loads(done.content)["error"]["message"]
 
 
+def _late_hang_tool(**policy):
+    """A tool whose every attempt hangs, and ends 60 ms after its timeout (a blocking cleanup):
+    what a busy event loop's late timers do to a run."""
+    attempts: list[float] = []
+
+    @lw.tool(timeout=0.2, retries=1, backoff=lw.Backoff(initial_s=0.05, jitter=False), **policy)
+    async def lookup(q: str) -> str:
+        """Hangs."""
+        attempts.append(time.monotonic())
+        try:
+            await anyio.sleep(30)
+        finally:
+            time.sleep(0.06)  # noqa: ASYNC251 - the point: this attempt ends late
+        return ""
+
+    return lookup, attempts
+
+
+def test_late_timers_do_not_shorten_the_last_attempt_under_a_derived_total_timeout():
+    lookup, attempts = _late_hang_tool()
+    _, events = run([lookup], [ToolCall("lookup", {"q": "x"})])
+    failed = of_kind(events, "tool_attempt_failed")
+    assert [f.error.message for f in failed] == ["lookup timed out after 0.2 s"] * 2
+    assert len(attempts) == 2
+    # The second attempt had its whole timeout (ended late too), not what the derived total left.
+    assert failed[1].latency_s >= 0.2
+    (done,) = finished(events)
+    assert json.loads(done.content)["error"]["message"] == "lookup timed out after 0.2 s"
+
+
+def test_a_total_timeout_given_still_cuts_the_last_attempt_short():
+    lookup, attempts = _late_hang_tool(total_timeout=0.45)
+    _, events = run([lookup], [ToolCall("lookup", {"q": "x"})])
+    failed = of_kind(events, "tool_attempt_failed")
+    assert len(attempts) == 2 and failed[0].error.message == "lookup timed out after 0.2 s"
+    assert failed[1].error.message == "lookup ran out of its total_timeout of 0.45 s after 2 attempts"
+    assert failed[1].latency_s < 0.2 + 0.06 + 0.5  # cut: what the 0.45 s left, and the late cleanup
+
+
 def test_derived_total_timeout():
     @lw.tool
     async def cached(q: str) -> str:

@@ -32,8 +32,8 @@ __all__ = ["CallEvents", "CallOutcome", "execute", "tool_content"]
 
 _mono = time.perf_counter
 _MAX_FALLBACK_DEPTH = 3
-# A derived total_timeout fits the attempts exactly; the loop's own microseconds must
-# not turn the last attempt's timeout into a "total_timeout ran out".
+# An attempt that would get this little less than its timeout from a total_timeout is
+# given its timeout: the loop's own microseconds do not make a "total_timeout ran out".
 _SLACK_S = 0.001
 # What a plain async tool's `call` is (a subclass may have its own).
 _tool_call = Tool.call
@@ -136,8 +136,13 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
     breaker = policy.breaker
 
     # -- attempts ----------------------------------------------------------------------
-    # The attempts and the waits between them must end in time for the fallbacks.
-    deadline = None if total is None else started + max(0.0, total - reserve)
+    # The attempts and the waits between them must end in time for the fallbacks: a
+    # total_timeout given cuts the last attempt short, or skips it. A derived one is
+    # their sum already (each attempt is bounded by its own timeout, each wait by the
+    # backoff's ceiling), so it cuts nothing: the event loop's lateness in firing the
+    # earlier attempts' timers (a few ms on a busy machine) must not shorten the last
+    # attempt and make it "run out of a total_timeout" nobody set.
+    deadline = started + max(0.0, total - reserve) if total is not None and policy.total_timeout_explicit else None
     # A plain async tool is awaited here: what `Tool.call` does for it, less a frame.
     direct = tool.fn if tool.is_async and tool.context_param is None and type(tool).call is _tool_call else None
     last_attempt = policy.retries + 1
