@@ -208,6 +208,28 @@ def test_late_timers_do_not_shorten_the_last_attempt_under_a_derived_total_timeo
     assert json.loads(done.content)["error"]["message"] == "lookup timed out after 0.2 s"
 
 
+def test_late_attempts_do_not_shorten_a_fallback_under_a_derived_total_timeout():
+    @lw.tool(timeout=0.2)
+    async def stale_copy(q: str) -> str:
+        """Hangs too."""
+        await anyio.sleep(30)
+        return ""
+
+    @lw.tool(timeout=0.2, fallback=stale_copy)
+    async def lookup(q: str) -> str:
+        """Hangs, and its attempt ends 60 ms after its timeout."""
+        try:
+            await anyio.sleep(30)
+        finally:
+            time.sleep(0.06)  # noqa: ASYNC251 - the point: this attempt ends late
+        return ""
+
+    _, events = run([lookup, stale_copy], [ToolCall("lookup", {"q": "x"})])
+    (fallback,) = of_kind(events, "tool_fallback")
+    # The fallback had its own 0.2 s (and timed out), not the 0.14 s the late attempt left of the 0.4 s.
+    assert not fallback.ok and fallback.reason.endswith("failed too (TimeoutError)"), fallback.reason
+
+
 def test_a_total_timeout_given_still_cuts_the_last_attempt_short():
     lookup, attempts = _late_hang_tool(total_timeout=0.45)
     _, events = run([lookup], [ToolCall("lookup", {"q": "x"})])

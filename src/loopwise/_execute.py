@@ -211,8 +211,15 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
 
     # -- fallbacks -----------------------------------------------------------------------
     reason = f"{name} {failure.summary}"
+    explicit = total is not None and policy.total_timeout_explicit
     for step in policy.fallback:
-        remaining = None if total is None else total - (_mono() - started)
+        if explicit:
+            remaining = total - (_mono() - started)  # type: ignore[operator]
+        else:
+            # No total, or a derived one: the sum of what each part may take, so each step
+            # has its own share (a tool its own policy, a callable this tool's timeout), not
+            # what late timers left of the sum.
+            remaining = policy.timeout if total is not None and step.kind == "callable" else None
         answered, content, step_cost, why = await _try_fallback(step, kwargs, ctx, events, remaining, depth)
         cost += step_cost
         events.fallback_tried(name, step.label, answered, reason if answered else why)
