@@ -129,7 +129,8 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
     redact = _redactor(policy, kwargs) if policy.secret else _as_is
     started = _mono()
     total = policy.total_timeout
-    reserve = (policy.fallback_reserve() or 0.0) if policy.fallback else 0.0
+    # Only a total_timeout given bounds the parts by what is left of it (see below).
+    explicit = total is not None and policy.total_timeout_explicit
     attempts = 0
     cost = 0.0
     failure: _Failure | None = None
@@ -142,7 +143,10 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
     # backoff's ceiling), so it cuts nothing: the event loop's lateness in firing the
     # earlier attempts' timers (a few ms on a busy machine) must not shorten the last
     # attempt and make it "run out of a total_timeout" nobody set.
-    deadline = started + max(0.0, total - reserve) if total is not None and policy.total_timeout_explicit else None
+    deadline = None
+    if explicit:
+        reserve = (policy.fallback_reserve() or 0.0) if policy.fallback else 0.0
+        deadline = started + max(0.0, total - reserve)  # type: ignore[operator]
     # A plain async tool is awaited here: what `Tool.call` does for it, less a frame.
     direct = tool.fn if tool.is_async and tool.context_param is None and type(tool).call is _tool_call else None
     last_attempt = policy.retries + 1
@@ -211,7 +215,6 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
 
     # -- fallbacks -----------------------------------------------------------------------
     reason = f"{name} {failure.summary}"
-    explicit = total is not None and policy.total_timeout_explicit
     for step in policy.fallback:
         if explicit:
             remaining = total - (_mono() - started)  # type: ignore[operator]
