@@ -162,7 +162,7 @@ def test_the_janitor_checkpoints_the_wal(db, store, monkeypatch):
 
 
 def test_a_version_2_database_is_migrated_with_its_events(tmp_path):
-    """Schema 2 (a WITHOUT ROWID table) becomes 3 (a rowid table), every event kept."""
+    """Schema 2 (a WITHOUT ROWID table) becomes 4 (a row per chunk of events), every event kept."""
     db = tmp_path / "v2.db"
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -193,11 +193,20 @@ def test_a_version_2_database_is_migrated_with_its_events(tmp_path):
         store.close()
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == _sqlite.SCHEMA_VERSION == 3
-        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()[0]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == _sqlite.SCHEMA_VERSION == 4
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'event_chunks'").fetchone()[0]
         assert "WITHOUT ROWID" not in sql.upper()
         with pytest.raises(sqlite3.IntegrityError):  # (run_id, seq) is still a key
-            conn.execute("INSERT INTO events (run_id, seq, kind, ts, data) VALUES ('old-run', 0, 'x', 0, '{}')")
+            conn.execute("INSERT INTO event_chunks VALUES ('old-run', 0, 0, 0, 0, 'x', '[]')")
+        # The old run's events, one row each, read back through the `events` view as they were written.
+        old = [(e.run_id, e.seq, e.kind, e.ts, data.decode())
+               for e, data in zip(source.load("old-run"), dump_events(source.load("old-run")))]
+        assert conn.execute("SELECT * FROM events WHERE run_id = 'old-run' ORDER BY seq").fetchall() == old
+        assert conn.execute("SELECT count(*) FROM event_chunks WHERE run_id = 'old-run'").fetchone()[0] == len(old)
+        # The new run's events went in as a few rows (one here: a short run is copied at once).
+        chunks = conn.execute("SELECT count(*) FROM event_chunks WHERE run_id = 'new-run'").fetchone()[0]
+        events = conn.execute("SELECT count(*) FROM events WHERE run_id = 'new-run'").fetchone()[0]
+        assert events == len(old) and 1 <= chunks < events
     finally:
         conn.close()
 

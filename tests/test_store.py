@@ -205,10 +205,11 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
     # lw_* belong to the control plane (leases and kill requests), created beside the log.
-    assert {i for i in indexes if not i.startswith("lw_")} == {"events_started_ts"}
-    plan = " ".join(r[-1] for r in conn.execute(
-        "EXPLAIN QUERY PLAN SELECT data FROM events WHERE kind = 'run_started' ORDER BY ts DESC LIMIT 5"))
-    assert "events_started_ts" in plan
+    assert {i for i in indexes if not i.startswith("lw_")} == {"event_chunks_started"}
+    from loopwise._sqlite import _LIST_RUNS
+
+    plan = " ".join(r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + _LIST_RUNS, (5,)))
+    assert "event_chunks_started" in plan and "TEMP B-TREE" not in plan  # (no sort of every run)
     conn.close()
     store = lw.SQLiteStore(path)
     assert store.list_runs()[0].run_id == result.run_id

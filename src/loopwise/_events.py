@@ -518,6 +518,18 @@ def load_event(data: str | bytes) -> Event:
     return _one_adapter().validate_json(data)
 
 
+@cache
+def _list_adapter() -> TypeAdapter[list[Event]]:
+    from pydantic import Field, TypeAdapter
+
+    return TypeAdapter(list[Annotated[Event, Field(discriminator="kind")]])
+
+
+def load_events(data: str | bytes) -> list[Event]:
+    """Events from a JSON array of them (a row of the SQLite store); raises pydantic's ValidationError."""
+    return _list_adapter().validate_json(data)
+
+
 def event_to_dict(event: Event) -> dict[str, Any]:
     """An event as plain JSON-compatible data (for `--json` output and exports)."""
     return _one_adapter().dump_python(event, mode="json")

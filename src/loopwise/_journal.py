@@ -17,9 +17,10 @@ write to it, so "can I lock it?" tells a dead owner's journal from a live one's
 without trusting pids. A segment is emptied (truncated) once everything in it is in
 SQLite, or sealed when it grows past `SEGMENT_MAX` and deleted once it is.
 
-Readers: `recover` copies the journals of dead processes into SQLite (idempotent:
-``INSERT OR IGNORE`` on the ``(run_id, seq)`` key, so two processes recovering at
-once, or a crash between the copy and the unlink, do no harm). `journal_events` reads
+Readers: `recover` copies the journals of dead processes into SQLite (idempotent: only
+the events after a run's last one in SQLite, in a transaction that holds the write
+lock, so two processes recovering at once, or a crash between the copy and the
+unlink, do no harm). `journal_events` reads
 the journals of live processes, whose last events may not be in SQLite yet.
 """
 
@@ -43,7 +44,8 @@ SEGMENT_MAX = 4 * 1024 * 1024
 #: The live segment is emptied once all of it is in SQLite and it is at least this big.
 TRUNCATE_AT = 256 * 1024
 
-_INSERT_IGNORE = "INSERT OR IGNORE INTO events (run_id, seq, kind, ts, data) VALUES (?, ?, ?, ?, ?)"
+_INSERT_IGNORE = ("INSERT OR IGNORE INTO event_chunks (run_id, seq, last_seq, ts, last_ts, last_kind, data) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
 def _prefix(db: Path) -> str:
@@ -115,12 +117,46 @@ def _complete_lines(data: bytes) -> Iterator[bytes]:
             yield line
 
 
-def _row(line: bytes) -> tuple | None:
+def _event_of(line: bytes) -> tuple | None:
+    """A journal line's ``(run_id, seq, ts, kind, line)``, or None if it is not an event's."""
     try:
         d = json.loads(line)
-        return (d["run_id"], d["seq"], d["kind"], d["ts"], line.decode())
+        event = (d["run_id"], d["seq"], d["ts"], d["kind"], line)
     except (ValueError, KeyError, TypeError):
         return None
+    return event if isinstance(event[0], str) and isinstance(event[1], int) else None
+
+
+def _recovered_rows(conn: sqlite3.Connection, events: list[tuple]) -> list[tuple]:
+    """The `event_chunks` rows for journaled `events` that SQLite lacks.
+
+    Per run, the events after the last one SQLite has (a process copies its journal in
+    order, so what it had copied before it died is a prefix), in a row per stretch of
+    consecutive events, a run's end closing its row (as `_sqlite._chunks` makes them).
+    """
+    by_run: dict[str, dict[int, tuple]] = {}
+    for event in events:
+        by_run.setdefault(event[0], {}).setdefault(event[1], event)
+    rows = []
+    for run_id, by_seq in by_run.items():
+        last = conn.execute("SELECT MAX(last_seq) FROM event_chunks WHERE run_id = ?", (run_id,)).fetchone()[0]
+        stretch: list[tuple] = []
+        for seq in sorted(by_seq):
+            if last is not None and seq <= last:
+                continue
+            if stretch and (stretch[-1][1] + 1 != seq or stretch[-1][3] == "run_finished"):
+                rows.append(_stretch_row(stretch))
+                stretch = []
+            stretch.append(by_seq[seq])
+        if stretch:
+            rows.append(_stretch_row(stretch))
+    return rows
+
+
+def _stretch_row(stretch: list[tuple]) -> tuple:
+    first, last = stretch[0], stretch[-1]
+    data = b"[" + b",".join(e[4] for e in stretch) + b"]"
+    return (first[0], first[1], last[1], first[2], last[2], last[3], data.decode())
 
 
 def recover(conn: sqlite3.Connection, db: Path, own: set[Path]) -> int:
@@ -133,22 +169,23 @@ def recover(conn: sqlite3.Connection, db: Path, own: set[Path]) -> int:
             if not dead:
                 continue  # gone, or its process is alive: its own copies go on
             data = path.read_bytes()
-            rows = []
+            events = []
             for line in _complete_lines(data):
-                row = _row(line)
-                if row is None:
+                event = _event_of(line)
+                if event is None:
                     _log.error("journal %s: an unreadable line was skipped: %.80r", path, line)
                     continue
-                rows.append(row)
-            if rows:
+                events.append(event)
+            if events:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
+                    rows = _recovered_rows(conn, events)
                     conn.executemany(_INSERT_IGNORE, rows)
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
-                copied += len(rows)
+                copied += sum(row[2] - row[1] + 1 for row in rows)
             try:
                 path.unlink()
             except FileNotFoundError:

@@ -96,7 +96,7 @@ def resolve_run_id(store: EventStore, run_id: str) -> str:
         return run_id
     if isinstance(store, SQLiteStore):
         rows = store._read(
-            "SELECT run_id FROM events WHERE kind = 'run_started' AND substr(run_id, 1, ?) = ? LIMIT 6",
+            "SELECT run_id FROM event_chunks WHERE seq = 0 AND substr(run_id, 1, ?) = ? LIMIT 6",
             (len(run_id), run_id),
         )
         matches = [r[0] for r in rows]

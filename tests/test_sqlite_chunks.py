@@ -1,0 +1,167 @@
+"""The SQLite store keeps a row per chunk of a run's consecutive events, and every event as written.
+
+A copy into SQLite makes one `event_chunks` row of each run's batches that follow on
+from each other (a short run: one row), a run's end closes its row, and the `events`
+view gives back one row per event, its JSON byte for byte as journaled. Recovery of a
+dead process's journal adds only what SQLite lacks, however often it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import loopwise as lw
+from loopwise import _sqlite
+from loopwise._events import dump_events, dump_lines
+from loopwise._sqlite import _chunks, _json_array
+from loopwise.models import ScriptedModel, ToolCall
+
+
+@lw.tool
+def step(n: int) -> str:
+    """One step."""
+    return f"step {n} done"
+
+
+def _agent(store: lw.EventStore) -> lw.Agent:
+    model = ScriptedModel([ToolCall("step", {"n": 1}), ToolCall("step", {"n": 2}), "all done"])
+    return lw.Agent(model, tools=[step], store=store)
+
+
+def _events(run_id: str) -> list:
+    """A finished run's events (made in memory)."""
+    source = lw.MemoryStore()
+    _agent(source).run_sync("go", run_id=run_id)
+    return source.load(run_id)
+
+
+def _query(db: Path, sql: str, args: tuple = ()) -> list[tuple]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def _as_written(events: list) -> list[tuple]:
+    """`events` as rows of the `events` view: (run_id, seq, kind, ts, the JSON as written)."""
+    return [(e.run_id, e.seq, e.kind, e.ts, data.decode()) for e, data in zip(events, dump_events(events))]
+
+
+@pytest.mark.parametrize("per_insert", [None, (2, 10**9), (500, 1)], ids=["default", "2-rows", "1-byte"])
+def test_concurrent_runs_copied_together_make_a_row_each(tmp_path, monkeypatch, per_insert):
+    """Batches of several runs, interleaved in the journal, become one row per run; the view gives each event.
+
+    (Also when a copy's rows go in several statements: a few rows, or a few bytes, each.)
+    """
+    monkeypatch.setattr(_sqlite, "GATHER_S", 5.0)  # every batch waits for the one copy `list_runs` makes
+    monkeypatch.setattr(_sqlite, "JANITOR_S", 5.0)
+    if per_insert is not None:
+        monkeypatch.setattr(_sqlite, "_ROWS_PER_INSERT", per_insert[0])
+        monkeypatch.setattr(_sqlite, "_BYTES_PER_INSERT", per_insert[1])
+    db = tmp_path / "c.db"
+    store = lw.SQLiteStore(db)
+    try:
+        async def main() -> list[lw.RunResult]:
+            return await asyncio.gather(*(_agent(store).run("go", run_id=f"r{i}") for i in range(5)))
+
+        results = asyncio.run(main())
+        assert {r.run_id for r in store.list_runs()} == {f"r{i}" for i in range(5)}
+        for result in results:
+            events = store.load(result.run_id)
+            assert lw.RunResult.from_events(events) == result
+            assert _query(db, "SELECT seq, last_seq FROM event_chunks WHERE run_id = ?",
+                          (result.run_id,)) == [(0, len(events) - 1)]
+            assert _query(db, "SELECT * FROM events WHERE run_id = ? ORDER BY seq",
+                          (result.run_id,)) == _as_written(events)
+    finally:
+        store.close()
+
+
+def _meta(run_id: str, first: int, last: int, last_kind: str = "tool_call_finished") -> tuple:
+    return (run_id, first, float(first), last, float(last), last_kind)
+
+
+def _blob(run_id: str, first: int, last: int) -> bytes:
+    return b"".join(json.dumps({"run_id": run_id, "seq": s}).encode() + b"\n" for s in range(first, last + 1))
+
+
+def test_a_row_is_a_run_s_batches_that_follow_on_and_an_end_closes_it():
+    batches = [
+        (_meta("a", 0, 2), _blob("a", 0, 2)),
+        (_meta("b", 0, 1), _blob("b", 0, 1)),
+        (_meta("a", 3, 5, "run_finished"), _blob("a", 3, 5)),
+        (_meta("a", 6, 7), _blob("a", 6, 7)),  # (a resumed run: after its end, a row of its own)
+        (_meta("b", 2, 2), _blob("b", 2, 2)),
+        (_meta("a", 9, 9), _blob("a", 9, 9)),  # a gap: a row of its own
+    ]
+    rows = _chunks(batches)
+    assert [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows] == [
+        ("a", 0, 5, 0.0, 5.0, "run_finished"),
+        ("b", 0, 2, 0.0, 2.0, "tool_call_finished"),
+        ("a", 6, 7, 6.0, 7.0, "tool_call_finished"),
+        ("a", 9, 9, 9.0, 9.0, "tool_call_finished"),
+    ]
+    for run_id, first, last, *_, blobs in rows:
+        assert json.loads(_json_array(blobs)) == [{"run_id": run_id, "seq": s} for s in range(first, last + 1)]
+
+
+def test_a_write_of_several_runs_events_is_kept_apart(tmp_path):
+    """A batch that is not one run's consecutive events (no run writes one) is split, not mislabelled."""
+    a, b = _events("mix-a"), _events("mix-b")
+    db = tmp_path / "m.db"
+    store = lw.SQLiteStore(db)
+    try:
+        store.write([a[0], a[1], b[0], a[2], b[1]])
+        store.write(a[3:])
+        store.write(b[2:])
+        assert store.load("mix-a") == a and store.load("mix-b") == b  # (from the journal)
+        assert {r.run_id for r in store.list_runs()} == {"mix-a", "mix-b"}  # (copies first)
+        assert _query(db, "SELECT * FROM events WHERE run_id = 'mix-a' ORDER BY seq") == _as_written(a)
+        assert _query(db, "SELECT * FROM events WHERE run_id = 'mix-b' ORDER BY seq") == _as_written(b)
+    finally:
+        store.close()
+
+
+def _dead_journal(db: Path, lines: bytes, n: int = 1) -> Path:
+    """A journal segment as a process that died would leave it (nobody holds its lock)."""
+    path = db.parent / f"{db.name}-lwj-999999-dead{n:04d}-1"
+    path.write_bytes(lines)
+    return path
+
+
+@pytest.mark.parametrize("in_sqlite", [0, 4, 11])
+def test_recovery_adds_only_what_sqlite_lacks_however_often_it_runs(tmp_path, in_sqlite):
+    """A process died after copying a prefix of its journal: the rest goes in once, as a row."""
+    events = _events("crashed")
+    db = tmp_path / "r.db"
+    lw.SQLiteStore(db).close()  # the tables
+    if in_sqlite:
+        prefix = events[:in_sqlite]
+        conn = sqlite3.connect(db, isolation_level=None)
+        _sqlite._insert(conn, _chunks([(_sqlite_meta(prefix), dump_lines(prefix))]))
+        conn.close()
+    for attempt in range(2):  # the second: a crash between the copy and the unlink left it again
+        journal = _dead_journal(db, dump_lines(events) + b'{"run_id": "crashed", "seq"', attempt)  # a torn line
+        store = lw.SQLiteStore(db)  # recovers on open
+        try:
+            assert not journal.exists()
+            assert store.load("crashed") == events
+            assert _query(db, "SELECT * FROM events ORDER BY seq") == _as_written(events)
+            rows = _query(db, "SELECT seq, last_seq FROM event_chunks ORDER BY seq")
+            assert rows == ([(0, in_sqlite - 1)] if in_sqlite else []) + (
+                [(in_sqlite, len(events) - 1)] if in_sqlite < len(events) else [])
+            assert [r.run_id for r in store.list_runs()] == ["crashed"]
+            assert store.list_runs()[0].stop_reason == "done"
+        finally:
+            store.close()
+
+
+def _sqlite_meta(events: list) -> tuple:
+    first, last = events[0], events[-1]
+    return (first.run_id, first.seq, first.ts, last.seq, last.ts, last.kind)
