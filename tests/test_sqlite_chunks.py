@@ -165,3 +165,29 @@ def test_recovery_adds_only_what_sqlite_lacks_however_often_it_runs(tmp_path, in
 def _sqlite_meta(events: list) -> tuple:
     first, last = events[0], events[-1]
     return (first.run_id, first.seq, first.ts, last.seq, last.ts, last.kind)
+
+
+def test_a_run_id_taken_by_another_process_s_run_keeps_that_run_whole(tmp_path, caplog):
+    """Two stores (as two processes) log runs with the same id: SQLite keeps the first, none of the second.
+
+    The second's first batch breaks the key of the first's first row; its later batches
+    would not (their first seqs are free) and must be dropped too, not mixed in.
+    """
+    first, second = _events("same-id"), _events("same-id")
+    assert first != second  # (the same shape, other timestamps)
+    db = tmp_path / "d.db"
+    a, b = lw.SQLiteStore(db), lw.SQLiteStore(db)
+    try:
+        a.write(first)
+        a.list_runs()  # in SQLite, as one row
+        for start, end in [(0, 3), (3, 7), (7, 9), (9, len(second))]:
+            b.write(second[start:end])
+            if start == 3:
+                b.list_runs()  # (one copy refuses the first batches, a later one gets the rest)
+        b.list_runs()
+        assert "refused" in caplog.text and "same-id" in caplog.text
+        assert _query(db, "SELECT * FROM events ORDER BY seq") == _as_written(first)
+        assert a.load("same-id") == first
+    finally:
+        a.close()
+        b.close()

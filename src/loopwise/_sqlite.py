@@ -251,25 +251,32 @@ class _Janitor(threading.Thread):
                 checkpointer.close()
 
 
-def _copy(conn: sqlite3.Connection, path: Path, items: list) -> None:
+def _copy(conn: sqlite3.Connection, path: Path, items: list, refused: set[str]) -> None:
     """Put journaled batches into SQLite, in one transaction (raises `sqlite3.Error` if it cannot).
 
     A run's consecutive batches become one row (`_chunks`). A batch that breaks a
-    constraint (its run id taken by another process's run) is kept out, alone, with an
-    error logged: the other batches go in, each a row of its own.
+    constraint (its run id taken by another process's run: its first row's key is) is
+    kept out, with an error logged, and so are the later batches of its run (`refused`,
+    run ids, kept by the caller): they would land beside the other run's rows. The
+    other batches go in.
     """
-    batches = [(meta, blob) for _, meta, blob in items]
+    batches = [(meta, blob) for _, meta, blob in items if meta[0] not in refused]
     try:
         _insert(conn, _chunks(batches))
         return
     except sqlite3.IntegrityError:
         pass
     for batch in batches:
+        run_id = batch[0][0]
+        if run_id in refused:
+            continue
         try:
             _insert(conn, _chunks([batch]))
         except sqlite3.IntegrityError as exc:
-            _log.error("the event log %s refused %d events of run %s (%s: %s); they are dropped",
-                       path, batch[0][3] - batch[0][1] + 1, batch[0][0], type(exc).__name__, exc)
+            refused.add(run_id)
+            _log.error("the event log %s refused %d events of run %s (%s: %s); they and the run's later "
+                       "events are dropped (is another process running a run with the same id?)",
+                       path, batch[0][3] - batch[0][1] + 1, run_id, type(exc).__name__, exc)
 
 
 def _chunks(batches: list[tuple[tuple, bytes]]) -> list[list]:
@@ -452,6 +459,9 @@ class SQLiteStore(EventStore):
         self._busy_ms = -1  # the busy timeout `_conn` is set to
         self._copied_bytes = 0  # since the last checkpoint
         self._checkpoint_due = False
+        # Runs whose events SQLite refused (their id taken by another process's run): the
+        # copies drop their later events too (used under `_copy_lock`).
+        self._refused: set[str] = set()
         self._janitor: _Janitor | None = None
         self._janitor_idle = False
         self._stopping = False
@@ -586,7 +596,7 @@ class SQLiteStore(EventStore):
         while True:
             try:
                 conn = self._connection(BUSY_TIMEOUT_MS if blocking else 0)
-                _copy(conn, self.path, items)
+                _copy(conn, self.path, items, self._refused)
                 return True
             except sqlite3.Error as exc:  # locked (past the busy timeout), disk full, I/O
                 if not blocking:
@@ -715,14 +725,16 @@ class SQLiteStore(EventStore):
         self._recover()
         journaled = self._journaled(run_id)
         rows = self._read("SELECT data FROM event_chunks WHERE run_id = ? ORDER BY seq", (run_id,), sync=False)
-        events = [event for (data,) in rows for event in load_events(data)]
-        if journaled:
-            in_db = {e.seq for e in events}
-            events += [load_event(line) for seq, line in journaled.items() if seq not in in_db]
-            events.sort(key=lambda e: e.seq)
-        if not events:
+        by_seq: dict[int, Event] = {}
+        for (data,) in rows:
+            for event in load_events(data):
+                by_seq.setdefault(event.seq, event)  # (rows never overlap; if they did, one event a seq)
+        for seq, line in journaled.items():
+            if seq not in by_seq:
+                by_seq[seq] = load_event(line)
+        if not by_seq:
             raise self._unknown(run_id)
-        return events
+        return [by_seq[seq] for seq in sorted(by_seq)]
 
     def written_elsewhere(self, run_id: str) -> bool:
         """Whether a live process's journal (not this one's) holds events of `run_id`.
