@@ -20,8 +20,8 @@ SQLite, or sealed when it grows past `SEGMENT_MAX` and deleted once it is.
 Readers: `recover` copies the journals of dead processes into SQLite (idempotent: only
 the events after a run's last one in SQLite, in a transaction that holds the write
 lock, so two processes recovering at once, or a crash between the copy and the
-unlink, do no harm). `journal_events` reads
-the journals of live processes, whose last events may not be in SQLite yet.
+unlink, do no harm). `journal_events` reads the journals of live processes, whose
+last events may not be in SQLite yet.
 """
 
 from __future__ import annotations
