@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import loopwise as lw
 from loopwise import _sqlite
 from loopwise._events import dump_events, dump_lines
-from loopwise._sqlite import _chunks, _json_array
+from loopwise._journal import chunk_rows, json_array
 from loopwise.models import ScriptedModel, ToolCall
 
 
@@ -104,7 +104,7 @@ def test_a_row_is_a_run_s_batches_that_follow_on_and_an_end_closes_it():
         (_meta("b", 2, 2), _blob("b", 2, 2)),
         (_meta("a", 9, 9), _blob("a", 9, 9)),  # a gap: a row of its own
     ]
-    rows = _chunks(batches)
+    rows = chunk_rows(batches)
     assert [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows] == [
         ("a", 0, 5, 0.0, 5.0, "run_finished"),
         ("b", 0, 2, 0.0, 2.0, "tool_call_finished"),
@@ -112,7 +112,7 @@ def test_a_row_is_a_run_s_batches_that_follow_on_and_an_end_closes_it():
         ("a", 9, 9, 9.0, 9.0, "tool_call_finished"),
     ]
     for run_id, first, last, *_, blobs in rows:
-        assert json.loads(_json_array(blobs)) == [{"run_id": run_id, "seq": s} for s in range(first, last + 1)]
+        assert json.loads(json_array(blobs)) == [{"run_id": run_id, "seq": s} for s in range(first, last + 1)]
 
 
 def test_a_write_of_several_runs_events_is_kept_apart(tmp_path):
@@ -148,7 +148,7 @@ def test_recovery_adds_only_what_sqlite_lacks_however_often_it_runs(tmp_path, in
     if in_sqlite:
         prefix = events[:in_sqlite]
         conn = sqlite3.connect(db, isolation_level=None)
-        _sqlite._insert(conn, _chunks([(_sqlite_meta(prefix), dump_lines(prefix))]))
+        _sqlite._insert(conn, chunk_rows([(_sqlite_meta(prefix), dump_lines(prefix))]))
         conn.close()
     for attempt in range(2):  # the second: a crash between the copy and the unlink left it again
         journal = _dead_journal(db, dump_lines(events) + b'{"run_id": "crashed", "seq"', attempt)  # a torn line

@@ -35,7 +35,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["Segment", "journal_events", "journal_files", "live_journal_mentions", "recover"]
+__all__ = [
+    "Segment",
+    "chunk_rows",
+    "journal_events",
+    "journal_files",
+    "json_array",
+    "live_journal_mentions",
+    "recover",
+]
 
 _log = logging.getLogger("loopwise")
 
@@ -131,32 +139,54 @@ def _recovered_rows(conn: sqlite3.Connection, events: list[tuple]) -> list[tuple
     """The `event_chunks` rows for journaled `events` that SQLite lacks.
 
     Per run, the events after the last one SQLite has (a process copies its journal in
-    order, so what it had copied before it died is a prefix), in a row per stretch of
-    consecutive events, a run's end closing its row (as `_sqlite._chunks` makes them).
+    order, so what it had copied before it died is a prefix), made into rows as a copy
+    makes them (`chunk_rows`).
     """
     by_run: dict[str, dict[int, tuple]] = {}
     for event in events:
         by_run.setdefault(event[0], {}).setdefault(event[1], event)
-    rows = []
+    batches = []
     for run_id, by_seq in by_run.items():
         last = conn.execute("SELECT MAX(last_seq) FROM event_chunks WHERE run_id = ?", (run_id,)).fetchone()[0]
-        stretch: list[tuple] = []
         for seq in sorted(by_seq):
-            if last is not None and seq <= last:
-                continue
-            if stretch and (stretch[-1][1] + 1 != seq or stretch[-1][3] == "run_finished"):
-                rows.append(_stretch_row(stretch))
-                stretch = []
-            stretch.append(by_seq[seq])
-        if stretch:
-            rows.append(_stretch_row(stretch))
+            if last is None or seq > last:
+                _, _, ts, kind, line = by_seq[seq]
+                batches.append(((run_id, seq, ts, seq, ts, kind), line + b"\n"))
+    return [(*row[:6], json_array(row[6])) for row in chunk_rows(batches)]
+
+
+def chunk_rows(batches: list[tuple[tuple, bytes]]) -> list[list]:
+    """The `event_chunks` rows of journaled batches: one per run, where its batches follow on.
+
+    A batch's meta is ``(run_id, seq, ts, last_seq, last_ts, last_kind)`` of its events
+    (consecutive events of one run). A batch that does not follow on from its run's row
+    (a gap, or a resumed run's first after its end: a run's end closes its row, so that
+    `list_runs` finds each end as the last event of a row) starts a row of its own. A
+    row's data is still its batches' bytes: `json_array` makes it text.
+    """
+    rows: list[list] = []
+    open_rows: dict[str, list] = {}
+    for meta, blob in batches:
+        row = open_rows.get(meta[0])
+        if row is not None and row[2] + 1 == meta[1] and row[5] != "run_finished":
+            row[2], row[4], row[5] = meta[3], meta[4], meta[5]
+            row[6].append(blob)
+        else:
+            run_id, seq, ts, last_seq, last_ts, last_kind = meta
+            row = [run_id, seq, last_seq, ts, last_ts, last_kind, [blob]]
+            open_rows[run_id] = row
+            rows.append(row)
     return rows
 
 
-def _stretch_row(stretch: list[tuple]) -> tuple:
-    first, last = stretch[0], stretch[-1]
-    data = b"[" + b",".join(e[4] for e in stretch) + b"]"
-    return (first[0], first[1], last[1], first[2], last[2], last[3], data.decode())
+def json_array(blobs: list[bytes]) -> str:
+    """Journaled lines of JSON (each ended by a newline) as one JSON array, as text.
+
+    A line of JSON holds no raw newline (JSON escapes it in strings), so the newlines
+    are exactly the separators.
+    """
+    data = blobs[0] if len(blobs) == 1 else b"".join(blobs)
+    return "[" + data[:-1].replace(b"\n", b",").decode() + "]"
 
 
 def recover(conn: sqlite3.Connection, db: Path, own: set[Path]) -> int:

@@ -7,7 +7,7 @@ events survive a crash of the process, and the run moves on. Every `GATHER_S` th
 journaled batches are copied into SQLite, all of them in one transaction (group
 commit: a sequential caller's few dozen runs, or 1,000 concurrent runs' hundreds of
 batches, cost one commit, not one per batch; and a row per run's stretch of
-consecutive events, not per event: see `_chunks`), by a callback on the event loop that
+consecutive events, not per event: see `_journal.chunk_rows`), by a callback on the event loop that
 wrote them; a thread (the janitor) copies what no event loop will (batches written
 outside one, or left by a loop that has closed) and checkpoints the WAL.
 
@@ -53,6 +53,8 @@ from ._journal import (
     SEGMENT_MAX,
     TRUNCATE_AT,
     Segment,
+    chunk_rows,
+    json_array,
     journal_events,
     journal_files,
     live_journal_mentions,
@@ -254,7 +256,7 @@ class _Janitor(threading.Thread):
 def _copy(conn: sqlite3.Connection, path: Path, items: list, refused: set[str]) -> None:
     """Put journaled batches into SQLite, in one transaction (raises `sqlite3.Error` if it cannot).
 
-    A run's consecutive batches become one row (`_chunks`). A batch that breaks a
+    A run's consecutive batches become one row (`chunk_rows`). A batch that breaks a
     constraint (its run id taken by another process's run: its first row's key is) is
     kept out, with an error logged, and so are the later batches of its run (`refused`,
     run ids, kept by the caller): they would land beside the other run's rows. The
@@ -262,7 +264,7 @@ def _copy(conn: sqlite3.Connection, path: Path, items: list, refused: set[str]) 
     """
     batches = [(meta, blob) for _, meta, blob in items if meta[0] not in refused]
     try:
-        _insert(conn, _chunks(batches))
+        _insert(conn, chunk_rows(batches))
         return
     except sqlite3.IntegrityError:
         pass
@@ -271,7 +273,7 @@ def _copy(conn: sqlite3.Connection, path: Path, items: list, refused: set[str]) 
         if run_id in refused:
             continue
         try:
-            _insert(conn, _chunks([batch]))
+            _insert(conn, chunk_rows([batch]))
         except sqlite3.IntegrityError as exc:
             refused.add(run_id)
             _log.error("the event log %s refused %d events of run %s (%s: %s); they and the run's later "
@@ -279,42 +281,8 @@ def _copy(conn: sqlite3.Connection, path: Path, items: list, refused: set[str]) 
                        path, batch[0][3] - batch[0][1] + 1, run_id, type(exc).__name__, exc)
 
 
-def _chunks(batches: list[tuple[tuple, bytes]]) -> list[list]:
-    """The `event_chunks` rows of journaled batches: one per run, where its batches follow on.
-
-    A batch's meta is ``(run_id, seq, ts, last_seq, last_ts, last_kind)`` of its events
-    (consecutive events of one run). A batch that does not follow on from its run's row
-    (a gap, or a resumed run's first after its end: a run's end closes its row, so that
-    `list_runs` finds each end as the last event of a row) starts a row of its own. A
-    row's data is still its batches' bytes: `_insert` makes the text a statement at a time.
-    """
-    rows: list[list] = []
-    open_rows: dict[str, list] = {}
-    for meta, blob in batches:
-        row = open_rows.get(meta[0])
-        if row is not None and row[2] + 1 == meta[1] and row[5] != "run_finished":
-            row[2], row[4], row[5] = meta[3], meta[4], meta[5]
-            row[6].append(blob)
-        else:
-            run_id, seq, ts, last_seq, last_ts, last_kind = meta
-            row = [run_id, seq, last_seq, ts, last_ts, last_kind, [blob]]
-            open_rows[run_id] = row
-            rows.append(row)
-    return rows
-
-
-def _json_array(blobs: list[bytes]) -> str:
-    """Journaled lines of JSON (each ended by a newline) as one JSON array, as text.
-
-    A line of JSON holds no raw newline (JSON escapes it in strings), so the newlines
-    are exactly the separators.
-    """
-    data = blobs[0] if len(blobs) == 1 else b"".join(blobs)
-    return "[" + data[:-1].replace(b"\n", b",").decode() + "]"
-
-
 def _insert(conn: sqlite3.Connection, rows: list[list]) -> None:
-    """One transaction of `_chunks` rows; a statement's worth at a time made into text and bound.
+    """One transaction of `chunk_rows`; a statement's worth at a time made into text and bound.
 
     Many rows per INSERT, not `executemany` (one statement step per row, and sqlite3
     lets go of the GIL at each). The rows' text exists for one statement at a time: a
@@ -328,7 +296,7 @@ def _insert(conn: sqlite3.Connection, rows: list[list]) -> None:
         values: list = []
         n = size = 0
         for run_id, seq, last_seq, ts, last_ts, last_kind, blobs in rows:
-            data = _json_array(blobs)
+            data = json_array(blobs)
             values += (run_id, seq, last_seq, ts, last_ts, last_kind, data)
             n += 1
             size += len(data)
