@@ -22,6 +22,7 @@ import pytest
 
 import loopwise as lw
 from loopwise._control import LocalControl, control_for, local_runs
+from loopwise._journal import journal_events
 from loopwise.cli import main
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ScriptedModel, ToolCall
 
@@ -428,6 +429,9 @@ from loopwise.models import ScriptedModel, ToolCall
 _control.LocalControl._turn = lambda self, now: False
 
 db, flag = sys.argv[1], Path(sys.argv[2])
+if sys.argv[3:] == ["empty-journal"]:  # its journal emptied after every copy (as a busy process's is)
+    from loopwise import _sqlite
+    _sqlite.TRUNCATE_AT = 1
 
 @lw.tool
 async def nap() -> str:
@@ -444,12 +448,12 @@ store.close()
 """
 
 
-def _young_child(tmp_path: Path, db: Path) -> subprocess.Popen:
+def _young_child(tmp_path: Path, db: Path, *args: str) -> subprocess.Popen:
     """`YOUNG_CHILD` on `db`, once its first run is in its tool."""
     lw.SQLiteStore(db).close()
     flag = tmp_path / "napping"
-    proc = subprocess.Popen([sys.executable, "-c", YOUNG_CHILD, str(db), str(flag)], cwd=ROOT, env=_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", YOUNG_CHILD, str(db), str(flag), *args], cwd=ROOT,
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not flag.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -484,10 +488,20 @@ def test_a_kill_by_tag_or_all_stops_a_run_too_young_for_a_lease(tmp_path, how):
     assert finished.stop_reason == "killed" and "young batch" in finished.reason
 
 
-def test_a_run_too_young_for_a_lease_is_not_resumed_elsewhere(tmp_path):
-    """Resuming another process's brand-new run (no lease yet) is refused; once that process is dead, it resumes."""
+@pytest.mark.parametrize("journal", ["kept", "empty-journal"])
+def test_a_run_too_young_for_a_lease_is_not_resumed_elsewhere(tmp_path, journal):
+    """Resuming another process's brand-new run (no lease yet) is refused; once that process is dead, it resumes.
+
+    Also when the other process's journal no longer holds the run's events (a busy
+    process empties it every few milliseconds, once its batches are in SQLite).
+    """
     db = tmp_path / "lw.db"
-    proc = _young_child(tmp_path, db)
+    proc = _young_child(tmp_path, db, journal)
+    if journal == "empty-journal":
+        deadline = time.monotonic() + 10
+        while journal_events(db, "young-1"):  # only SQLite has its events now
+            assert time.monotonic() < deadline, "the child's journal was never emptied"
+            time.sleep(0.01)
 
     @lw.tool
     async def nap() -> str:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import loopwise as lw
 from loopwise import _sqlite
 from loopwise._events import dump_events, dump_lines
-from loopwise._journal import chunk_rows, json_array
+from loopwise._journal import chunk_rows, json_array, writer_lives
 from loopwise.models import ScriptedModel, ToolCall
 
 
@@ -148,7 +148,7 @@ def test_recovery_adds_only_what_sqlite_lacks_however_often_it_runs(tmp_path, in
     if in_sqlite:
         prefix = events[:in_sqlite]
         conn = sqlite3.connect(db, isolation_level=None)
-        _sqlite._insert(conn, chunk_rows([(_sqlite_meta(prefix), dump_lines(prefix))]))
+        _sqlite._insert(conn, chunk_rows([(_sqlite_meta(prefix), dump_lines(prefix))]), "1-dead")
         conn.close()
     for attempt in range(2):  # the second: a crash between the copy and the unlink left it again
         journal = _dead_journal(db, dump_lines(events) + b'{"run_id": "crashed", "seq"', attempt)  # a torn line
@@ -260,3 +260,22 @@ def test_any_interleaving_of_batches_copies_and_a_crash_keeps_every_event_once(t
         assert finished == {r for r, events in written.items() if events[-1].kind == "run_finished"}
     finally:
         store.close()
+
+
+def test_a_store_keeps_a_journal_file_locked_while_open_even_when_all_is_copied(tmp_path, monkeypatch):
+    """How other processes tell the writer of a run's rows lives: its journal's lock, held until close."""
+    monkeypatch.setattr(_sqlite, "SEGMENT_MAX", 1)  # every batch seals its segment
+    monkeypatch.setattr(_sqlite, "TRUNCATE_AT", 1)  # and the live one is emptied at every copy
+    db = tmp_path / "w.db"
+    store = lw.SQLiteStore(db)
+    try:
+        events = _events("lives")
+        for part in (events[:3], events[3:]):
+            store.write(part)
+            store.list_runs()  # copied: every segment drained
+            assert writer_lives(db, store._writer)
+        assert _query(db, "SELECT DISTINCT writer FROM event_chunks") == [(store._writer,)]
+        assert not store.written_elsewhere("lives")  # (its own writer: this process knows its runs)
+    finally:
+        store.close()
+    assert not writer_lives(db, store._writer) and not list(db.parent.glob("w.db-lwj-*"))

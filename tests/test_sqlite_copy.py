@@ -162,7 +162,7 @@ def test_the_janitor_checkpoints_the_wal(db, store, monkeypatch):
 
 
 def test_a_version_2_database_is_migrated_with_its_events(tmp_path):
-    """Schema 2 (a WITHOUT ROWID table) becomes 4 (a row per chunk of events), every event kept."""
+    """Schema 2 (a WITHOUT ROWID table) becomes 5 (a row per chunk of events), every event kept."""
     db = tmp_path / "v2.db"
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -193,11 +193,11 @@ def test_a_version_2_database_is_migrated_with_its_events(tmp_path):
         store.close()
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == _sqlite.SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == _sqlite.SCHEMA_VERSION == 5
         sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'event_chunks'").fetchone()[0]
         assert "WITHOUT ROWID" not in sql.upper()
         with pytest.raises(sqlite3.IntegrityError):  # (run_id, seq) is still a key
-            conn.execute("INSERT INTO event_chunks VALUES ('old-run', 0, 0, 0, 0, 'x', '[]')")
+            conn.execute("INSERT INTO event_chunks VALUES ('old-run', 0, 0, 0, 0, 'x', '[]', NULL)")
         # The old run's events, one row each, read back through the `events` view as they were written.
         old = [(e.run_id, e.seq, e.kind, e.ts, data.decode())
                for e, data in zip(source.load("old-run"), dump_events(source.load("old-run")))]

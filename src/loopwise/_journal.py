@@ -43,6 +43,7 @@ __all__ = [
     "json_array",
     "live_journal_mentions",
     "recover",
+    "writer_lives",
 ]
 
 _log = logging.getLogger("loopwise")
@@ -52,8 +53,8 @@ SEGMENT_MAX = 4 * 1024 * 1024
 #: The live segment is emptied once all of it is in SQLite and it is at least this big.
 TRUNCATE_AT = 256 * 1024
 
-_INSERT_IGNORE = ("INSERT OR IGNORE INTO event_chunks (run_id, seq, last_seq, ts, last_ts, last_kind, data) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?)")
+_INSERT_IGNORE = ("INSERT OR IGNORE INTO event_chunks (run_id, seq, last_seq, ts, last_ts, last_kind, data, "
+                  "writer) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _prefix(db: Path) -> str:
@@ -135,7 +136,7 @@ def _event_of(line: bytes) -> tuple | None:
     return event if isinstance(event[0], str) and isinstance(event[1], int) else None
 
 
-def _recovered_rows(conn: sqlite3.Connection, events: list[tuple]) -> list[tuple]:
+def _recovered_rows(conn: sqlite3.Connection, events: list[tuple], writer: str | None) -> list[tuple]:
     """The `event_chunks` rows for journaled `events` that SQLite lacks.
 
     Per run, the events after the last one SQLite has (a process copies its journal in
@@ -152,7 +153,7 @@ def _recovered_rows(conn: sqlite3.Connection, events: list[tuple]) -> list[tuple
             if last is None or seq > last:
                 _, _, ts, kind, line = by_seq[seq]
                 batches.append(((run_id, seq, ts, seq, ts, kind), line + b"\n"))
-    return [(*row[:6], json_array(row[6])) for row in chunk_rows(batches)]
+    return [(*row[:6], json_array(row[6]), writer) for row in chunk_rows(batches)]
 
 
 def chunk_rows(batches: list[tuple[tuple, bytes]]) -> list[list]:
@@ -209,7 +210,7 @@ def recover(conn: sqlite3.Connection, db: Path, own: set[Path]) -> int:
             if events:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    rows = _recovered_rows(conn, events)
+                    rows = _recovered_rows(conn, events, _writer_of(path, db))
                     conn.executemany(_INSERT_IGNORE, rows)
                 except BaseException:
                     conn.execute("ROLLBACK")
@@ -267,6 +268,23 @@ def journal_events(db: Path, run_id: str) -> list[tuple[dict, bytes]]:
             continue
         out.extend(_run_events(data, run_id))
     return out
+
+
+def writer_lives(db: Path, writer: str) -> bool:
+    """Whether the process that wrote rows as `writer` (``<pid>-<token>``) still holds a journal file locked."""
+    prefix = f"{_prefix(db)}{writer}-"
+    for path in journal_files(db):
+        if path.name.startswith(prefix):
+            with _probe(path, fcntl.LOCK_SH) as dead:
+                if dead is False:
+                    return True
+    return False
+
+
+def _writer_of(path: Path, db: Path) -> str | None:
+    """The ``<pid>-<token>`` of journal file `path` (named ``<db>-lwj-<pid>-<token>-<n>``)."""
+    parts = path.name[len(_prefix(db)):].split("-")
+    return f"{parts[0]}-{parts[1]}" if len(parts) == 3 else None
 
 
 def live_journal_mentions(db: Path, run_id: str, own: set[Path]) -> bool:

@@ -59,6 +59,7 @@ from ._journal import (
     journal_files,
     live_journal_mentions,
     recover,
+    writer_lives,
 )
 from ._store import EventStore, PruneResult, RunSummary, check_prune_args, running_here
 
@@ -66,7 +67,7 @@ __all__ = ["SQLiteStore", "default_db_path"]
 
 _log = logging.getLogger("loopwise")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 10_000
 RECOVER_BUSY_TIMEOUT_MS = 250
 # How long batches gather before they are copied into SQLite: more runs per transaction
@@ -145,6 +146,12 @@ _MIGRATIONS: dict[int, str] = {
         CREATE VIEW events (run_id, seq, kind, ts, data) AS
             SELECT c.run_id, c.seq + e.key, json_extract(e.value, '$.kind'), json_extract(e.value, '$.ts'), e.value
               FROM event_chunks c, json_each(c.data) e;
+    """,
+    # Which process wrote a row (its journal's ``<pid>-<token>``, NULL before this
+    # version): a resume elsewhere asks whether that process still lives (its journal's
+    # lock), when the run has no end and no lease yet and its journal has been emptied.
+    5: """
+        ALTER TABLE event_chunks ADD COLUMN writer TEXT;
     """,
 }
 
@@ -253,7 +260,7 @@ class _Janitor(threading.Thread):
                 checkpointer.close()
 
 
-def _copy(conn: sqlite3.Connection, path: Path, items: list, refused: set[str]) -> None:
+def _copy(conn: sqlite3.Connection, path: Path, items: list, refused: set[str], writer: str) -> None:
     """Put journaled batches into SQLite, in one transaction (raises `sqlite3.Error` if it cannot).
 
     A run's consecutive batches become one row (`chunk_rows`). A batch that breaks a
@@ -264,7 +271,7 @@ def _copy(conn: sqlite3.Connection, path: Path, items: list, refused: set[str]) 
     """
     batches = [(meta, blob) for _, meta, blob in items if meta[0] not in refused]
     try:
-        _insert(conn, chunk_rows(batches))
+        _insert(conn, chunk_rows(batches), writer)
         return
     except sqlite3.IntegrityError:
         pass
@@ -273,7 +280,7 @@ def _copy(conn: sqlite3.Connection, path: Path, items: list, refused: set[str]) 
         if run_id in refused:
             continue
         try:
-            _insert(conn, chunk_rows([batch]))
+            _insert(conn, chunk_rows([batch]), writer)
         except sqlite3.IntegrityError as exc:
             refused.add(run_id)
             _log.error("the event log %s refused %d events of run %s (%s: %s); they and the run's later "
@@ -281,8 +288,8 @@ def _copy(conn: sqlite3.Connection, path: Path, items: list, refused: set[str]) 
                        path, batch[0][3] - batch[0][1] + 1, run_id, type(exc).__name__, exc)
 
 
-def _insert(conn: sqlite3.Connection, rows: list[list]) -> None:
-    """One transaction of `chunk_rows`; a statement's worth at a time made into text and bound.
+def _insert(conn: sqlite3.Connection, rows: list[list], writer: str) -> None:
+    """One transaction of `chunk_rows` written by `writer`; a statement's worth at a time made into text and bound.
 
     Many rows per INSERT, not `executemany` (one statement step per row, and sqlite3
     lets go of the GIL at each). The rows' text exists for one statement at a time: a
@@ -297,7 +304,7 @@ def _insert(conn: sqlite3.Connection, rows: list[list]) -> None:
         n = size = 0
         for run_id, seq, last_seq, ts, last_ts, last_kind, blobs in rows:
             data = json_array(blobs)
-            values += (run_id, seq, last_seq, ts, last_ts, last_kind, data)
+            values += (run_id, seq, last_seq, ts, last_ts, last_kind, data, writer)
             n += 1
             size += len(data)
             if n >= _ROWS_PER_INSERT or size >= _BYTES_PER_INSERT:
@@ -312,9 +319,10 @@ def _insert(conn: sqlite3.Connection, rows: list[list]) -> None:
         raise
 
 
-_INSERT_ROWS = "INSERT OR FAIL INTO event_chunks (run_id, seq, last_seq, ts, last_ts, last_kind, data) VALUES "
-_ROW_PARAMS = "(?,?,?,?,?,?,?)"
-# Rows, and characters of events, per INSERT statement (7 parameters a row; SQLite
+_INSERT_ROWS = ("INSERT OR FAIL INTO event_chunks (run_id, seq, last_seq, ts, last_ts, last_kind, data, writer) "
+                "VALUES ")
+_ROW_PARAMS = "(?,?,?,?,?,?,?,?)"
+# Rows, and characters of events, per INSERT statement (8 parameters a row; SQLite
 # allows 32,766 a statement): few statements per commit, and a bounded amount of text
 # alive at once.
 _ROWS_PER_INSERT = 500
@@ -412,6 +420,8 @@ class SQLiteStore(EventStore):
         # waiting for their writes to be copied (a copy does not wake the janitor).
         self._cond, self._copied = _conditions()
         self._token = os.urandom(4).hex()
+        # What this store's rows name as their writer: its journal files' ``<pid>-<token>``.
+        self._writer = f"{os.getpid()}-{self._token}"
         self._segment: Segment | None = None
         self._segments: list[Segment] = []  # this process's, the live one last
         self._serial = 0
@@ -564,7 +574,7 @@ class SQLiteStore(EventStore):
         while True:
             try:
                 conn = self._connection(BUSY_TIMEOUT_MS if blocking else 0)
-                _copy(conn, self.path, items, self._refused)
+                _copy(conn, self.path, items, self._refused, self._writer)
                 return True
             except sqlite3.Error as exc:  # locked (past the busy timeout), disk full, I/O
                 if not blocking:
@@ -611,7 +621,9 @@ class SQLiteStore(EventStore):
         """(Under the lock.) Delete sealed segments that are all in SQLite; empty the live one."""
         keep = []
         for segment in self._segments:
-            if segment.drained() and (segment.sealed or self._stopping):
+            # (A sealed one stays while no live one exists: the process keeps a file locked,
+            # by which others tell it lives, see `written_elsewhere`.)
+            if segment.drained() and (self._stopping or (segment.sealed and self._segment is not None)):
                 segment.remove()
             else:
                 keep.append(segment)
@@ -705,12 +717,21 @@ class SQLiteStore(EventStore):
         return [by_seq[seq] for seq in sorted(by_seq)]
 
     def written_elsewhere(self, run_id: str) -> bool:
-        """Whether a live process's journal (not this one's) holds events of `run_id`.
+        """Whether another live process wrote `run_id`'s latest events.
 
-        Its lock says it lives. A young run's batches stay in its journal until the
-        journal is emptied (once copied and 256 KB long): long enough for its lease.
+        Its journal holds them, or (once they are in SQLite: a busy process empties its
+        journal every few milliseconds) the run's latest row names it as the writer and
+        its journal files are still locked. A process that has journaled anything keeps
+        one until its store is closed.
         """
-        return live_journal_mentions(self.path, run_id, self._own_paths())
+        if live_journal_mentions(self.path, run_id, self._own_paths()):
+            return True
+        rows = self._read("SELECT writer FROM event_chunks WHERE run_id = ? ORDER BY seq DESC LIMIT 1", (run_id,),
+                          sync=False)
+        writer = rows[0][0] if rows else None
+        if writer is None or writer in {store._writer for store in list(_open_stores)}:
+            return False  # (unknown: written before schema 5; or by this process, which knows its runs)
+        return writer_lives(self.path, writer)
 
     def has_run(self, run_id: str) -> bool:
         query = "SELECT 1 FROM event_chunks WHERE run_id = ? LIMIT 1"
