@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import sys
 import threading
 import time
@@ -404,3 +405,40 @@ async def test_kills_of_all_or_a_tag_reach_attached_runs_in_a_database_made_befo
                 plane.detach(run_id)
     finally:
         other.close()
+
+
+TRUNCATING_CHILD = """
+import asyncio, os, sys, time
+from pathlib import Path
+import loopwise as lw
+from loopwise._control import KillRequest, LocalControl, marker_path
+from loopwise.models import ScriptedModel, ToolCall
+
+db = Path(sys.argv[1])
+
+@lw.tool
+async def tidy(ctx: lw.RunContext) -> str:
+    os.truncate(marker_path(db), 0)  # someone empties the kill marker while the run polls it
+    await asyncio.sleep(0.2)  # (10 polls of the emptied marker)
+    other = LocalControl(db)  # a killer, as another process would be: stores, then rewrites the marker
+    other.record_kills([KillRequest(ctx.run_id, "after the marker was emptied", "test", time.time())])
+    other.close()
+    await asyncio.sleep(30)
+    return "never"
+
+store = lw.SQLiteStore(db)
+agent = lw.Agent(ScriptedModel([ToolCall("tidy", {}), "done"]), tools=[tidy], store=store)
+t0 = time.monotonic()
+result = agent.run_sync("go")
+print(result.stop_reason, round(time.monotonic() - t0, 1) < 10, flush=True)
+store.close()
+"""
+
+
+def test_an_emptied_marker_file_neither_crashes_the_process_nor_stops_kills(tmp_path):
+    """A marker read through a memory map faulted (SIGBUS: the process died) once someone emptied the file."""
+    db = _db(tmp_path)
+    done = subprocess.run([sys.executable, "-c", TRUNCATING_CHILD, str(db)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["killed", "True"]

@@ -11,8 +11,8 @@ Backends:
 - `LocalControl` (default): tables beside the event log in the SQLite database;
   reaches every process on this machine that uses the same file. Every kill also
   overwrites a small marker file beside the database (``<db>-lwkills``). While runs
-  are attached, a timer on their event loop compares the marker's bytes (memory
-  mapped: no system call, no thread switch) every `POLL_S`, and wakes this
+  are attached, a timer on their event loop compares the marker's bytes (one
+  `pread`, no thread switch) every `POLL_S`, and wakes this
   process's watcher thread only when there is work: the marker changed (it reads
   ``lw_kills`` then, one indexed query for all the runs), or leases to write or
   delete. The watcher also reads ``lw_kills`` every `QUERY_EVERY_S` whatever the
@@ -30,7 +30,6 @@ import asyncio
 import getpass
 import json
 import logging
-import mmap
 import os
 import socket
 import sqlite3
@@ -393,7 +392,7 @@ def _bump_marker(db: Path) -> None:
     Fresh random bytes, written in place: whatever another killer writes at the same
     time, the marker ends up different from what any watcher saw before either write
     (a collision is a 2**-64 chance, and `QUERY_EVERY_S` catches even that). Never
-    truncated or appended to: a watcher maps its first 8 bytes. A marker that cannot
+    truncated or appended to: a watcher reads its first 8 bytes. A marker that cannot
     be written only slows delivery to `QUERY_EVERY_S`: the request is already stored.
     """
     path = marker_path(db)
@@ -411,8 +410,34 @@ def _bump_marker(db: Path) -> None:
                    "read it within %g s", db, path, exc, QUERY_EVERY_S)
 
 
-def _map_marker(db: Path) -> tuple[mmap.mmap, tuple[int, int]] | None:
-    """The kill marker of `db` mapped read-only (created if missing), with its (device, inode).
+class _Marker:
+    """The kill marker, open: its bytes read with `pread`, and its (device, inode).
+
+    Not a memory map: a map of a file someone empties faults (SIGBUS) at the next read
+    and kills the process; a read of it is short, which counts as a change.
+    """
+
+    __slots__ = ("fd", "id")
+
+    def __init__(self, fd: int, id: tuple[int, int]) -> None:
+        self.fd = fd
+        self.id = id
+
+    def read(self) -> bytes | None:
+        try:
+            return os.pread(self.fd, _MARKER_SIZE, 0)
+        except OSError:  # (closed meanwhile)
+            return None
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _open_marker(db: Path) -> _Marker | None:
+    """The kill marker of `db`, open for reading (created if missing).
 
     None where it cannot be: the watcher then reads ``lw_kills`` at every poll.
     """
@@ -425,19 +450,19 @@ def _map_marker(db: Path) -> tuple[mmap.mmap, tuple[int, int]] | None:
         try:
             st = os.fstat(fd)
             if st.st_size < _MARKER_SIZE:
-                # Only ever grown (a killer's write may land first; it is kept): reading a
-                # mapped page past the end of the file would be a SIGBUS.
+                # Only ever grown (a killer's write may land first; it is kept).
                 os.ftruncate(fd, _MARKER_SIZE)
                 if hasattr(os, "fchmod"):
                     try:
                         os.fchmod(fd, _marker_mode(db))
                     except OSError:
                         pass
-            return mmap.mmap(fd, _MARKER_SIZE, access=mmap.ACCESS_READ), (st.st_dev, st.st_ino)
-        finally:
+        except BaseException:
             os.close(fd)
-    except (OSError, ValueError) as exc:
-        _log.debug("loopwise control plane (%s): cannot map the kill marker %s (%s); polling the "
+            raise
+        return _Marker(fd, (st.st_dev, st.st_ino))
+    except OSError as exc:
+        _log.debug("loopwise control plane (%s): cannot open the kill marker %s (%s); polling the "
                    "database instead", db, path, exc)
         return None
 
@@ -449,8 +474,9 @@ class LocalControl(ControlPlane):
 
     What a run costs its event loop: attaching and detaching it are a few dict
     operations under a lock held for nothing longer; while runs are attached, a timer
-    on their loop "turns" every `POLL_S` (comparing 8 mapped bytes, ageing the runs
-    attached since the last turn). The I/O is the watcher thread's, and it is woken
+    on their loop "turns" every `POLL_S` (reading the marker's 8 bytes with one `pread`,
+    ageing the runs attached since the last turn). The database is the watcher thread's,
+    and it is woken
     only for work: a changed kill marker, a lease to write or delete, a heartbeat, the
     `QUERY_EVERY_S` query. A thread woken 50 times a second would cost more than all
     that: each wake-up must win the GIL back from a busy event loop, which takes tens
@@ -461,7 +487,7 @@ class LocalControl(ControlPlane):
     need one: nobody could have looked for them yet, and a kill by id reaches them by
     their recent events (`LEASE_GRACE_S`). Runs attached outside their event loop's
     thread (or with none) have no timer: the watcher turns and polls for them every
-    `POLL_S`, as it does when the marker cannot be mapped.
+    `POLL_S`, as it does when the marker cannot be opened.
     """
 
     name = "local"
@@ -498,10 +524,9 @@ class LocalControl(ControlPlane):
         self._to_release: list[tuple[str, float]] = []
         # Leases this process wrote (or is about to) and has not released: run_id -> acquired.
         self._written: dict[str, float] = {}
-        # The kill marker as the watcher mapped it, and its bytes when the watcher last read
+        # The kill marker as the watcher opened it, and its bytes when the watcher last read
         # lw_kills (None: read it at the next poll).
-        self._map: mmap.mmap | None = None
-        self._map_id: tuple[int, int] | None = None
+        self._marker: _Marker | None = None
         self._seen: bytes | None = None
         self._wake = threading.Event()
         self._idle = True  # the watcher has no run to watch (it waits to end, not to poll)
@@ -596,13 +621,11 @@ class LocalControl(ControlPlane):
 
     def _signalled(self) -> bool:
         """(Under _lock.) Whether the kill marker changed since the watcher last read lw_kills."""
-        m = self._map
+        m = self._marker
         if m is None:
             return True
-        try:
-            return m[:_MARKER_SIZE] != self._seen
-        except ValueError:  # (closed)
-            return True
+        seen = m.read()
+        return seen is None or seen != self._seen
 
     # -- the watcher thread -------------------------------------------------------
 
@@ -610,7 +633,7 @@ class LocalControl(ControlPlane):
         conn = _connect(self.path)
         now = time.monotonic()
         next_beat = now + HEARTBEAT_S
-        next_query = now  # at once: kills stored before the marker was mapped
+        next_query = now  # at once: kills stored before the marker was opened
         while True:
             self._wake.clear()  # (before the work: a wake-up during it is not lost)
             now = time.monotonic()
@@ -624,11 +647,11 @@ class LocalControl(ControlPlane):
                         self._turn(now)  # (for runs no timer turns for, or whose loop is blocked)
                     watching = bool(self._runs)
                     query = watching and (full or polling or self._signalled())
-                    m = self._map
+                    m = self._marker
                 if query:
                     # The marker is read before the query: a kill stored after the query
                     # overwrites it after this read, and the next turn sees the change.
-                    before = m[:_MARKER_SIZE] if m is not None else None
+                    before = m.read() if m is not None else None
                     self._poll_kills(conn)
                     with self._lock:
                         self._seen = before
@@ -662,21 +685,24 @@ class LocalControl(ControlPlane):
 
     def _polling(self) -> bool:
         """(Under _lock.) Whether the watcher must turn and read lw_kills every `POLL_S` itself."""
-        return None in self._counts or (self._map is None and bool(self._runs))
+        return None in self._counts or (self._marker is None and bool(self._runs))
 
     def _remap(self) -> None:
-        """Map the kill marker (again, if it was deleted or replaced; it is `stat`-ed once a `QUERY_EVERY_S`)."""
+        """Open the kill marker (again, if it was deleted, replaced or emptied; it is `stat`-ed once a `QUERY_EVERY_S`)."""
+        marker = self._marker
         try:
             st = os.stat(marker_path(self.path))
-            if self._map is not None and (st.st_dev, st.st_ino) == self._map_id and st.st_size >= _MARKER_SIZE:
+            if marker is not None and (st.st_dev, st.st_ino) == marker.id and st.st_size >= _MARKER_SIZE:
                 return
         except OSError:
             pass
-        mapped = _map_marker(self.path)
+        opened = _open_marker(self.path)
         with self._lock:
-            # A new mapping's bytes were never compared: the next poll reads lw_kills.
-            self._map, self._map_id = mapped if mapped is not None else (None, None)
+            # A new marker's bytes were never compared: the next poll reads lw_kills.
+            old, self._marker = self._marker, opened
             self._seen = None
+        if old is not None:
+            old.close()
 
     def _write_leases(self, conn: sqlite3.Connection) -> None:
         """Write the leases due, delete those of detached runs: one transaction."""
@@ -822,6 +848,10 @@ class LocalControl(ControlPlane):
     def close(self) -> None:
         with self._conn_lock:
             self._conn.close()
+        with self._lock:
+            marker, self._marker = self._marker, None
+        if marker is not None:
+            marker.close()
 
 
 def _lease(row: tuple) -> Lease:
