@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import loopwise as lw
 from loopwise._runaway import RunawayDetector, canonical_call
-from loopwise.models import ToolCall
+from loopwise.models import FunctionModel, ModelResponse, ToolCall, Usage
 
 ONLY_REPEATS = {"stale_iterations": None, "growth_factor": None}
 ONLY_STALE = {"repeat_calls": None, "growth_factor": None}
@@ -316,3 +316,29 @@ def test_defaults_and_description():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(lw.UserError, match=re.escape(message)):
         RunawayDetector(**kwargs)
+
+
+def test_arguments_whose_keys_do_not_sort_are_still_told_apart_and_repeated():
+    """Keys a Python model may send beside strings (None, 1): no TypeError, the same call is the same."""
+    mixed = {None: 1, "a": 2, 3: "x"}
+    assert canonical_call(ToolCall("f", mixed)) == canonical_call(ToolCall("f", dict(mixed)))
+    assert canonical_call(ToolCall("f", mixed)) != canonical_call(ToolCall("f", {None: 2, "a": 2, 3: "x"}))
+    monitor = RunawayDetector(**ONLY_REPEATS).start()
+    verdicts = drive(monitor, [([ToolCall("f", dict(mixed), f"c{i}")], [str(i)], 0, 0.0) for i in range(3)])
+    assert verdicts[2] is not None and verdicts[2].signal == "repeated_call"
+
+
+def test_a_python_model_sending_keys_that_do_not_sort_does_not_end_the_run_in_error():
+    @lw.tool
+    def look(x: int) -> str:
+        """Look."""
+        return "seen"
+
+    script = iter([[ToolCall("look", {"x": 1, None: "extra"})], [ToolCall("look", {"x": 2, 7: "extra"})], []])
+
+    async def model(request):
+        calls = next(script)
+        return ModelResponse(text=None if calls else "done", tool_calls=calls, usage=Usage(1, 1))
+
+    result = lw.Agent(FunctionModel(model), tools=[look], store=lw.MemoryStore()).run_sync("go")
+    assert (result.stop_reason, result.output) == ("done", "done")

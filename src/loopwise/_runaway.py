@@ -59,7 +59,10 @@ def canonical_call(call: ToolCall) -> str:
             arguments = json.loads(arguments)
         except ValueError:
             pass
-    return _canonical_json([str(call.name), arguments])
+    try:
+        return _canonical_json([str(call.name), arguments])
+    except TypeError:  # keys that do not sort together (None or 1 beside "a": only a Python model sends them)
+        return _canonical_json([str(call.name), repr(arguments)])
 
 
 def _make_canonical_json() -> Callable[[Any], str]:
