@@ -174,10 +174,19 @@ def test_model_sees_instructions_tools_and_results_in_order(store):
         (ToolCall("analyze_sentiment", {"txt": "typo"}), "invalid_arguments", "text: Field required"),
         (ToolCall("analyze_sentiment", "[1]"), "invalid_arguments", "must be a JSON object"),
         (ToolCall("explode", {"reason": "db down"}), "error", "explode raised RuntimeError: boom: db down"),
-        (ToolCall(None, {}), "unknown_tool", "unknown tool None"),  # type: ignore[arg-type]
+        # What only a Python model can send: types the protocol has no room for.
+        (ToolCall(None, {}), "unknown_tool", "unknown tool ''"),  # type: ignore[arg-type]
+        (ToolCall(123, {}), "unknown_tool", "unknown tool '123'"),  # type: ignore[arg-type]
+        (ToolCall("analyze_sentiment", [1, 2]), "invalid_arguments", "must be a JSON object, got list"),  # type: ignore[arg-type]
+        (ToolCall("analyze_sentiment", None), "invalid_arguments", "must be a JSON object"),  # type: ignore[arg-type]
+        (ToolCall("analyze_sentiment", {"text": "hi"}, 7), "ok", "negative"),  # type: ignore[arg-type]
+        (ToolCall("analyze_sentiment", '{"text": ' + "[" * 5000 + "]" * 5000 + "}"), "invalid_arguments",
+         "not valid JSON"),
     ],
 )
-def test_bad_tool_calls_become_observations_the_model_can_correct(store, call, outcome, snippet):
+def test_bad_tool_calls_become_observations_the_model_can_correct(sqlite_store, call, outcome, snippet):
+    """Each becomes a tool result the model reads; the run goes on, and its log reads back (from SQLite's JSON)."""
+    store = sqlite_store
     seen = []
 
     def fn(request):
@@ -190,6 +199,7 @@ def test_bad_tool_calls_become_observations_the_model_can_correct(store, call, o
     assert result.stop_reason == "done" and result.output == "recovered"
     events = store.load(result.run_id)
     assert_valid_log(events)
+    assert lw.RunResult.from_events(events) == result
     (finished,) = [e for e in events if e.kind == "tool_call_finished"]
     assert finished.outcome == outcome
     assert snippet in finished.content
@@ -507,3 +517,27 @@ async def test_cancelling_the_caller_cancels_every_parallel_call_and_leaves_no_t
     events = agent.store.load("cancelled-caller")
     assert [e.outcome for e in events if e.kind == "tool_call_finished"] == ["cancelled"] * 3
     assert events[-1].kind == "run_finished" and events[-1].stop_reason == "killed"
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt()])
+def test_a_tool_that_exits_the_process_leaves_the_run_s_end_in_the_log(sqlite_store, exc):
+    """sys.exit() in a tool (or an interrupt): the exit goes on, the run is not lost (it ends as error, resumable)."""
+
+    @lw.tool
+    def leave() -> str:
+        """Leave."""
+        raise exc
+
+    agent = lw.Agent(ScriptedModel([ToolCall("leave", {}), "never"]), tools=[leave], store=sqlite_store)
+    with pytest.raises(type(exc)):
+        agent.run_sync("go", run_id="leaving")
+    events = sqlite_store.load("leaving")
+    end = events[-1]
+    assert end.kind == "run_finished" and end.stop_reason == "error" and type(exc).__name__ in end.reason
+    assert [r.status for r in sqlite_store.list_runs()] == ["finished"]
+    # Resumable: the call that was in flight is reported to the model, not run again.
+    resumer = lw.Agent(ScriptedModel([ToolCall("leave", {}), "resumed"]), tools=[leave], store=sqlite_store)
+    result = resumer.resume_sync("leaving")
+    assert (result.stop_reason, result.output) == ("done", "resumed")
+    (interrupted,) = [e for e in sqlite_store.load("leaving") if e.kind == "tool_call_finished"]
+    assert interrupted.outcome == "unknown"

@@ -16,6 +16,7 @@ the end, so an iteration's events are durable before the next model call starts.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -254,6 +255,12 @@ class Run:
             except Exception as exc:  # a bug or a store failure: recorded, not lost
                 stop = _Stop("error", f"internal error: {type(exc).__name__}: {exc}",
                              ErrorInfo.from_exception(exc, with_traceback=True))
+            except (SystemExit, KeyboardInterrupt) as exc:
+                # The process is leaving (a tool called sys.exit(), an interrupt): the run's
+                # end first, without awaiting anything, then the exit goes on. Resumable.
+                self._finish_now(_Stop("error", f"interrupted: {type(exc).__name__}({exc})",
+                                       ErrorInfo.from_exception(exc, with_traceback=True)))
+                raise
             return await self._finish(stop)
         finally:
             current_run.reset(token)
@@ -321,6 +328,31 @@ class Run:
                 f"taken {per_iteration:.2f} s and the answer needs time too")
 
     async def _finish(self, stop: _Stop) -> RunFinished:
+        event = self._emit_end(stop)
+        try:
+            await self._flush()
+        except Exception as exc:  # the store itself is failing: say so loudly, still return
+            _log.error("run %s: could not write its end to the event store (%s: %s); the result "
+                       "is returned but the log is incomplete", self.run_id, type(exc).__name__, exc)
+        return event
+
+    def _finish_now(self, stop: _Stop) -> None:
+        """`_finish` without awaiting: for a store that writes at once (the SQLite and memory ones)."""
+        self._emit_end(stop)
+        try:
+            waiter = self._write()
+        except Exception as exc:  # noqa: BLE001 - the exit under way matters more
+            _log.error("run %s: could not write its end to the event store (%s: %s)", self.run_id,
+                       type(exc).__name__, exc)
+            return
+        if waiter is not None:  # a store that must be awaited: its end stays unwritten (a crash)
+            close = getattr(waiter, "close", None)
+            if close is not None:
+                close()
+            _log.error("run %s: its end is not in the event store (%s writes asynchronously, and the "
+                       "process is leaving); it reads as crashed", self.run_id, self.store.describe())
+
+    def _emit_end(self, stop: _Stop) -> RunFinished:
         usage = self.usage
         # (run_id, seq, ts, stop_reason, output, iterations, model_calls, usage, cost_usd,
         #  duration_s, reason, error)
@@ -329,13 +361,7 @@ class Run:
             Usage(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.reasoning_tokens),
             self.cost_usd, self.active_before + _mono() - self.started_mono, stop.detail, stop.error,
         )
-        event = self._emit(event)  # type: ignore[assignment]
-        try:
-            await self._flush()
-        except Exception as exc:  # the store itself is failing: say so loudly, still return
-            _log.error("run %s: could not write its end to the event store (%s: %s); the result "
-                       "is returned but the log is incomplete", self.run_id, type(exc).__name__, exc)
-        return event
+        return self._emit(event)  # type: ignore[return-value]
 
     async def _loop(self) -> _Stop:
         agent = self.agent
@@ -552,6 +578,7 @@ class Run:
                 models, request, agent.model_policy, _ModelAttemptReporter(self, iteration, purpose),
                 self._check_response, False,
             )
+            response = _loggable(response)
         except anyio.get_cancelled_exc_class():
             if held is not None:
                 held.release()
@@ -860,3 +887,43 @@ class _ModelAttemptReporter:
                                      attempt=record.attempt, error=record.error, latency_s=record.latency_s,
                                      retry_in_s=record.retry_in_s, will_fallback=record.will_fallback,
                                      reason=record.reason))
+
+
+def _loggable(response: ModelResponse) -> ModelResponse:
+    """`response` in the types its event is read back with (a Python model may send anything).
+
+    A tool call's name that is not a str becomes one (None: the empty name), which the
+    loop then answers as an unknown tool; arguments neither a dict nor a str, or a dict
+    with keys that are not all str, become their JSON text (the loop parses it as it
+    would a provider's, and answers what is wrong with it); an id that is not a str
+    becomes one; so does a finish reason. Else the log would hold a model call whose
+    event cannot be loaded: `show`, resume and every view of the run would fail.
+    """
+    calls = response.tool_calls
+    reason = response.finish_reason
+    fixed: list[ToolCall] | None = None
+    for i, call in enumerate(calls):
+        name, args, call_id = call.name, call.arguments, call.id
+        if (type(name) is str and (type(args) is str or (type(args) is dict and all(type(k) is str for k in args)))
+                and (call_id is None or type(call_id) is str)):
+            continue
+        if fixed is None:
+            fixed = list(calls)
+        if isinstance(args, dict) and not all(isinstance(k, str) for k in args):
+            args = _json_text(args)  # (keys as JSON writes them: None is "null", 1 is "1")
+        fixed[i] = ToolCall(
+            name if isinstance(name, str) else "" if name is None else str(name),
+            args if isinstance(args, (dict, str)) else _json_text(args),
+            call_id if call_id is None or isinstance(call_id, str) else str(call_id),
+        )
+    if fixed is None and (reason is None or type(reason) is str):
+        return response
+    return ModelResponse(text=response.text, tool_calls=calls if fixed is None else fixed, usage=response.usage,
+                         finish_reason=reason if reason is None or isinstance(reason, str) else str(reason))
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)

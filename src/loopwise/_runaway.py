@@ -57,7 +57,7 @@ def canonical_call(call: ToolCall) -> str:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):  # (not JSON; nested too deep to parse)
             pass
     try:
         return _canonical_json([str(call.name), arguments])
