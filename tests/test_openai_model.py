@@ -375,6 +375,18 @@ async def test_lenient_servers_refusals_and_object_arguments(server, model):
     server.reply({**completion(text="x"), "usage": {"prompt_tokens": None, "completion_tokens": 3}})
     assert (await model.request(ModelRequest([Message("user", "hi")]))).usage is None
 
+    # Content as parts (some compatible servers): the text parts, joined; other parts left out.
+    body = completion(text=None)
+    body["choices"][0]["message"]["content"] = [
+        {"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "Hello, "}, {"type": "text", "text": "you."},
+    ]
+    server.reply(body)
+    assert (await model.request(ModelRequest([Message("user", "hi")]))).text == "Hello, you."
+    body["choices"][0]["message"]["content"] = [{"type": "image_url", "image_url": {"url": "x"}}]
+    server.reply(body)
+    with pytest.raises(lw.ModelBehaviorError, match="content of type list"):
+        await model.request(ModelRequest([Message("user", "hi")]))
+
 
 @pytest.mark.parametrize(
     ("name", "reasoning"),

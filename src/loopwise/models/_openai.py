@@ -262,6 +262,8 @@ class OpenAIModel(Model):
         text = getattr(message, "content", None)
         if text is None:
             text = getattr(message, "refusal", None)  # a refusal is the model's answer
+        if isinstance(text, list):  # content parts, as some compatible servers send: the text ones
+            text = _text_of_parts(text)
         if text is not None and not isinstance(text, str):
             raise ModelBehaviorError(f"{self.name} sent message content of type {type(text).__name__}, not a string")
         calls = []
@@ -384,3 +386,18 @@ async def _close_with_loop(client: openai.AsyncOpenAI) -> AsyncGenerator[None, N
         yield
     finally:
         await client.close()
+
+
+def _text_of_parts(parts: list[Any]) -> str | list[Any]:
+    """Message content sent as parts (``[{"type": "text", "text": "..."}, ...]``): their text, joined.
+
+    Parts of other types (a thinking trace, an image) are left out; a list with no text
+    part at all, or with parts that are not objects, is returned as it came (refused).
+    """
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict):
+            return parts
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+    return "".join(texts) if texts else parts
