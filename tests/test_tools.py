@@ -90,6 +90,20 @@ def test_var_args_rejected():
         def f(*args: int) -> None: ...
 
 
+def test_generator_functions_are_refused_with_the_fix():
+    """A tool that yields would hand the model "<generator object ...>" (or fail when awaited): refused up front."""
+
+    def numbers():
+        yield 1
+
+    async def stream():
+        yield "part"
+
+    for fn in (numbers, stream):
+        with pytest.raises(lw.UserError, match=f"tool '{fn.__name__}' is a generator function.*return it"):
+            lw.tool(fn)
+
+
 def test_unknown_options_are_refused_loudly():
     with pytest.raises(lw.UserError, match="unknown option.*tiemout"):
         lw.tool(tiemout=3)

@@ -185,6 +185,11 @@ def _make_tool(fn: Callable[..., Any], *, name: str | None, description: str | N
             f"tool name {tool_name!r} is not valid: use 1-64 letters, digits, '_' or '-' "
             "(pass name=... to @tool)"
         )
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise UserError(
+            f"tool {tool_name!r} is a generator function (it yields): a tool's result is one value; "
+            "return it (collect what it yields into a list or a string first)"
+        )
     try:
         hints = typing.get_type_hints(fn)
     except Exception as exc:  # unresolvable forward references
