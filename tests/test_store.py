@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -214,3 +215,78 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     store = lw.SQLiteStore(path)
     assert store.list_runs()[0].run_id == result.run_id
     store.close()
+
+
+CRASHING_WRITER = """
+import asyncio, os, random, sys
+import loopwise as lw
+from loopwise.models import ScriptedModel, ToolCall
+
+@lw.tool
+async def step(n: int) -> int:
+    await asyncio.sleep(random.uniform(0.001, 0.03))
+    return n
+
+async def main():
+    store = lw.SQLiteStore(sys.argv[1])
+    model = ScriptedModel([ToolCall("step", {"n": 1}), ToolCall("step", {"n": 2}), ToolCall("step", {"n": 3}), "ok"])
+    agent = lw.Agent(model, tools=[step], store=store)
+    batch = 0
+    while True:  # until SIGKILL
+        await asyncio.gather(*(agent.run("go", tags=[sys.argv[2]]) for _ in range(25)))
+        batch += 1
+        print(batch, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_processes_killed_mid_write_leave_every_run_whole_and_resumable(tmp_path):
+    """Three processes, 25 runs at a time each, SIGKILLed at unrelated moments: every run's events are
+    in SQLite once, without gaps, its result reads back, and each run that was cut off resumes to its end."""
+    db = tmp_path / "crashy.db"
+    lw.SQLiteStore(db).close()
+    procs = [subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(db), f"p{i}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    try:
+        for i, proc in enumerate(procs):
+            assert proc.stdout is not None
+            proc.stdout.readline()  # a first batch is done: it writes
+            time.sleep(0.1 * (i + 1))  # then dies in the middle of another
+            proc.kill()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate(timeout=30)
+    store = lw.SQLiteStore(db)  # recovers the dead journals
+    try:
+        runs = store.list_runs(limit=10_000)
+        assert len(runs) > 3 * 25  # (each process finished a batch, and started another)
+        conn = sqlite3.connect(db)
+        try:
+            assert conn.execute("SELECT count(*) FROM (SELECT run_id FROM events GROUP BY run_id "
+                                "HAVING max(seq) + 1 != count(*) OR min(seq) != 0)").fetchone()[0] == 0
+            assert conn.execute("SELECT count(*) FROM (SELECT 1 FROM events GROUP BY run_id, seq "
+                                "HAVING count(*) > 1)").fetchone()[0] == 0
+        finally:
+            conn.close()
+        cut_off = [r for r in runs if r.status != "finished"]
+        assert cut_off, "no run was cut off: the kills came too late to test anything"
+        for run in runs:
+            events = store.load(run.run_id)
+            assert [e.seq for e in events] == list(range(len(events)))
+            if run.status == "finished":
+                assert lw.RunResult.from_events(events).output == "ok"
+
+        @lw.tool
+        async def step(n: int) -> int:
+            return n
+
+        model = ScriptedModel([ToolCall("step", {"n": 1}), ToolCall("step", {"n": 2}), ToolCall("step", {"n": 3}), "ok"])
+        resumer = lw.Agent(model, tools=[step], store=store)
+        for run in cut_off:
+            result = resumer.resume_sync(run.run_id)
+            assert (result.stop_reason, result.output) == ("done", "ok"), result
+        assert all(r.status == "finished" for r in store.list_runs(limit=10_000))
+    finally:
+        store.close()
