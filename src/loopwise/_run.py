@@ -899,27 +899,36 @@ def _loggable(response: ModelResponse) -> ModelResponse:
     becomes one; so does a finish reason. Else the log would hold a model call whose
     event cannot be loaded: `show`, resume and every view of the run would fail.
     """
-    calls = response.tool_calls
-    reason = response.finish_reason
-    fixed: list[ToolCall] | None = None
-    for i, call in enumerate(calls):
+    for call in response.tool_calls:
+        args, call_id = call.arguments, call.id
+        if (type(call.name) is not str or (call_id is not None and type(call_id) is not str)
+                or (type(args) is not str and (type(args) is not dict or not all(map(_is_str, args))))):
+            break
+    else:
+        reason = response.finish_reason
+        if reason is None or type(reason) is str:
+            return response
+    return _normalized(response)
+
+
+def _normalized(response: ModelResponse) -> ModelResponse:
+    fixed = []
+    for call in response.tool_calls:
         name, args, call_id = call.name, call.arguments, call.id
-        if (type(name) is str and (type(args) is str or (type(args) is dict and all(type(k) is str for k in args)))
-                and (call_id is None or type(call_id) is str)):
-            continue
-        if fixed is None:
-            fixed = list(calls)
-        if isinstance(args, dict) and not all(isinstance(k, str) for k in args):
+        if isinstance(args, dict) and not all(map(_is_str, args)):
             args = _json_text(args)  # (keys as JSON writes them: None is "null", 1 is "1")
-        fixed[i] = ToolCall(
+        fixed.append(ToolCall(
             name if isinstance(name, str) else "" if name is None else str(name),
             args if isinstance(args, (dict, str)) else _json_text(args),
             call_id if call_id is None or isinstance(call_id, str) else str(call_id),
-        )
-    if fixed is None and (reason is None or type(reason) is str):
-        return response
-    return ModelResponse(text=response.text, tool_calls=calls if fixed is None else fixed, usage=response.usage,
+        ))
+    reason = response.finish_reason
+    return ModelResponse(text=response.text, tool_calls=fixed, usage=response.usage,
                          finish_reason=reason if reason is None or isinstance(reason, str) else str(reason))
+
+
+#: `isinstance(x, str)` as a function in C: `all(map(_is_str, keys))` makes no frame per key.
+_is_str = str.__instancecheck__
 
 
 def _json_text(value: Any) -> str:
