@@ -402,6 +402,44 @@ def test_run_into_a_foreign_database_is_an_error(agent_module, tmp_path, capsys)
     assert_one_line_error(capsys.readouterr().err, "not a loopwise database", "users")
 
 
+def _spoil(db: Path, run_id: str, data: str) -> None:
+    """Add a row `data` after the events of `run_id` (what a newer loopwise wrote, or an edit)."""
+    conn = sqlite3.connect(db)
+    try:
+        seq = conn.execute("SELECT MAX(last_seq) + 1 FROM event_chunks WHERE run_id = ?", (run_id,)).fetchone()[0]
+        conn.execute("INSERT INTO event_chunks VALUES (?, ?, ?, 1.0, 1.0, 'x', ?, NULL)", (run_id, seq, seq, data))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    ('[{"kind": "from_a_newer_loopwise", "run_id": "alpha-1", "seq": 1, "ts": 1.0}]',
+     "an event of unknown kind 'from_a_newer_loopwise'"),
+    ('[{"kind": "iteration_started", "run_id": "alpha-1", "seq": 1, "ts": "noon"}]', "iteration_started.ts"),
+    ("[{not json", "Invalid JSON"),
+])
+def test_an_event_this_loopwise_cannot_read_is_a_one_line_error_not_a_traceback(db, capsys, data, why):
+    _spoil(db, "alpha-1", data)
+    for command in (["show", "alpha-1"], ["export", "alpha-1", "-f", "jsonl"], ["profile", "alpha-1"]):
+        assert main([*command, "--db", str(db)]) == 2, command
+        assert_one_line_error(capsys.readouterr().err, "run alpha-1", "cannot read", why)
+    # The other runs are still listed and profiled; the unreadable one is left out of the profile, saying so.
+    assert main(["runs", "--json", "--db", str(db)]) == 0
+    assert {r["run_id"] for r in json.loads(capsys.readouterr().out)} == {"alpha-1", "alpha-2"}
+    assert main(["profile", "--json", "--db", str(db)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["runs"] == 1 and "alpha-1" in captured.err and "left out" in captured.err
+    # A run whose first event cannot be read is left out of the list, not the list with it.
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE event_chunks SET data = ? WHERE run_id = 'alpha-2' AND seq = 0", (data,))
+    conn.commit()
+    conn.close()
+    assert main(["runs", "--json", "--db", str(db)]) == 0
+    assert [r["run_id"] for r in json.loads(capsys.readouterr().out)] == ["alpha-1"]
+    assert main(["prune", "--older-than", "0s", "--dry-run", "--db", str(db)]) == 0  # (it reads every run)
+
+
 # -- the command line itself -----------------------------------------------------------
 
 

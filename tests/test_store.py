@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import sqlite3
 import subprocess
 import sys
@@ -248,20 +249,22 @@ def test_processes_killed_mid_write_leave_every_run_whole_and_resumable(tmp_path
     lw.SQLiteStore(db).close()
     procs = [subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(db), f"p{i}"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(3)]
+    errors = []
     try:
         for i, proc in enumerate(procs):
             assert proc.stdout is not None
-            proc.stdout.readline()  # a first batch is done: it writes
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            assert ready and proc.stdout.readline(), f"p{i} never finished a batch"  # it writes now
             time.sleep(0.1 * (i + 1))  # then dies in the middle of another
             proc.kill()
     finally:
         for proc in procs:
             proc.kill()
-            proc.communicate(timeout=30)
+            errors.append(proc.communicate(timeout=30)[1][-2000:])
     store = lw.SQLiteStore(db)  # recovers the dead journals
     try:
         runs = store.list_runs(limit=10_000)
-        assert len(runs) > 3 * 25  # (each process finished a batch, and started another)
+        assert len(runs) > 3 * 25, errors  # (each process finished a batch, and started another)
         conn = sqlite3.connect(db)
         try:
             assert conn.execute("SELECT count(*) FROM (SELECT run_id FROM events GROUP BY run_id "
@@ -285,7 +288,10 @@ def test_processes_killed_mid_write_leave_every_run_whole_and_resumable(tmp_path
         model = ScriptedModel([ToolCall("step", {"n": 1}), ToolCall("step", {"n": 2}), ToolCall("step", {"n": 3}), "ok"])
         resumer = lw.Agent(model, tools=[step], store=store)
         for run in cut_off:
-            result = resumer.resume_sync(run.run_id)
+            try:
+                result = resumer.resume_sync(run.run_id)
+            except lw.UserError as exc:
+                raise AssertionError(f"{run.run_id} ({run.status}, {len(store.load(run.run_id))} events): {exc}") from exc
             assert (result.stop_reason, result.output) == ("done", "ok"), result
         assert all(r.status == "finished" for r in store.list_runs(limit=10_000))
     finally:

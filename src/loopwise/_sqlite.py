@@ -338,10 +338,13 @@ _PRUNE_CHUNK = 200
 # Every run whose last event is before the cutoff: its id, its last event's kind and
 # stop reason, its tags (JSON), and its number of events (seqs have no gaps).
 # The latest runs: each one's first event and its latest end (an end is always the last
-# event of its row), by the partial index over first rows.
+# event of its row), by the partial index over first rows. A row that is not JSON (an
+# edit) comes back whole, for `list_runs` to leave out: SQLite's JSON functions would
+# fail the whole query on it.
 _LIST_RUNS = """
-    SELECT json_extract(s.data, '$[0]'),
-           (SELECT json_extract(f.data, '$[#-1]') FROM event_chunks f
+    SELECT CASE WHEN json_valid(s.data) THEN json_extract(s.data, '$[0]') ELSE s.data END,
+           (SELECT CASE WHEN json_valid(f.data) THEN json_extract(f.data, '$[#-1]') ELSE f.data END
+              FROM event_chunks f
              WHERE f.run_id = s.run_id AND f.last_kind = 'run_finished'
              ORDER BY f.seq DESC LIMIT 1)
       FROM event_chunks s
@@ -351,13 +354,31 @@ _LIST_RUNS = """
 """
 
 _PRUNE_CANDIDATES = """
-    SELECT s.run_id, l.last_kind, json_extract(l.data, '$[#-1].stop_reason'), json_extract(s.data, '$[0].tags'),
+    SELECT s.run_id, l.last_kind,
+           CASE WHEN json_valid(l.data) THEN json_extract(l.data, '$[#-1].stop_reason') END,
+           CASE WHEN json_valid(s.data) THEN json_extract(s.data, '$[0].tags') END,
            l.last_seq + 1
       FROM event_chunks s
       JOIN event_chunks l ON l.run_id = s.run_id
                          AND l.seq = (SELECT MAX(m.seq) FROM event_chunks m WHERE m.run_id = s.run_id)
      WHERE s.seq = 0 AND l.last_ts < ?
 """
+
+
+def _first_error(exc: ValueError) -> str:
+    """The first thing pydantic (or JSON) found wrong, in one short line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            if first.get("type") == "union_tag_invalid":
+                return f"an event of unknown kind {first.get('ctx', {}).get('tag')!r}"
+            # (the position in a row's array says nothing to a reader: the field path does)
+            where = ".".join(str(part) for part in first.get("loc", ()) if not isinstance(part, int))
+            return f"{where + ': ' if where else ''}{first.get('msg', '')}"[:200]
+        except Exception:  # noqa: BLE001 - the message below does
+            pass
+    return str(exc).splitlines()[0][:200]
 
 
 def _consecutive(events: list[Event]) -> list[list[Event]]:
@@ -706,12 +727,16 @@ class SQLiteStore(EventStore):
         journaled = self._journaled(run_id)
         rows = self._read("SELECT data FROM event_chunks WHERE run_id = ? ORDER BY seq", (run_id,), sync=False)
         by_seq: dict[int, Event] = {}
-        for (data,) in rows:
-            for event in load_events(data):
-                by_seq.setdefault(event.seq, event)  # (rows never overlap; if they did, one event a seq)
-        for seq, line in journaled.items():
-            if seq not in by_seq:
-                by_seq[seq] = load_event(line)
+        try:
+            for (data,) in rows:
+                for event in load_events(data):
+                    by_seq.setdefault(event.seq, event)  # (rows never overlap; if they did, one event a seq)
+            for seq, line in journaled.items():
+                if seq not in by_seq:
+                    by_seq[seq] = load_event(line)
+        except ValueError as exc:  # pydantic's ValidationError, or JSON that is not
+            raise UserError(f"run {run_id} in {self.path} holds an event this loopwise cannot read "
+                            f"({_first_error(exc)}): written by a newer loopwise, or edited") from None
         if not by_seq:
             raise self._unknown(run_id)
         return [by_seq[seq] for seq in sorted(by_seq)]
@@ -744,10 +769,18 @@ class SQLiteStore(EventStore):
         rows = self._read(_LIST_RUNS, (limit,))
         summaries = []
         for started_json, finished_json in rows:
-            started = load_event(started_json)
-            finished = load_event(finished_json) if finished_json else None
-            assert isinstance(started, RunStarted)
-            assert finished is None or isinstance(finished, RunFinished)
+            try:
+                started = load_event(started_json)
+                finished = load_event(finished_json) if finished_json else None
+            except ValueError as exc:  # one unreadable run does not hide the others
+                _log.warning("the event log %s holds a run this loopwise cannot read (%s); it is left out of "
+                             "the list", self.path, _first_error(exc))
+                continue
+            if not isinstance(started, RunStarted) or not (finished is None or isinstance(finished, RunFinished)):
+                _log.warning("the event log %s holds a run whose first or last event is not what it should be "
+                             "(%s, %s); it is left out of the list", self.path, started.kind,
+                             None if finished is None else finished.kind)
+                continue
             summaries.append(RunSummary.from_events(started, finished))
         return summaries
 

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from .._errors import UserError
 from .._profile import profile, render_profile
 from ._common import CLIError, DbOption, open_existing_store, resolve_run_id, stdout_console, write_json
 
@@ -35,7 +36,12 @@ def profile_command(
             summaries = store.list_runs(limit=n if tag is None else 1_000_000)
             if tag is not None:
                 summaries = [s for s in summaries if tag in s.tags][:n]
-            runs = [store.load(s.run_id) for s in summaries]
+            runs = []
+            for summary in summaries:  # (one unreadable run is left out, not the whole profile)
+                try:
+                    runs.append(store.load(summary.run_id))
+                except UserError as exc:
+                    typer.echo(f"warning: {exc}; left out", err=True)
     finally:
         store.close()
     prof = profile(runs)
