@@ -116,5 +116,5 @@ def test_bad_message_role():
 def test_bad_price():
     from loopwise.models import Price
 
-    with pytest.raises(lw.UserError, match="input_per_mtok must be a number >= 0"):
+    with pytest.raises(lw.UserError, match="input_per_mtok must be a finite number >= 0"):
         Price(-1, 0)

@@ -119,6 +119,19 @@ def test_bad_values_are_refused():
         reserve([budget, "not a budget"], usd=0.1)  # type: ignore[list-item]
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1, True, "1"])
+def test_a_price_or_tool_cost_that_would_blind_a_budget_is_refused(value):
+    """A NaN cost never exceeds a budget (every comparison with NaN is false): refused where it is given."""
+    import loopwise as lw
+
+    for kwargs in ({"input_per_mtok": value, "output_per_mtok": 0}, {"input_per_mtok": 0, "output_per_mtok": value},
+                   {"input_per_mtok": 0, "output_per_mtok": 0, "cached_input_per_mtok": value}):
+        with pytest.raises(UserError, match="must be a finite number >= 0"):
+            Price(**kwargs)
+    with pytest.raises(UserError, match="must be a finite number >= 0"):
+        lw.tool(name="priced", cost_usd=value)(lambda: "x")
+
+
 # -- planning a model call ----------------------------------------------------------------
 
 

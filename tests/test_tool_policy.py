@@ -382,7 +382,7 @@ def test_max_parallel_tools_bounds_concurrency():
         ({"retry_on": "ValueError"}, "must be exception types"),
         ({"fallback": []}, "fallback=\\[\\] is empty"),
         ({"fallback": object()}, "neither a JSON-able value"),
-        ({"cost_usd": -1}, "cost_usd=-1 must be a number >= 0"),
+        ({"cost_usd": -1}, "cost_usd=-1 must be a finite number >= 0"),
         ({"max_result_chars": 5}, "must be an int >= 100"),
         ({"isolation": "vm"}, "isolation='vm' must be"),
         ({"breaker": 3}, "breaker= must be True, False or"),

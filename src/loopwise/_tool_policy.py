@@ -18,6 +18,7 @@ decides whether a call's result matched the model's expectation (`docs/decisions
 
 from __future__ import annotations
 
+import math
 import random
 import string
 from collections.abc import Callable, Sequence
@@ -177,8 +178,9 @@ class ToolPolicy:
             chain = (Fallback.of(fallback, owner),)
         if type(idempotent) is not bool:
             raise UserError(f"tool {owner!r}: idempotent={idempotent!r} must be True or False")
-        if isinstance(cost_usd, bool) or not isinstance(cost_usd, (int, float)) or cost_usd < 0:
-            raise UserError(f"tool {owner!r}: cost_usd={cost_usd!r} must be a number >= 0")
+        if (isinstance(cost_usd, bool) or not isinstance(cost_usd, (int, float)) or not math.isfinite(cost_usd)
+                or cost_usd < 0):  # (a NaN cost would never exceed a budget)
+            raise UserError(f"tool {owner!r}: cost_usd={cost_usd!r} must be a finite number >= 0")
         if max_result_chars is not None and (type(max_result_chars) is not int or max_result_chars < 100):
             raise UserError(f"tool {owner!r}: max_result_chars={max_result_chars!r} must be an int >= 100 or None")
         if isolation not in (None, "thread", "process"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +23,12 @@ class Price:
     def __post_init__(self) -> None:
         for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+            # (NaN or infinity would make every cost NaN or inf: a NaN never exceeds a budget)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
                 from .._errors import UserError
 
-                raise UserError(f"Price.{name} must be a number >= 0, got {value!r}")
+                raise UserError(f"Price.{name} must be a finite number >= 0, got {value!r}")
 
     def cost(self, usage: Usage) -> float:
         """The dollar cost of `usage` at this price (cached input priced as such)."""
