@@ -120,8 +120,8 @@ def test_bad_values_are_refused():
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1, True, "1"])
-def test_a_price_or_tool_cost_that_would_blind_a_budget_is_refused(value):
-    """A NaN cost never exceeds a budget (every comparison with NaN is false): refused where it is given."""
+def test_a_price_or_tool_cost_that_is_not_a_finite_number_is_refused_where_it_is_given(value):
+    """NaN or infinity made every cost NaN or inf: runs then ended in error at their first call."""
     import loopwise as lw
 
     for kwargs in ({"input_per_mtok": value, "output_per_mtok": 0}, {"input_per_mtok": 0, "output_per_mtok": value},

@@ -179,7 +179,7 @@ class ToolPolicy:
         if type(idempotent) is not bool:
             raise UserError(f"tool {owner!r}: idempotent={idempotent!r} must be True or False")
         if (isinstance(cost_usd, bool) or not isinstance(cost_usd, (int, float)) or not math.isfinite(cost_usd)
-                or cost_usd < 0):  # (a NaN cost would never exceed a budget)
+                or cost_usd < 0):  # (a NaN or infinite cost no budget can weigh)
             raise UserError(f"tool {owner!r}: cost_usd={cost_usd!r} must be a finite number >= 0")
         if max_result_chars is not None and (type(max_result_chars) is not int or max_result_chars < 100):
             raise UserError(f"tool {owner!r}: max_result_chars={max_result_chars!r} must be an int >= 100 or None")

@@ -23,7 +23,7 @@ class Price:
     def __post_init__(self) -> None:
         for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"):
             value = getattr(self, name)
-            # (NaN or infinity would make every cost NaN or inf: a NaN never exceeds a budget)
+            # (NaN or infinity would make costs NaN or inf, which no budget can weigh)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value < 0):
                 from .._errors import UserError
