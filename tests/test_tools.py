@@ -91,7 +91,8 @@ def test_var_args_rejected():
 
 
 def test_generator_functions_are_refused_with_the_fix():
-    """A tool that yields would hand the model "<generator object ...>" (or fail when awaited): refused up front."""
+    """Refused up front: a sync generator's items were collected while its result was encoded (on the event
+    loop, outside the tool's timeout), and an async one gave the model "<async_generator object ...>"."""
 
     def numbers():
         yield 1
