@@ -13,7 +13,7 @@ import pytest
 
 import loopwise as lw
 from loopwise._sqlite import SCHEMA_VERSION
-from loopwise.models import ScriptedModel, ToolCall
+from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ScriptedModel, ToolCall
 
 
 def run_script(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -285,8 +285,13 @@ def test_processes_killed_mid_write_leave_every_run_whole_and_resumable(tmp_path
         async def step(n: int) -> int:
             return n
 
-        model = ScriptedModel([ToolCall("step", {"n": 1}), ToolCall("step", {"n": 2}), ToolCall("step", {"n": 3}), "ok"])
-        resumer = lw.Agent(model, tools=[step], store=store)
+        def model(request: ModelRequest) -> ModelResponse:
+            # From the transcript, not a script: a call cut off mid-way is asked again on resume
+            # (and counted as made), so a ScriptedModel's position would move on by one.
+            done = sum(1 for m in request.messages if m.role == "tool")
+            return ModelResponse(text="ok") if done >= 3 else ModelResponse(tool_calls=[ToolCall("step", {"n": done + 1})])
+
+        resumer = lw.Agent(FunctionModel(model), tools=[step], store=store)
         for run in cut_off:
             try:
                 result = resumer.resume_sync(run.run_id)
