@@ -68,6 +68,11 @@ class ScriptedModel(Model):
     Each item is a `ModelResponse`, a `str` (a final answer) or a `ToolCall` /
     list of `ToolCall`s (a response asking for those tools). Running out of
     responses ends the run as `error` with a message saying so.
+
+    The position is the run's count of model calls made, resumed runs included: a
+    call cut off by a crash or a kill counts as made (it is charged), so the call a
+    resume makes again gets the next response. A test double that must answer the
+    repeated call the same way decides from the request instead (`FunctionModel`).
     """
 
     def __init__(self, responses: Sequence[ModelResponse | str | ToolCall | Sequence[ToolCall]], *, price: Price | None = None, name: str = "scripted") -> None:
