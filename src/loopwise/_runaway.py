@@ -59,10 +59,9 @@ def canonical_call(call: ToolCall) -> str:
             arguments = json.loads(arguments)
         except (ValueError, RecursionError):  # (not JSON; nested too deep to parse)
             pass
-    try:
-        return _canonical_json([str(call.name), arguments])
-    except TypeError:  # keys that do not sort together (None or 1 beside "a": only a Python model sends them)
-        return _canonical_json([str(call.name), repr(arguments)])
+    # (Arguments are a str or a dict with str keys: the loop puts a response in the log's
+    # types before anything reads it, `_run._loggable`.)
+    return _canonical_json([str(call.name), arguments])
 
 
 def _make_canonical_json() -> Callable[[Any], str]:
