@@ -860,8 +860,9 @@ class SQLiteStore(EventStore):
         conn.execute("BEGIN IMMEDIATE")
         try:
             still, _, _ = self._prune_candidates(conn, cutoff, wanted, tags, ids)
-            n = sum(conn.execute("SELECT COALESCE(SUM(last_seq - seq + 1), 0) FROM event_chunks WHERE run_id = ?",
-                                 (i,)).fetchone()[0] for i in still)
+            ids = json.dumps(still)
+            n = conn.execute("SELECT COALESCE(SUM(last_seq - seq + 1), 0) FROM event_chunks "
+                             "WHERE run_id IN (SELECT value FROM json_each(?))", (ids,)).fetchone()[0]
             conn.executemany("DELETE FROM event_chunks WHERE run_id = ?", [(i,) for i in still])
             for table in _PRUNE_TABLES:
                 if _table_exists(conn, table):
