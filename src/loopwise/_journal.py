@@ -43,6 +43,7 @@ __all__ = [
     "json_array",
     "live_journal_mentions",
     "recover",
+    "segment_path",
     "writer_lives",
 ]
 
@@ -59,6 +60,11 @@ _INSERT_IGNORE = ("INSERT OR IGNORE INTO event_chunks (run_id, seq, last_seq, ts
 
 def _prefix(db: Path) -> str:
     return f"{db.name}-lwj-"
+
+
+def segment_path(db: Path, writer: str, n: int) -> Path:
+    """Segment `n` of the journal of `writer` (``<pid>-<token>``: one process's store) on `db`."""
+    return db.parent / f"{_prefix(db)}{writer}-{n}"
 
 
 class Segment:
@@ -282,7 +288,7 @@ def writer_lives(db: Path, writer: str) -> bool:
 
 
 def _writer_of(path: Path, db: Path) -> str | None:
-    """The ``<pid>-<token>`` of journal file `path` (named ``<db>-lwj-<pid>-<token>-<n>``)."""
+    """The ``<pid>-<token>`` of journal file `path` (as `segment_path` names it)."""
     parts = path.name[len(_prefix(db)):].split("-")
     return f"{parts[0]}-{parts[1]}" if len(parts) == 3 else None
 

@@ -59,6 +59,7 @@ from ._journal import (
     journal_files,
     live_journal_mentions,
     recover,
+    segment_path,
     writer_lives,
 )
 from ._store import EventStore, PruneResult, RunSummary, check_prune_args, running_here
@@ -440,9 +441,8 @@ class SQLiteStore(EventStore):
         # in the order it was journaled. `_cond` wakes the janitor, `_copied` readers
         # waiting for their writes to be copied (a copy does not wake the janitor).
         self._cond, self._copied = _conditions()
-        self._token = os.urandom(4).hex()
-        # What this store's rows name as their writer: its journal files' ``<pid>-<token>``.
-        self._writer = f"{os.getpid()}-{self._token}"
+        # What this store's rows name as their writer, and its journal files are named after.
+        self._writer = f"{os.getpid()}-{os.urandom(4).hex()}"
         self._segment: Segment | None = None
         self._segments: list[Segment] = []  # this process's, the live one last
         self._serial = 0
@@ -629,7 +629,7 @@ class SQLiteStore(EventStore):
 
     def _open_segment(self) -> Segment:
         self._serial += 1
-        path = self.path.parent / f"{self.path.name}-lwj-{os.getpid()}-{self._token}-{self._serial}"
+        path = segment_path(self.path, self._writer, self._serial)
         try:
             segment = Segment(path)
         except OSError as exc:
