@@ -5,6 +5,12 @@ The loop calls `execute` for each tool call of a response (concurrently) and wri
 what it reports through `CallEvents` to the event log as it happens: each failed
 attempt, each fallback tried, breaker state changes and abandoned threads. The
 returned `CallOutcome` is what the model reads.
+
+Money: each attempt of the tool and of each fallback tool costs its `cost_usd` as it
+starts (it may be billed even if it fails or is cut off). The loop has reserved the
+call's worst case (`ToolPolicy.max_cost_usd`) before calling `execute`; the outcome's
+`cost_usd` settles it. A `Spend` given is kept up to date as the attempts start, so a
+call cancelled half-way settles what its attempts so far cost.
 """
 
 from __future__ import annotations
@@ -22,16 +28,15 @@ from ._breaker import BreakerChange, CircuitOpenError
 from ._errors import ToolRetry
 from ._events import ErrorInfo
 from ._runvars import cancel_scope, wait_within
-from ._tool_policy import Fallback, ToolPolicy
+from ._tool_policy import MAX_FALLBACK_DEPTH, Fallback, ToolPolicy
 from ._tools import Tool
 
 if TYPE_CHECKING:
     from ._tools import RunContext
 
-__all__ = ["CallEvents", "CallOutcome", "execute", "tool_content"]
+__all__ = ["CallEvents", "CallOutcome", "Spend", "execute", "tool_content"]
 
 _mono = time.perf_counter
-_MAX_FALLBACK_DEPTH = 3
 # An attempt that would get this little less than its timeout from a total_timeout is
 # given its timeout: the loop's own microseconds do not make a "total_timeout ran out".
 _SLACK_S = 0.001
@@ -47,6 +52,15 @@ class CallEvents(Protocol):
     def fallback_tried(self, tool: str, fallback: str, ok: bool, reason: str) -> None: ...
     def breaker_changed(self, change: BreakerChange) -> None: ...
     def thread_abandoned(self, tool: str, thread: str) -> None: ...
+
+
+class Spend:
+    """What one tool call has cost so far, its fallback tools' attempts included."""
+
+    __slots__ = ("usd",)
+
+    def __init__(self) -> None:
+        self.usd = 0.0
 
 
 @dataclass(slots=True)
@@ -119,10 +133,11 @@ def _redactor(policy: ToolPolicy, kwargs: dict[str, Any]) -> Callable[[str], str
 
 
 async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, events: CallEvents,
-                  *, depth: int = 0) -> CallOutcome:
+                  *, depth: int = 0, spend: Spend | None = None) -> CallOutcome:
     """Run one tool call under its policy; never raises except for cancellation.
 
-    `ctx` may be None for a tool that takes no `RunContext` and has no fallback.
+    `ctx` may be None for a tool that takes no `RunContext` and has no fallback. `spend`,
+    when given, adds each attempt's cost as the attempt starts.
     """
     policy = tool.policy
     name = tool.name
@@ -167,6 +182,8 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
                 limit, cut_by_total = max(0.0, left), True
         attempts += 1
         cost += policy.cost_usd
+        if spend is not None:
+            spend.usd += policy.cost_usd
         t0 = _mono()
         exc: BaseException | None = None
         timed_out = False
@@ -223,7 +240,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
             # has its own share (a tool its own policy, a callable this tool's timeout), not
             # what late timers left of the sum.
             remaining = policy.timeout if total is not None and step.kind == "callable" else None
-        answered, content, step_cost, why = await _try_fallback(step, kwargs, ctx, events, remaining, depth)
+        answered, content, step_cost, why = await _try_fallback(step, kwargs, ctx, events, remaining, depth, spend)
         cost += step_cost
         events.fallback_tried(name, step.label, answered, reason if answered else why)
         if answered:
@@ -241,7 +258,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
 
 
 async def _try_fallback(step: Fallback, kwargs: dict[str, Any], ctx: RunContext | None, events: CallEvents,
-                        remaining: float | None, depth: int) -> tuple[bool, str, float, str]:
+                        remaining: float | None, depth: int, spend: Spend | None) -> tuple[bool, str, float, str]:
     """(answered, content, cost, why it did not answer)."""
     if step.kind == "value":
         return True, tool_content(step.target), 0.0, ""
@@ -250,8 +267,8 @@ async def _try_fallback(step: Fallback, kwargs: dict[str, Any], ctx: RunContext 
     if remaining is not None and remaining <= 0:
         return False, "", 0.0, "was skipped: no time left in total_timeout"
     if step.kind == "tool":
-        if depth >= _MAX_FALLBACK_DEPTH:
-            return False, "", 0.0, f"was skipped: fallbacks nested deeper than {_MAX_FALLBACK_DEPTH}"
+        if depth >= MAX_FALLBACK_DEPTH:
+            return False, "", 0.0, f"was skipped: fallbacks nested deeper than {MAX_FALLBACK_DEPTH}"
         target: Tool = step.target
         from ._tools import ToolArgumentsError
 
@@ -259,10 +276,12 @@ async def _try_fallback(step: Fallback, kwargs: dict[str, Any], ctx: RunContext 
             sub_kwargs = target.validate(kwargs)
         except ToolArgumentsError as exc:
             return False, "", 0.0, f"cannot take these arguments ({exc})"
+        meter = Spend() if spend is None else spend  # (what its attempts cost, if it is cut off)
+        before = meter.usd
         with anyio.move_on_after(remaining) as scope:
-            sub = await execute(target, sub_kwargs, ctx, events, depth=depth + 1)
+            sub = await execute(target, sub_kwargs, ctx, events, depth=depth + 1, spend=meter)
         if scope.cancelled_caught:
-            return False, "", 0.0, f"did not answer in the {remaining:g} s left"
+            return False, "", meter.usd - before, f"did not answer in the {remaining:g} s left"
         if sub.outcome == "ok":
             return True, sub.content, sub.cost_usd, ""
         if sub.outcome == "fallback":

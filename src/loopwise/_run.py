@@ -54,7 +54,7 @@ from ._events import (
     new_tool_call_started,
 )
 from ._control import call_in_loop
-from ._execute import execute
+from ._execute import Spend, execute
 from ._expect import NO_VALUE, judge, split_expectation
 from ._logging import LOGGED_KINDS, log_event
 from ._resume import UNKNOWN_OUTCOME
@@ -793,31 +793,39 @@ class Run:
         ctx = (RunContext(run_id=self.run_id, call_id=call.id, iteration=iteration,  # type: ignore[arg-type]
                           tags=self.tags, deps=self.deps)
                if tool.context_param is not None or policy.fallback or type(tool).call is not _tool_call else None)
-        held = None
-        cost_usd = policy.cost_usd
-        if cost_usd and self.budgets:
-            # A paid tool reserves its worst case (every attempt) before it runs.
-            try:
-                held = reserve(self.budgets, usd=cost_usd * policy.attempts)
-            except BudgetExceeded as exc:
-                content = f"not executed: {exc}"
-                self._tool_finished(iteration, call, "not_executed", content, 0.0,
-                                    ErrorInfo(type="BudgetExceeded", message=str(exc)))
-                contents[index] = content
-                return
+        held = spend = None
+        if (worst := policy.max_cost_usd()):
+            spend = Spend()
+            if self.budgets:
+                # A paid call reserves its worst case before it runs: every attempt, and
+                # every paid fallback its chain can reach. What it spent settles it.
+                try:
+                    held = reserve(self.budgets, usd=worst)
+                except BudgetExceeded as exc:
+                    content = f"not executed: {exc} (the worst case of {policy.cost_note(tool.name)})"
+                    self._tool_finished(iteration, call, "not_executed", content, 0.0,
+                                        ErrorInfo(type="BudgetExceeded", message=str(exc)))
+                    contents[index] = content
+                    return
         started = _mono()
         try:
             if limiter is None:
-                result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id))  # type: ignore[arg-type]
+                result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id),  # type: ignore[arg-type]
+                                       spend=spend)
             else:
                 async with limiter:
                     started = _mono()
-                    result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id))  # type: ignore[arg-type]
-        except anyio.get_cancelled_exc_class():
+                    result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id),  # type: ignore[arg-type]
+                                           spend=spend)
+        except BaseException as exc:
+            spent = 0.0 if spend is None else spend.usd  # each attempt started may have been billed
             if held is not None:
-                held.settle(cost_usd, 0)  # an attempt may have been made and billed
+                held.settle(spent, 0)
+            if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+            self.cost_usd += spent
             self._tool_finished(iteration, call, "cancelled", "cancelled", _mono() - started,
-                                ErrorInfo(type="Cancelled", message="the call was cancelled"))
+                                ErrorInfo(type="Cancelled", message="the call was cancelled"), cost_usd=spent)
             raise
         if held is not None:
             held.settle(result.cost_usd, 0)

@@ -12,6 +12,10 @@ when the tool cannot, and when to stop calling it.
 | `breaker` | calls to a tool that keeps failing | 5 failures in 60 s opens it for 30 s | calls go straight to the fallback, or fail fast |
 | `max_result_chars` | what the model reads from one result | 20,000 | the rest is cut, with a note saying so |
 
+`cost_usd` is dollars per attempt. `max_cost_usd()` is the most one call may spend: each
+attempt, and each paid fallback its chain can reach; the loop reserves it on the run's
+budgets before the call runs (`docs/budgets.md`).
+
 `check(expected, actual) -> bool | None` bounds nothing: with `Agent(expectations=True)` it
 decides whether a call's result matched the model's expectation (`docs/decisions.md`).
 """
@@ -33,6 +37,9 @@ __all__ = ["Backoff", "Fallback", "Template", "ToolPolicy"]
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_RESULT_CHARS = 20_000
+#: How deep fallback tools nest: a fallback tool's own fallback tools run, to this depth;
+#: deeper ones are skipped (and cost nothing).
+MAX_FALLBACK_DEPTH = 3
 Isolation = Literal["thread", "process"]
 
 
@@ -227,6 +234,37 @@ class ToolPolicy:
                 reserve += self.timeout
         return reserve
 
+    def max_cost_usd(self, depth: int = 0) -> float:
+        """The most one call may spend, in dollars: what its budgets reserve before it runs.
+
+        Every attempt (`cost_usd` × attempts), plus what the fallback chain can spend as it
+        runs: the steps are tried in order until one answers, so a fallback tool may fail
+        after spending its own worst case (its attempts and its own fallbacks, nested down
+        to `MAX_FALLBACK_DEPTH`, below which `execute` skips them) and the chain goes on; a
+        callable costs nothing but may fail too; a value or a `Template` always answers, so
+        nothing after it is reached. `depth` is how deep this tool itself runs as a fallback.
+        """
+        worst = self.cost_usd * self.attempts
+        for step in self.fallback:
+            if step.kind == "value" or step.kind == "template":
+                break
+            if step.kind == "tool" and depth < MAX_FALLBACK_DEPTH:
+                worst += step.target.policy.max_cost_usd(depth + 1)
+        return worst
+
+    def cost_note(self, name: str) -> str:
+        """What `max_cost_usd` is made of, for the message of a call it did not fit:
+        ``"search: 2 attempts of $0.10 + up to $0.40 for fallback premium_search"``."""
+        from ._budget import _usd
+
+        parts = [f"{_plural(self.attempts, 'attempt')} of {_usd(self.cost_usd)}" if self.cost_usd else "$0 itself"]
+        for step in self.fallback:
+            if step.kind == "value" or step.kind == "template":
+                break
+            if step.kind == "tool" and (cost := step.target.policy.max_cost_usd(1)):
+                parts.append(f"up to {_usd(cost)} for fallback {step.label}")
+        return f"{name}: {' + '.join(parts)}"
+
     def derived_total_timeout(self) -> float | None:
         attempts, reserve = self.attempts_budget(), self.fallback_reserve()
         if attempts is None or reserve is None:
@@ -243,6 +281,10 @@ class ToolPolicy:
                 "cooldown_s": self.breaker.cooldown_s},
             "check": None if self.check is None else getattr(self.check, "__qualname__", type(self.check).__name__),
         }
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _names(owner: str, option: str, value: Any) -> tuple[str, ...]:
