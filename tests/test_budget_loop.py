@@ -187,3 +187,143 @@ def test_the_deadline_cancels_what_is_in_flight():
     events = store.load(result.run_id)
     assert [e.outcome for e in events if e.kind == "tool_call_finished"] == ["cancelled"]
     assert_valid_log(events)
+
+
+# -- every way a tool call spends, fuzzed --------------------------------------------------
+#
+# Tools with prices, retries and failing attempts, fallback chains of values, Templates,
+# callables that may fail and tools with fallbacks of their own (nested past the depth
+# limit), called several at once per response, by concurrent runs on a shared budget.
+# What each tool's function was actually invoked for is what a provider would bill; the
+# spend summed from the log must equal it, and neither may pass any budget.
+
+_PRICES = st.sampled_from([0.0, 0.01, 0.05, 0.1, 0.2, 0.35])
+
+
+def _tool_spec(fallback: st.SearchStrategy, fails: st.SearchStrategy | None = None) -> st.SearchStrategy:
+    return st.fixed_dictionaries({
+        "cost": _PRICES,
+        "retries": st.integers(0, 2),
+        # cycled, one per invocation: True fails
+        "fails": st.lists(st.booleans(), min_size=1, max_size=4) if fails is None else fails,
+        "sync": st.booleans(),
+        "breaker": st.booleans(),
+        "fallback": fallback,
+    })
+
+
+def _failing_chain(depth: int) -> st.SearchStrategy:
+    """Fallback tools nested `depth` deep, all failing but the last: past the depth limit."""
+    spec = _tool_spec(st.just([]))
+    for _ in range(depth - 1):
+        spec = _tool_spec(st.tuples(spec.map(lambda s: ("tool", s))).map(list), fails=st.just([True]))
+    return spec.map(lambda s: ("tool", s))
+
+
+_steps = st.one_of(
+    st.recursive(
+        st.one_of(st.just(("value",)), st.just(("template",)), st.tuples(st.just("callable"), st.booleans()),
+                  _tool_spec(st.just([])).map(lambda spec: ("tool", spec))),
+        lambda inner: _tool_spec(st.lists(inner, min_size=1, max_size=3)).map(lambda spec: ("tool", spec)),
+        max_leaves=10,
+    ),
+    st.integers(2, 5).flatmap(_failing_chain),
+)
+_top_tools = st.lists(_tool_spec(st.lists(_steps, max_size=3)), min_size=1, max_size=4)
+
+
+class _Flaky(Exception):
+    pass
+
+
+def _build(specs: list[dict], billed: list[float]) -> list[lw.Tool]:
+    made = iter(range(10_000))
+
+    def make(spec: dict) -> lw.Tool:
+        name, cost, pattern = f"t{next(made)}", spec["cost"], spec["fails"]
+        calls = iter(range(10**9))
+
+        def attempt(q: str) -> str:
+            billed.append(cost)
+            if pattern[next(calls) % len(pattern)]:
+                raise _Flaky(f"{name} failed")
+            return f"{name}: {q}"
+
+        async def attempt_async(q: str) -> str:
+            return attempt(q)
+
+        fn = attempt if spec["sync"] else attempt_async
+        fn.__name__ = name
+        fn.__doc__ = "A fuzzed tool."
+        chain = []
+        for step in spec["fallback"]:
+            if step[0] == "value":
+                chain.append({"cached": True})
+            elif step[0] == "template":
+                chain.append(lw.Template("nothing for {q}"))
+            elif step[0] == "callable":
+                chain.append(_callable(step[1]))
+            else:
+                chain.append(make(step[1]))
+        return lw.tool(fn, name=name, cost_usd=cost, retries=spec["retries"], fallback=chain or None,
+                       backoff=lw.Backoff(initial_s=0, jitter=False), breaker=spec["breaker"])
+
+    return [make(spec) for spec in specs]
+
+
+def _callable(ok: bool):
+    def local_copy(q: str) -> str:
+        if not ok:
+            raise _Flaky("no local copy")
+        return f"local copy of {q}"
+
+    return local_copy
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=_top_tools,
+    turns=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=5), min_size=1, max_size=4),
+    run_usd=st.one_of(st.none(), st.floats(0.0, 1.5)),
+    shared_usd=st.one_of(st.none(), st.floats(0.0, 3.0)),
+    runs=st.integers(1, 4),
+    parallel=st.sampled_from([None, 1, 2]),
+)
+def test_no_way_a_tool_call_spends_passes_a_budget(specs, turns, run_usd, shared_usd, runs, parallel):
+    billed: list[float] = []
+    tools = _build(specs, billed)
+
+    def fn(request: ModelRequest) -> ModelResponse:
+        made = sum(1 for m in request.messages if m.role == "assistant")
+        usage = Usage(40, 10)
+        if not request.tools or made >= len(turns):
+            return ModelResponse(text="done", usage=usage)
+        names = [tools[i % len(tools)].name for i in turns[made]]
+        return ModelResponse(tool_calls=[ToolCall(n, {"q": f"{made}-{i}"}) for i, n in enumerate(names)],
+                             usage=usage)
+
+    store = lw.MemoryStore()
+    shared = lw.Budget(usd=shared_usd, name="shared")
+    agent = lw.Agent(FunctionModel(fn, price=Price(1, 4)), tools=tools, store=store, runaway=NO_RUNAWAY,
+                     max_parallel_tools=parallel, limits=lw.Limits(max_iterations=6, budget_usd=run_usd))
+
+    async def all_runs() -> list[lw.RunResult]:
+        return await asyncio.gather(*(agent.run(f"task {i}", budget=shared) for i in range(runs)))
+
+    results = asyncio.run(all_runs())
+    total = tool_total = 0.0
+    for result in results:
+        events = store.load(result.run_id)
+        assert_valid_log(events)
+        assert result.stop_reason in ("done", "budget", "max_iterations"), result.reason
+        tools_spent = sum(e.cost_usd for e in events if e.kind == "tool_call_finished")
+        spent = tools_spent + sum(e.cost_usd for e in events if e.kind == "model_call_finished")
+        if run_usd is not None:
+            assert spent <= run_usd + 1e-9, (spent, run_usd)
+        total += spent
+        tool_total += tools_spent
+    assert tool_total == pytest.approx(sum(billed), abs=1e-9)  # the log says what was billed
+    if shared_usd is not None:
+        assert total <= shared_usd + 1e-9, (total, shared_usd)
+    assert shared.spent_usd == pytest.approx(total, abs=1e-9)
+    assert shared.reserved_usd == 0 and shared.overruns == 0

@@ -152,7 +152,7 @@ def test_every_retry_of_a_fallback_tool_is_in_the_worst_case():
     assert outcomes == ["fallback", "not_executed"]  # the second call's $0.40 no longer fits
     assert attempts == ["primary", "primary", "backup", "backup", "backup"]
     assert log_spend(events) == pytest.approx(0.40) == pytest.approx(budget.spent_usd)
-    assert budget.reserved_usd == 0
+    assert budget.reserved_usd == 0 and budget.overruns == 0
 
 
 class ToolFlake(Exception):
@@ -223,3 +223,68 @@ def test_a_cancelled_call_settles_what_its_attempts_cost():
     assert finished.outcome == "cancelled" and finished.cost_usd == pytest.approx(0.45)
     assert budget.spent_usd == pytest.approx(0.45) and budget.reserved_usd == 0
     assert result.cost_usd == pytest.approx(0.45)
+
+
+# -- tools that run elsewhere: in a child process, on an MCP server ------------------------
+
+
+def test_a_process_isolated_tool_and_its_paid_fallback_are_reserved_together():
+    from .isolation_helpers import raise_value_error
+
+    billed: list[float] = []
+
+    def backup(message: str) -> str:
+        billed.append(0.30)
+        return f"backup: {message}"
+
+    paid = lw.tool(backup, cost_usd=0.30, breaker=False)
+    in_child = lw.tool(raise_value_error, isolation="process", cost_usd=0.10, retries=1, fallback=paid,
+                       backoff=lw.Backoff(initial_s=0, jitter=False), breaker=False, timeout=60)
+    assert in_child.policy.max_cost_usd() == pytest.approx(0.50)
+    outcomes = []
+    for usd in (0.45, 0.50):  # the worst case does not fit, then fits exactly
+        store = lw.MemoryStore()
+        model = lw.models.ScriptedModel([[ToolCall("raise_value_error", {"message": "m"})], "done"])
+        result = lw.Agent(model, tools=[in_child], store=store, limits=lw.Limits(budget_usd=usd)).run_sync("go")
+        events = store.load(result.run_id)
+        assert_valid_log(events)
+        (finished,) = [e for e in events if e.kind == "tool_call_finished"]
+        outcomes.append((finished.outcome, finished.attempts, finished.cost_usd))
+        assert log_spend(events) <= usd + EPS
+    assert outcomes == [("not_executed", 0, 0.0), ("fallback", 2, pytest.approx(0.50))]
+    assert billed == [0.30]
+
+
+async def test_a_priced_mcp_tool_and_its_paid_fallback_are_reserved_together(store):
+    pytest.importorskip("mcp")
+    import sys
+    from pathlib import Path
+
+    from loopwise.mcp import MCPServer
+
+    billed: list[float] = []
+
+    @lw.tool(cost_usd=0.30, breaker=False)
+    async def backup() -> str:
+        """The paid backup source."""
+        billed.append(0.30)
+        return "from the backup"
+
+    def model_fn(request: ModelRequest) -> ModelResponse:
+        if not request.tools or any(m.role == "tool" for m in request.messages):
+            return ModelResponse(text="done")
+        return ModelResponse(tool_calls=[ToolCall("fail", {}), ToolCall("fail", {})])
+
+    server = MCPServer.stdio(sys.executable, args=[str(Path(__file__).with_name("mcp_server.py"))])
+    async with server:
+        (fail,) = await server.tools(include=["fail"], cost_usd=0.10, retries=1, fallback=backup,
+                                     backoff=lw.Backoff(initial_s=0, jitter=False), breaker=False)
+        assert fail.policy.max_cost_usd() == pytest.approx(0.50)
+        shared = lw.Budget(usd=0.90, name="mcp")
+        agent = lw.Agent(FunctionModel(model_fn, price=Price(0, 0)), tools=[fail], store=store,
+                         limits=lw.Limits(max_iterations=3, budget_usd=None))
+        results = [await agent.run("go", budget=shared) for _ in range(2)]
+    spent = sum(log_spend(store.load(r.run_id)) for r in results)
+    assert billed == [0.30]  # one call's $0.50 fits in $0.90, no other
+    assert spent == pytest.approx(0.50) == pytest.approx(shared.spent_usd)
+    assert shared.reserved_usd == 0 and shared.overruns == 0
