@@ -288,3 +288,41 @@ async def test_a_priced_mcp_tool_and_its_paid_fallback_are_reserved_together(sto
     assert billed == [0.30]  # one call's $0.50 fits in $0.90, no other
     assert spent == pytest.approx(0.50) == pytest.approx(shared.spent_usd)
     assert shared.reserved_usd == 0 and shared.overruns == 0
+
+
+async def test_a_paid_call_in_flight_when_the_process_died_is_charged_its_worst_case_on_resume():
+    started = asyncio.Event()
+
+    def agent_on(store: lw.MemoryStore, hang: bool) -> lw.Agent:
+        @lw.tool(name="premium", cost_usd=0.30, breaker=False)
+        async def premium(q: str) -> str:
+            """Paid backup."""
+            return "premium"
+
+        @lw.tool(name="book", cost_usd=0.10, retries=1, fallback=premium, breaker=False)
+        async def book(q: str) -> str:
+            """Books it (paid, not idempotent)."""
+            if hang:
+                started.set()
+                await asyncio.sleep(60)
+            return "booked"
+
+        return lw.Agent(calls_each_turn("book", turns=1), tools=[book], store=store, runaway=NO_RUNAWAY,
+                        limits=lw.Limits(max_iterations=4, budget_usd=1.00))
+
+    crashed = lw.MemoryStore()
+    task = asyncio.ensure_future(agent_on(crashed, hang=True).run("go", run_id="died"))
+    await started.wait()
+    # The process dies here: what reached the log is all that is left of the run.
+    survived = lw.MemoryStore()
+    survived.write(crashed.load("died"))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    result = await agent_on(survived, hang=False).resume("died")
+    events = survived.load("died")
+    resumed = next(e for e in events if e.kind == "run_resumed")
+    assert resumed.interrupted_calls == [{"call_id": "lw-1-0", "name": "book", "action": "unknown"}]
+    assert resumed.charged_usd == pytest.approx(0.50)  # 2 attempts of $0.10 + the $0.30 fallback
+    assert result.stop_reason == "done" and result.cost_usd == pytest.approx(0.50)

@@ -350,7 +350,8 @@ class RunResumed:
     interrupted_calls: list[dict[str, Any]] = field(default_factory=list)
     #: Spending carried over from the earlier segments (what the run's budget starts this one with).
     cost_usd: float = 0.0
-    #: Of that, a model call in flight when the previous segment died, charged at its reservation.
+    #: Of that, what was in flight when the previous segment died: a model call charged at its
+    #: reservation, a paid tool call at its worst case (`ToolPolicy.max_cost_usd`).
     charged_usd: float = 0.0
     charged_tokens: int = 0
     #: Active time of the earlier segments (what the deadline counts).

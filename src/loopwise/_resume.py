@@ -7,7 +7,9 @@ model calls, usage, cost), the call ids already used, and the active time spent.
 
 What was in flight when the previous segment ended is settled here, never silently:
 
-- a model call started but not finished (a crash) is charged at its reservation;
+- a model call started but not finished (a crash) is charged at its reservation, and a
+  paid tool call started but not finished at its worst case (`ToolPolicy.max_cost_usd`,
+  what its reservation was);
 - a tool call started without an outcome, or cancelled by a kill, is run again only if
   its tool is ``idempotent=True`` (with the same call id, its idempotency key);
   otherwise the model is told its outcome is unknown.
@@ -132,6 +134,7 @@ def restore(run: Run, events: list[Event], own_budget: Budget | None) -> Resumpt
     active = 0.0
     previous_ts = started.ts
     call_ids = run.call_ids
+    ended: set[str] = set()  # tool calls with an outcome in the log (a cancelled one logs what it spent)
 
     def flush_tool_messages() -> None:
         # Tool messages join the transcript in the order the model asked, once all are known.
@@ -198,6 +201,7 @@ def restore(run: Run, events: list[Event], own_budget: Budget | None) -> Resumpt
         elif isinstance(e, ToolCallStarted):
             call_ids.add(e.call_id)
         elif isinstance(e, ToolCallFinished):
+            ended.add(e.call_id)
             cost += e.cost_usd
             it = iterations.setdefault(e.iteration, _Iteration(e.iteration))
             it.cost_usd += e.cost_usd
@@ -232,14 +236,16 @@ def restore(run: Run, events: list[Event], own_budget: Budget | None) -> Resumpt
                 continue
             tool = tools.get(c.name) if isinstance(c.name, str) else None
             plan.interrupted.append((c, tool is not None and tool.policy.idempotent))
+            if tool is not None and c.id not in ended:  # in flight when the process died: it may have been billed
+                plan.carried_usd += tool.policy.max_cost_usd()
         plan.act_iteration = last.number
         plan.act_calls = list(last.calls)
         plan.act_contents = dict(last.contents)
     if open_call is not None:  # a model call in flight when the process died: charged as reserved
-        plan.carried_usd = open_call.reserved_usd or 0.0
+        plan.carried_usd += open_call.reserved_usd or 0.0
         plan.carried_tokens = (open_call.estimated_input_tokens or 0) + (open_call.max_tokens or 0) \
             if open_call.reserved_usd is not None else 0
-        cost += plan.carried_usd
+    cost += plan.carried_usd
     if last_limit is not None and not plan.done:
         plan.limit = last_limit
     plan.active_s = max(0.0, active)
