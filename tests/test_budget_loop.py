@@ -191,8 +191,8 @@ def test_the_deadline_cancels_what_is_in_flight():
 
 # -- every way a tool call spends, fuzzed --------------------------------------------------
 #
-# Tools with prices, retries and failing attempts, fallback chains of values, Templates,
-# callables that may fail and tools with fallbacks of their own (nested past the depth
+# Tools with prices, retries and failing attempts, fallback chains of values, Templates
+# and callables that may fail and tools with fallbacks of their own (nested past the depth
 # limit), called several at once per response, by concurrent runs on a shared budget.
 # What each tool's function was actually invoked for is what a provider would bill; the
 # spend summed from the log must equal it, and neither may pass any budget.
@@ -222,7 +222,8 @@ def _failing_chain(depth: int) -> st.SearchStrategy:
 
 _steps = st.one_of(
     st.recursive(
-        st.one_of(st.just(("value",)), st.just(("template",)), st.tuples(st.just("callable"), st.booleans()),
+        st.one_of(st.just(("value",)), st.tuples(st.just("template"), st.booleans()),
+                  st.tuples(st.just("callable"), st.booleans()),
                   _tool_spec(st.just([])).map(lambda spec: ("tool", spec))),
         lambda inner: _tool_spec(st.lists(inner, min_size=1, max_size=3)).map(lambda spec: ("tool", spec)),
         max_leaves=10,
@@ -259,8 +260,8 @@ def _build(specs: list[dict], billed: list[float]) -> list[lw.Tool]:
         for step in spec["fallback"]:
             if step[0] == "value":
                 chain.append({"cached": True})
-            elif step[0] == "template":
-                chain.append(lw.Template("nothing for {q}"))
+            elif step[0] == "template":  # one that cannot be filled ("{q:d}" given a str) fails
+                chain.append(lw.Template("nothing for {q}" if step[1] else "nothing for {q:d}"))
             elif step[0] == "callable":
                 chain.append(_callable(step[1]))
             else:

@@ -134,13 +134,13 @@ def test_every_retry_of_a_fallback_tool_is_in_the_worst_case():
         raise ToolFlake("again")
 
     @lw.tool(cost_usd=0.05, retries=1, backoff=lw.Backoff(initial_s=0, jitter=False),
-             fallback=[backup, lw.Template("nothing for {q}"), backup], breaker=False)
+             fallback=[backup, "nothing cached", backup], breaker=False)
     async def primary(q: str) -> str:
         """Flaky too."""
         attempts.append("primary")
         raise ToolFlake("no")
 
-    # 2 × $0.05 + 3 × $0.10; the backup after the Template is never reached.
+    # 2 × $0.05 + 3 × $0.10; the backup after the plain value is never reached.
     assert primary.policy.max_cost_usd() == pytest.approx(0.40)
     store = lw.MemoryStore()
     budget = lw.Budget(usd=0.40)
@@ -173,10 +173,11 @@ def test_the_worst_case_follows_the_chain_as_it_can_run():
     leaf = tool(1.0)
     assert tool(0.5, retries=3).policy.max_cost_usd() == 2.0
     assert tool(0, fallback=leaf).policy.max_cost_usd() == 1.0  # a free tool with a paid fallback
-    # a callable may fail, so the chain goes on after it; a value or a Template always answers
+    # a callable or a Template may fail, so the chain goes on after it; a plain value always answers
     assert tool(0, fallback=[free_callable, leaf]).policy.max_cost_usd() == 1.0
+    assert tool(0, fallback=[lw.Template("{q:d}"), leaf]).policy.max_cost_usd() == 1.0
     assert tool(0, fallback=["cached", leaf]).policy.max_cost_usd() == 0.0
-    assert tool(0, fallback=[leaf, lw.Template("{q}"), leaf]).policy.max_cost_usd() == 1.0
+    assert tool(0, fallback=[leaf, "cached", leaf]).policy.max_cost_usd() == 1.0
     # each fallback tool brings its own retries and fallbacks, to the depth the chain runs
     d4 = tool(1000.0)  # would run at depth 4: skipped (fallbacks nest at most 3 deep)
     d3 = tool(8.0, fallback=d4)
@@ -185,6 +186,36 @@ def test_the_worst_case_follows_the_chain_as_it_can_run():
     top = tool(1.0, fallback=[d1, leaf])
     assert top.policy.max_cost_usd() == 1 + (2 + (2 * 4 + 8 + 8)) + 1
     assert d3.policy.max_cost_usd() == 1008.0  # called directly, its own fallback runs
+
+
+def test_a_template_that_cannot_be_filled_passes_the_chain_on_and_the_run_goes_on():
+    billed: list[float] = []
+
+    @lw.tool(cost_usd=0.20, breaker=False)
+    async def backup(q: str) -> str:
+        """Paid backup."""
+        billed.append(0.20)
+        return "from the backup"
+
+    # "{q:d}" cannot format the str it is given: that Template fails, and the chain goes on.
+    @lw.tool(cost_usd=0.10, fallback=[lw.Template("item {q:d} unavailable"), backup], breaker=False)
+    async def lookup(q: str) -> str:
+        """Down."""
+        raise ConnectionError("down")
+
+    assert lookup.policy.max_cost_usd() == pytest.approx(0.30)
+    store = lw.MemoryStore()
+    budget = lw.Budget(usd=1)
+    result = lw.Agent(calls_each_turn("lookup", turns=1), tools=[lookup], store=store,
+                      limits=lw.Limits(budget_usd=None)).run_sync("go", budget=budget)
+    events = store.load(result.run_id)
+    assert_valid_log(events)
+    assert result.stop_reason == "done"
+    (finished,) = [e for e in events if e.kind == "tool_call_finished"]
+    assert finished.outcome == "fallback" and finished.fallback == "backup"
+    assert "fallback a template could not be filled: ValueError" in finished.content
+    assert finished.cost_usd == pytest.approx(0.30) == pytest.approx(budget.spent_usd)
+    assert billed == [0.20]
 
 
 def test_a_cancelled_call_settles_what_its_attempts_cost():

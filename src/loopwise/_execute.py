@@ -263,7 +263,10 @@ async def _try_fallback(step: Fallback, kwargs: dict[str, Any], ctx: RunContext 
     if step.kind == "value":
         return True, tool_content(step.target), 0.0, ""
     if step.kind == "template":
-        return True, step.target.render(kwargs), 0.0, ""
+        try:
+            return True, step.target.render(kwargs), 0.0, ""
+        except Exception as exc:  # a field the argument does not fit: "{amount:.2f}" given a str
+            return False, "", 0.0, f"could not be filled: {type(exc).__name__}: {exc}"
     if remaining is not None and remaining <= 0:
         return False, "", 0.0, "was skipped: no time left in total_timeout"
     if step.kind == "tool":

@@ -794,7 +794,7 @@ class Run:
                           tags=self.tags, deps=self.deps)
                if tool.context_param is not None or policy.fallback or type(tool).call is not _tool_call else None)
         held = spend = None
-        if (worst := policy.max_cost_usd()):
+        if (policy.cost_usd or policy.fallback) and (worst := policy.max_cost_usd()):
             spend = Spend()
             if self.budgets:
                 # A paid call reserves its worst case before it runs: every attempt, and

@@ -241,12 +241,13 @@ class ToolPolicy:
         runs: the steps are tried in order until one answers, so a fallback tool may fail
         after spending its own worst case (its attempts and its own fallbacks, nested down
         to `MAX_FALLBACK_DEPTH`, below which `execute` skips them) and the chain goes on; a
-        callable costs nothing but may fail too; a value or a `Template` always answers, so
-        nothing after it is reached. `depth` is how deep this tool itself runs as a fallback.
+        callable costs nothing but may fail too, and so may a `Template` (a field the
+        argument does not fit); a plain value always answers, so nothing after it is
+        reached. `depth` is how deep this tool itself runs as a fallback.
         """
-        worst = self.cost_usd * self.attempts
+        worst = self.cost_usd * (self.retries + 1)
         for step in self.fallback:
-            if step.kind == "value" or step.kind == "template":
+            if step.kind == "value":
                 break
             if step.kind == "tool" and depth < MAX_FALLBACK_DEPTH:
                 worst += step.target.policy.max_cost_usd(depth + 1)
@@ -259,7 +260,7 @@ class ToolPolicy:
 
         parts = [f"{_plural(self.attempts, 'attempt')} of {_usd(self.cost_usd)}" if self.cost_usd else "$0 itself"]
         for step in self.fallback:
-            if step.kind == "value" or step.kind == "template":
+            if step.kind == "value":
                 break
             if step.kind == "tool" and (cost := step.target.policy.max_cost_usd(1)):
                 parts.append(f"up to {_usd(cost)} for fallback {step.label}")
