@@ -80,6 +80,9 @@ class _Database:
             if conn is None:
                 conn = sqlite3.connect(self.path, timeout=_BUSY_S, isolation_level=None, check_same_thread=False)
                 conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_S * 1000)}")
+                # As the event log has it (a no-op on its database): survives a crash of the process.
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
                 conn.executescript(_SCHEMA)
                 self._conn = conn
             conn.execute("BEGIN IMMEDIATE")
