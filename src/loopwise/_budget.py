@@ -554,7 +554,10 @@ def _hold_shared(r: Reservation, fixed_p: int, fixed_t: int, out_rate: int, floo
     usd_p, tokens = fixed_p + (cap or 0) * out_rate, fixed_t + (cap or 0)
     if (usd_p, tokens) != (r._usd_p, r.tokens):  # a later budget granted less (or capped what none had)
         for b in granted[:-1]:
-            b._ledger.resize(r._token, usd_p, tokens)  # type: ignore[union-attr]
+            try:
+                b._ledger.resize(r._token, usd_p, tokens)  # type: ignore[union-attr]
+            except Unreachable:  # it holds more than needed until the settle replaces it: safe
+                pass
         local = [b for b in r._budgets if b._ledger is None]
         with _Locked(local):
             for b in local:
