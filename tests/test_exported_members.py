@@ -11,6 +11,7 @@ def test_top_level_exports():
         "Backoff",
         "Budget",
         "BudgetExceeded",
+        "BudgetUnavailable",
         "CallDecision",
         "CircuitBreaker",
         "CircuitOpenError",

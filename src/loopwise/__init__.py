@@ -10,6 +10,7 @@ from ._agent import Agent as Agent
 from ._breaker import CircuitBreaker as CircuitBreaker
 from ._budget import Budget as Budget
 from ._budget import BudgetExceeded as BudgetExceeded
+from ._budget import BudgetUnavailable as BudgetUnavailable
 from ._breaker import CircuitOpenError as CircuitOpenError
 from ._context import FullContext as FullContext
 from ._control import kill as kill
@@ -49,6 +50,7 @@ __all__ = [
     "Backoff",
     "Budget",
     "BudgetExceeded",
+    "BudgetUnavailable",
     "CallDecision",
     "CircuitBreaker",
     "CircuitOpenError",

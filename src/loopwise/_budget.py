@@ -9,6 +9,11 @@ reserve_call([run, shared], input_tokens=..., price=..., max_tokens=...)
                                       what every budget can still pay for
 Reservation.settle(actual_usd, actual_tokens) ──► None, or an Overrun to log loudly
 Reservation.release()             nothing was spent (the call never reached the provider)
+
+Budget(usd=5.00, name="batch-42", backend="redis://host:6379/0" | "runs.db" | SQLiteStore)
+                                  shared by processes (`_budget_shared`): each reservation
+                                  one atomic step in the backend; BudgetUnavailable when
+                                  it cannot be reached (the call is not made)
 ```
 
 The invariant, for every budget at every moment: ``spent + reserved <= limit``, as
@@ -19,7 +24,9 @@ money is spent, and flagged: `settle` returns an `Overrun` and the budget counts
 Amounts are kept as integer pico-dollars (1e-12 $) under one lock per budget, so
 sums are exact and concurrent reservations from any threads or tasks are atomic.
 A reservation on several budgets takes their locks in one global order (no deadlock)
-and succeeds on all of them or on none. Nothing here awaits or blocks for long: the
+and succeeds on all of them or on none: the in-process budgets' part under their
+locks, then each shared budget's in its backend; when one refuses, the parts already
+held are given back. Nothing here awaits or blocks for long: the
 locks are held for a few arithmetic operations.
 
 `BudgetExceeded` is how a reservation that does not fit says so; its message names
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +52,7 @@ __all__ = [
     "Budget",
     "BudgetExceeded",
     "BudgetSnapshot",
+    "BudgetUnavailable",
     "CallReservation",
     "Overrun",
     "Reservation",
@@ -79,6 +88,15 @@ class BudgetExceeded(LoopwiseError):
         self.spent = spent
         self.reserved = reserved
         self.needed = needed
+
+
+class BudgetUnavailable(BudgetExceeded):
+    """A shared budget's backend (Redis, the SQLite file) could not be reached: the call is not made.
+
+    A `BudgetExceeded`, so the loop treats a reservation that could not be checked as
+    one that does not fit (never as money it may spend). Reading a shared budget's
+    numbers (`spent_usd`, `snapshot`...) raises it too. `spent`, `reserved` are NaN.
+    """
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -130,17 +148,23 @@ class Budget:
     Args:
         usd: The most dollars that may be spent, or `None`.
         tokens: The most tokens (input + output) that may be used, or `None`.
-        name: What messages and events call it (on Redis, what identifies it).
+        name: What messages and events call it; with a `backend`, what identifies it there.
+        backend: Where a budget shared by processes is kept: a ``redis://`` URL (processes
+            on any machine), or the loopwise SQLite database (a path or an
+            `lw.SQLiteStore`: the processes of one machine). `None` (the default): this
+            process only. Every process that names the same budget must give it the same
+            limits. See docs/budgets.md, "Shared budgets".
 
     Safe to share between threads and event loops.
     """
 
     __slots__ = (
-        "_limit_p", "_lock", "_overrun_p", "_overruns", "_reserved_p", "_reserved_t",
+        "_ledger", "_limit_p", "_lock", "_overrun_p", "_overruns", "_reserved_p", "_reserved_t",
         "_spent_p", "_spent_t", "name", "tokens", "usd",
     )
 
-    def __init__(self, usd: float | None = None, *, tokens: int | None = None, name: str | None = None) -> None:
+    def __init__(self, usd: float | None = None, *, tokens: int | None = None, name: str | None = None,
+                 backend: Any = None) -> None:
         if usd is not None and (
             isinstance(usd, bool) or not isinstance(usd, (int, float)) or not 0 <= usd < math.inf
         ):
@@ -160,17 +184,31 @@ class Budget:
         self._reserved_t = 0
         self._overruns = 0
         self._overrun_p = 0
+        self._ledger = None
+        if backend is not None:
+            if not name:
+                raise UserError("a Budget with a backend is shared by its name: Budget(usd=..., name='batch-42', "
+                                "backend=...)")
+            from ._budget_shared import ledger_for
+
+            self._ledger = ledger_for(name, backend, self._limit_p, tokens)
 
     def __repr__(self) -> str:
-        s = self.snapshot()
         parts = [f"usd={self.usd!r}", f"tokens={self.tokens!r}"]
         if self.name is not None:
             parts.append(f"name={self.name!r}")
+        if self._ledger is not None:
+            return f"Budget({', '.join(parts)}, backend={self._ledger.describe()!r})"
+        s = self.snapshot()
         parts.append(f"spent_usd={s.spent_usd:.6g}, reserved_usd={s.reserved_usd:.6g}")
         return f"Budget({', '.join(parts)})"
 
     def snapshot(self) -> BudgetSnapshot:
         """All the numbers at one instant."""
+        if self._ledger is not None:
+            sp, rp, st, rt, overruns, _ = self._shared_state()
+            return BudgetSnapshot(usd=self.usd, tokens=self.tokens, spent_usd=sp / _PICO, reserved_usd=rp / _PICO,
+                                  spent_tokens=st, reserved_tokens=rt, overruns=overruns)
         with self._lock:
             return BudgetSnapshot(
                 usd=self.usd, tokens=self.tokens,
@@ -178,13 +216,21 @@ class Budget:
                 spent_tokens=self._spent_t, reserved_tokens=self._reserved_t, overruns=self._overruns,
             )
 
+    def _shared_state(self) -> tuple[int, int, int, int, int, int]:
+        from ._budget_shared import Unreachable
+
+        try:
+            return self._ledger.state()  # type: ignore[union-attr]
+        except Unreachable as exc:
+            raise _unavailable(self, str(exc), "its numbers could not be read") from exc
+
     @property
     def spent_usd(self) -> float:
-        return self._spent_p / _PICO
+        return self._spent_p / _PICO if self._ledger is None else self._shared_state()[0] / _PICO
 
     @property
     def reserved_usd(self) -> float:
-        return self._reserved_p / _PICO
+        return self._reserved_p / _PICO if self._ledger is None else self._shared_state()[1] / _PICO
 
     @property
     def remaining_usd(self) -> float | None:
@@ -193,11 +239,11 @@ class Budget:
 
     @property
     def spent_tokens(self) -> int:
-        return self._spent_t
+        return self._spent_t if self._ledger is None else self._shared_state()[2]
 
     @property
     def reserved_tokens(self) -> int:
-        return self._reserved_t
+        return self._reserved_t if self._ledger is None else self._shared_state()[3]
 
     @property
     def remaining_tokens(self) -> int | None:
@@ -207,17 +253,18 @@ class Budget:
     @property
     def overruns(self) -> int:
         """Settled calls whose actual was above their reservation."""
-        return self._overruns
+        return self._overruns if self._ledger is None else self._shared_state()[4]
 
     @property
     def overrun_usd(self) -> float:
         """How much those calls cost above their reservations, together."""
-        return self._overrun_p / _PICO
+        return self._overrun_p / _PICO if self._ledger is None else self._shared_state()[5] / _PICO
 
     def describe(self) -> dict[str, Any]:
         """The budget as JSON-ready values, for events."""
         s = self.snapshot()
-        return {"name": self.name, "usd": self.usd, "tokens": self.tokens, "spent_usd": s.spent_usd,
+        shared = {} if self._ledger is None else {"backend": self._ledger.describe()}
+        return {"name": self.name, "usd": self.usd, "tokens": self.tokens, **shared, "spent_usd": s.spent_usd,
                 "reserved_usd": s.reserved_usd, "spent_tokens": s.spent_tokens,
                 "reserved_tokens": s.reserved_tokens, "overruns": s.overruns}
 
@@ -230,6 +277,14 @@ class Budget:
 
     def _charge(self, usd: float, tokens: int) -> None:
         """Count spending made elsewhere (earlier segments of a resumed run) as spent, unchecked."""
+        if self._ledger is not None:
+            from ._budget_shared import Unreachable
+
+            try:
+                self._ledger.charge(_to_pico(max(0.0, usd)), max(0, tokens))
+            except Unreachable as exc:
+                raise _unavailable(self, str(exc), "the spending was not counted") from exc
+            return
         with self._lock:
             self._spent_p += _to_pico(max(0.0, usd))
             self._spent_t += max(0, tokens)
@@ -241,13 +296,14 @@ class Reservation:
     Settle it (what was actually spent) or release it (nothing was), exactly once.
     """
 
-    __slots__ = ("_budgets", "_open", "_usd_p", "tokens")
+    __slots__ = ("_budgets", "_open", "_token", "_usd_p", "tokens")
 
     def __init__(self, budgets: tuple[Budget, ...], usd_p: int, tokens: int) -> None:
         self._budgets = budgets
         self._usd_p = usd_p
         self.tokens = tokens
         self._open = True
+        self._token: str | None = None  # its name in the backends of shared budgets
 
     @property
     def usd(self) -> float:
@@ -287,11 +343,12 @@ class Reservation:
         self._close(None, 0, False)
 
     def _close(self, actual_p: int | None, actual_tokens: int, over: bool) -> None:
-        with _Locked(self._budgets):
+        local = [b for b in self._budgets if b._ledger is None]
+        with _Locked(local if local else self._budgets):
             if not self._open:
                 raise UserError(f"{type(self).__name__} was already settled or released")
             self._open = False
-            for b in self._budgets:
+            for b in local:
                 b._reserved_p -= self._usd_p
                 b._reserved_t -= self.tokens
                 if actual_p is not None:
@@ -300,6 +357,12 @@ class Reservation:
                 if over:
                     b._overruns += 1
                     b._overrun_p += max(0, actual_p - self._usd_p)  # type: ignore[operator]
+        for b in self._budgets:  # shared ones: an outage queues the write (the keeper retries it)
+            if b._ledger is not None:
+                if actual_p is None:
+                    b._ledger.release(self._token)  # type: ignore[arg-type]
+                else:
+                    b._ledger.settle(self._token, actual_p, actual_tokens, over)  # type: ignore[arg-type]
 
 
 class CallReservation(Reservation):
@@ -327,13 +390,17 @@ def reserve(budgets: Iterable[Budget], *, usd: float = 0.0, tokens: int = 0) -> 
         raise UserError(f"reserve(tokens={tokens!r}) must be an int >= 0")
     usd_p = _to_pico(usd, up=True)
     held = _ordered(budgets)
-    with _Locked(held):
-        for b in held:
+    local = [b for b in held if b._ledger is None]
+    with _Locked(local):
+        for b in local:
             if b._limit_p is not None and b._spent_p + b._reserved_p + usd_p > b._limit_p:
                 raise _exceeded_usd(b, usd_p, f"needs {_usd(usd_p / _PICO)}")
             if b.tokens is not None and b._spent_t + b._reserved_t + tokens > b.tokens:
                 raise _exceeded_tokens(b, tokens, f"needs {tokens:,} tokens")
-        return _hold(Reservation(held, usd_p, tokens))
+        reservation = _hold(Reservation(held, usd_p, tokens))
+    if len(local) < len(held):
+        _hold_shared(reservation, usd_p, tokens, 0, 0, 0, f"needs {_usd(usd_p / _PICO)}", f"needs {tokens:,} tokens")
+    return reservation
 
 
 def reserve_call(
@@ -386,8 +453,9 @@ def reserve_call(
     floor = min_output_tokens if max_tokens is None else min(min_output_tokens, max_tokens)
     input_p = input_tokens * in_rate
     cap = max_tokens
-    with _Locked(held):
-        for b in held:  # in the caller's order: the first budget that refuses is named
+    local = [b for b in held if b._ledger is None]
+    with _Locked(local):
+        for b in local:  # in the caller's order: the first budget that refuses is named
             if b._limit_p is not None:
                 available = b._limit_p - b._spent_p - b._reserved_p
                 if available < input_p + floor * out_rate:
@@ -404,7 +472,15 @@ def reserve_call(
                                            f"({input_tokens:,} input and a {floor:,}-token answer)")
                 cap = available_t - input_tokens if cap is None else min(cap, available_t - input_tokens)
         output = cap or 0
-        return _hold(CallReservation(held, input_p + output * out_rate, input_tokens + output, input_tokens, cap))
+        reservation = _hold(CallReservation(held, input_p + output * out_rate, input_tokens + output, input_tokens,
+                                            cap))
+    if len(local) < len(held):
+        reservation.max_tokens = _hold_shared(
+            reservation, input_p, input_tokens, out_rate, floor, cap,
+            f"needs at least {_usd((input_p + floor * out_rate) / _PICO)} ({input_tokens:,} input tokens and a "
+            f"{floor:,}-token answer)",
+            f"needs at least {input_tokens + floor:,} ({input_tokens:,} input and a {floor:,}-token answer)")
+    return reservation
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -438,11 +514,57 @@ class _Locked:
 
 
 def _hold(reservation: Reservation) -> Any:
-    """Add a reservation to its budgets (their locks held)."""
+    """Add a reservation to its in-process budgets (their locks held)."""
     for b in reservation._budgets:
-        b._reserved_p += reservation._usd_p
-        b._reserved_t += reservation.tokens
+        if b._ledger is None:
+            b._reserved_p += reservation._usd_p
+            b._reserved_t += reservation.tokens
     return reservation
+
+
+def _hold_shared(r: Reservation, fixed_p: int, fixed_t: int, out_rate: int, floor: int, cap: int | None,
+                 needs_usd: str, needs_tokens: str) -> int | None:
+    """Hold `r` on its shared budgets too (its in-process part is held): on all of them, or give it all back.
+
+    Each backend grants ``fixed + n * out_rate`` with the largest ``n`` up to `cap` that
+    fits; the next is asked for no more. `r` ends at the smallest grant, on every
+    budget. Returns that ``n`` (`None`: nothing capped it).
+    """
+    from ._budget_shared import Refused, Unreachable
+
+    r._token = f"{os.getpid()}-{os.urandom(8).hex()}"
+    granted: list[Budget] = []
+    try:
+        for b in r._budgets:
+            if b._ledger is not None:
+                cap = b._ledger.reserve(r._token, fixed_p, fixed_t, out_rate, floor, cap)
+                granted.append(b)
+    except BaseException as exc:
+        for held in granted:
+            held._ledger.release(r._token)  # type: ignore[union-attr]
+        r._budgets = tuple(x for x in r._budgets if x._ledger is None)
+        r.release()
+        if isinstance(exc, Refused):  # (`b`: the budget that refused)
+            if exc.limit == "usd":
+                raise _exceeded_usd(b, exc.needed, needs_usd, exc.spent, exc.reserved) from None
+            raise _exceeded_tokens(b, exc.needed, needs_tokens, exc.spent, exc.reserved) from None
+        if isinstance(exc, Unreachable):
+            raise _unavailable(b, str(exc), "the call was not made") from exc
+        raise
+    usd_p, tokens = fixed_p + (cap or 0) * out_rate, fixed_t + (cap or 0)
+    if (usd_p, tokens) != (r._usd_p, r.tokens):  # a later budget granted less (or capped what none had)
+        for b in granted[:-1]:
+            try:
+                b._ledger.resize(r._token, usd_p, tokens)  # type: ignore[union-attr]
+            except Unreachable:  # it holds more than needed until the settle replaces it: safe
+                pass
+        local = [b for b in r._budgets if b._ledger is None]
+        with _Locked(local):
+            for b in local:
+                b._reserved_p += usd_p - r._usd_p
+                b._reserved_t += tokens - r.tokens
+            r._usd_p, r.tokens = usd_p, tokens
+    return cap
 
 
 def _to_pico(usd: float, *, up: bool = False) -> int:
@@ -462,22 +584,38 @@ def _pico_per_token(rate_per_mtok: float) -> int:
     return math.ceil(Decimal(repr(float(rate_per_mtok))) * 1_000_000)
 
 
-def _exceeded_usd(b: Budget, needed_p: int, needs: str) -> BudgetExceeded:
-    in_flight = f", {_usd(b._reserved_p / _PICO)} reserved by calls in flight" if b._reserved_p else ""
+def _exceeded_usd(b: Budget, needed_p: int, needs: str, spent_p: int | None = None,
+                  reserved_p: int | None = None) -> BudgetExceeded:
+    """(`spent_p`, `reserved_p`: a shared budget's, as its backend saw them.)"""
+    spent_p = b._spent_p if spent_p is None else spent_p
+    reserved_p = b._reserved_p if reserved_p is None else reserved_p
+    in_flight = f", {_usd(reserved_p / _PICO)} reserved by calls in flight" if reserved_p else ""
     return BudgetExceeded(
-        f"{b._label()} of {_usd(b.usd)} would be exceeded: spent {_usd(b._spent_p / _PICO)}{in_flight}, "
+        f"{b._label()} of {_usd(b.usd)} would be exceeded: spent {_usd(spent_p / _PICO)}{in_flight}, "
         f"next call {needs}",
-        budget=b, limit="usd", limit_value=b.usd, spent=b._spent_p / _PICO,  # type: ignore[arg-type]
-        reserved=b._reserved_p / _PICO, needed=needed_p / _PICO,
+        budget=b, limit="usd", limit_value=b.usd, spent=spent_p / _PICO,  # type: ignore[arg-type]
+        reserved=reserved_p / _PICO, needed=needed_p / _PICO,
     )
 
 
-def _exceeded_tokens(b: Budget, needed: int, needs: str) -> BudgetExceeded:
-    in_flight = f", {b._reserved_t:,} reserved by calls in flight" if b._reserved_t else ""
+def _exceeded_tokens(b: Budget, needed: int, needs: str, spent: int | None = None,
+                     reserved: int | None = None) -> BudgetExceeded:
+    spent = b._spent_t if spent is None else spent
+    reserved = b._reserved_t if reserved is None else reserved
+    in_flight = f", {reserved:,} reserved by calls in flight" if reserved else ""
     return BudgetExceeded(
-        f"token {b._label()} of {b.tokens:,} would be exceeded: spent {b._spent_t:,}{in_flight}, next call {needs}",
-        budget=b, limit="tokens", limit_value=b.tokens, spent=b._spent_t,  # type: ignore[arg-type]
-        reserved=b._reserved_t, needed=needed,
+        f"token {b._label()} of {b.tokens:,} would be exceeded: spent {spent:,}{in_flight}, next call {needs}",
+        budget=b, limit="tokens", limit_value=b.tokens, spent=spent,  # type: ignore[arg-type]
+        reserved=reserved, needed=needed,
+    )
+
+
+def _unavailable(b: Budget, reason: str, consequence: str) -> BudgetUnavailable:
+    return BudgetUnavailable(
+        f"{reason}: {consequence} (a shared budget that cannot be checked is not spent); check that it is up",
+        budget=b, limit="usd" if b.usd is not None else "tokens",
+        limit_value=b.usd if b.usd is not None else b.tokens,  # type: ignore[arg-type]
+        spent=math.nan, reserved=math.nan, needed=math.nan,
     )
 
 
