@@ -79,6 +79,7 @@ T = TypeVar("T")
 _INSTALL = "pip install 'loopwise[mcp]'"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_ERRORS = 5  # validation errors shown to the model per call
+_REASON_WAIT_S = 1.0  # how long a call cut off by a lost connection waits to learn why
 _BACKSTOP_S = 1.0  # how far the policy's per-attempt timeout sits behind the MCP call's own
 # @tool's options that make sense for a tool living in another process (not `isolation`;
 # `timeout` is `MCPServer.tools`'s own).
@@ -240,7 +241,7 @@ class _Link:
     404 to a request carrying the session id (it restarted, or expired the session).
     """
 
-    __slots__ = ("calls", "client", "closing", "down", "dropped", "failure", "ready", "reason", "session_lost")
+    __slots__ = ("calls", "client", "closing", "dropped", "ended", "failure", "ready", "reason", "session_lost", "vague")
 
     def __init__(self) -> None:
         self.client: Any = None
@@ -248,20 +249,21 @@ class _Link:
         self.ready = anyio.Event()
         self.dropped = anyio.Event()
         self.reason = ""
+        self.vague = False  # `reason` is only what a call saw; the transport's own error says more
         self.closing = False  # dropped by the user leaving ``async with``
-        self.down = False
+        self.ended = anyio.Event()
         self.session_lost = False
         self.calls: set[anyio.CancelScope] = set()
 
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, *, vague: bool = False) -> None:
         if not self.dropped.is_set():
-            self.reason = reason
+            self.reason, self.vague = reason, vague
             self.dropped.set()
 
     def end(self, reason: str) -> None:
         """The connection is closed: what still waits on it is cut off."""
         self.drop(reason)
-        self.down = True
+        self.ended.set()
         self.ready.set()
         for scope in self.calls:
             scope.cancel()
@@ -422,8 +424,10 @@ class MCPServer:
                 deadline.deadline = anyio.current_time() + self.timeout  # the goodbye is bounded too
         except Exception as exc:  # the SDK's errors, often in ExceptionGroups from its task groups
             error = exc
-        except BaseException:
+        except BaseException as exc:  # cancelled from outside (or KeyboardInterrupt): it goes on, alone
             link.end("the connection was closed")
+            if isinstance(exc, BaseExceptionGroup):  # not with the SDK's errors, which would make a group of ours
+                raise next(e for e in _leaves(exc) if not isinstance(e, Exception)) from None
             raise
         if link.client is None:
             if deadline.cancelled_caught:
@@ -434,8 +438,8 @@ class MCPServer:
                     link.failure.__cause__ = error
             link.end(str(link.failure))
             return
-        if error is not None and not link.dropped.is_set():
-            link.drop(f"the connection was lost ({_describe(error)})")
+        if error is not None and (link.vague or not link.dropped.is_set()):
+            link.reason, link.vague = f"the connection was lost ({_describe(error)})", False
         link.end(link.reason)
         if not link.closing:
             _log.warning("MCP server %r is gone: %s; it is reconnected on next use", self.name, link.reason)
@@ -509,7 +513,7 @@ class MCPServer:
             link = await self._live()
             with anyio.CancelScope() as guard:
                 link.calls.add(guard)
-                if link.down:
+                if link.ended.is_set():
                     guard.cancel()
                 try:
                     return await request(link.client)
@@ -519,8 +523,11 @@ class MCPServer:
                         if attempt == 1:
                             continue
                     elif exc.code == CONNECTION_CLOSED:
+                        said = exc.error.message
+                        vague = said == "Connection closed"  # the SDK's word for any end of its streams
                         link.drop("it closed the connection" + (
-                            " (did the server exit? its stderr may say why)" if self.transport == "stdio" else ""))
+                            " (did the server exit? its stderr may say why)" if self.transport == "stdio"
+                            else "" if vague else f" ({said})"), vague=vague)
                     else:
                         raise
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream) as exc:
@@ -528,6 +535,9 @@ class MCPServer:
                 finally:
                     link.calls.discard(guard)
             break
+        if link.vague:  # the transport's error, if any, is at hand once the connection is closed
+            with anyio.move_on_after(_REASON_WAIT_S):
+                await link.ended.wait()
         raise MCPConnectionError(f"MCP server {self.name!r} is gone: {link.reason or 'the connection was lost'}; "
                                  "it is reconnected on next use")
 
