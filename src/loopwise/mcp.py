@@ -24,17 +24,28 @@ says), and the run goes on. A result with ``isError`` is a failure too; text con
 is joined, other content (images, audio, resources) is summarised.
 
 Connecting (start or reach the server, handshake, list the tools) is bounded by the
-same `timeout`. Enter and leave ``async with server:`` in one task, as with any
-anyio task group: the SDK's transports keep their tasks and cancel scopes in the task
-that connected. Tools can be called from any task while the server is connected, so
-`agent.run` inside the ``async with`` block is the way to use them (not `run_sync`,
-which starts an event loop of its own).
+same `timeout`. Enter and leave ``async with server:`` in one task. The connection is
+held by a task of loopwise's own inside the block (the SDK's transports keep their task
+groups in the task that connects), so tools can be called from any task while the
+server is connected: `agent.run` inside the ``async with`` block is the way to use them
+(not `run_sync`, which starts an event loop of its own).
+
+A server that dies or restarts while connected does not take the host with it. The calls
+in flight on the lost connection fail with `MCPConnectionError` ("MCP server 'crm' is
+gone: the connection was lost (...)"), an error observation the model reads, retried or
+answered by a fallback as the policy says; the run goes on. The loss is logged (a warning
+on the ``loopwise`` logger), and the next use connects again, within that call's timeout:
+an HTTP server that is back answers, a stdio server is started again; one still down
+fails that call the same way. A request refused because a restarted HTTP server no
+longer knows the session (a 404, legacy protocol) never ran, and is sent once more on a
+new session. Errors raised inside the ``async with`` block come out as themselves, and
+the SDK's transport errors never leave it.
 
 Errors, all `loopwise.LoopwiseError`:
 
 ```
 MCPServerError            something went wrong talking to an MCP server
-├── MCPConnectionError      it could not be started or reached, or is not connected
+├── MCPConnectionError      it could not be started or reached, is gone, or is not connected
 ├── MCPTimeoutError         it did not answer in time (also a TimeoutError)
 └── MCPToolError            a tool answered with an error (isError, or a protocol error)
 ```
