@@ -227,3 +227,32 @@ async def test_errors_inside_the_block_come_out_as_themselves(http, tmp_path):
             assert scope.cancelled_caught
     finally:
         other.stop()
+
+
+async def test_leaving_the_block_while_connecting_again_does_not_wait_for_it(http):
+    errors: list[Exception] = []
+    with anyio.fail_after(LIMIT_S), socket.socket() as silent:
+        async with anyio.create_task_group() as tg:
+            async with MCPServer.http(http.url, timeout=60) as server:
+                (add,) = await server.tools(include=["add"])
+                http.kill()
+                with pytest.raises(MCPConnectionError, match="is gone"):
+                    await add.call({"a": 1, "b": 1}, None)
+                # The port now takes connections and never answers: connecting again hangs.
+                silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                silent.bind(("127.0.0.1", http.port))
+                silent.listen()
+
+                async def call() -> None:
+                    try:
+                        await add.call({"a": 1, "b": 1}, None)
+                    except MCPConnectionError as exc:
+                        errors.append(exc)
+
+                tg.start_soon(call)
+                conn, _ = await anyio.to_thread.run_sync(silent.accept)  # it is connecting again
+                left = time.monotonic()
+            left_s = time.monotonic() - left
+            conn.close()
+    assert left_s < 30  # not the 60 s the connection attempt may take
+    assert len(errors) == 1 and "is not connected" in str(errors[0])

@@ -407,6 +407,8 @@ class MCPServer:
         if link is not None:
             link.closing = True
             link.drop("the connection was closed")
+            if not link.ready.is_set():  # still connecting again: nothing to say goodbye to
+                tasks.cancel_scope.cancel()
         if isinstance(exc, anyio.get_cancelled_exc_class()):  # cancelled from outside: let it through
             return await tasks.__aexit__(exc_type, exc, tb)
         # Not passed on: a task group would wrap it in an ExceptionGroup. The block's
@@ -418,7 +420,10 @@ class MCPServer:
         """Make and hold each connection asked for, one at a time, until ``async with`` ends."""
         with incoming:
             async for link in incoming:
-                await self._hold(link)
+                if link.dropped.is_set():  # asked for, then ``async with`` ended before its turn
+                    link.end(link.reason)
+                else:
+                    await self._hold(link)
 
     async def _hold(self, link: _Link) -> None:
         """Connect for `link` (bounded by `timeout`), hold the connection until it is dropped or lost, close it."""
@@ -510,6 +515,8 @@ class MCPServer:
         await link.ready.wait()
         if link.failure is not None:
             raise type(link.failure)(f"MCP server {self.name!r} is gone: {link.failure}")
+        if link.client is None:  # ``async with`` ended first
+            raise MCPConnectionError(f"MCP server {self.name!r} is not connected: {link.reason}")
         return link
 
     async def _request(self, request: Callable[[Any], Awaitable[T]]) -> T:
