@@ -203,6 +203,34 @@ async def test_tools_work_only_while_connected_and_again_after_reconnecting(stor
                 pass
 
 
+DYING_SERVER = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from mcp_server import server
+
+@server.tool()
+def die() -> str:
+    \"\"\"Exit the server process at once.\"\"\"
+    os._exit(3)
+
+server.run()
+"""
+
+
+async def test_a_stdio_server_that_exits_is_started_again_on_next_use(tmp_path, store):
+    script = tmp_path / "dying_server.py"
+    script.write_text(DYING_SERVER)
+    model = ScriptedModel([ToolCall("die", {}, id="c-die"), ToolCall("add", {"a": 1, "b": 2}, id="c-add"), "3"])
+    async with MCPServer.stdio(sys.executable, args=[str(script)], timeout=20) as server:
+        result = await lw.Agent(model, tools=await server.tools(), store=store).run("Die, then add")
+        assert server.connected
+    assert result.stop_reason == "done"
+    events = finished(store, result)
+    assert events["c-die"].outcome == "error"
+    assert "MCP server 'loopwise-test-server' is gone: it closed the connection" in events["c-die"].content
+    assert (events["c-add"].outcome, events["c-add"].content) == ("ok", "3")
+
+
 async def test_a_server_that_cannot_start_or_exits():
     with pytest.raises(MCPConnectionError, match="could not connect to MCP server 'nope'.*No such file"):
         async with MCPServer.stdio("/nonexistent/nope"):

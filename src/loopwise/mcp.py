@@ -24,17 +24,28 @@ says), and the run goes on. A result with ``isError`` is a failure too; text con
 is joined, other content (images, audio, resources) is summarised.
 
 Connecting (start or reach the server, handshake, list the tools) is bounded by the
-same `timeout`. Enter and leave ``async with server:`` in one task, as with any
-anyio task group: the SDK's transports keep their tasks and cancel scopes in the task
-that connected. Tools can be called from any task while the server is connected, so
-`agent.run` inside the ``async with`` block is the way to use them (not `run_sync`,
-which starts an event loop of its own).
+same `timeout`. Enter and leave ``async with server:`` in one task. The connection is
+held by a task of loopwise's own inside the block (the SDK's transports keep their task
+groups in the task that connects), so tools can be called from any task while the
+server is connected: `agent.run` inside the ``async with`` block is the way to use them
+(not `run_sync`, which starts an event loop of its own).
+
+A server that dies or restarts while connected does not take the host with it. The calls
+in flight on the lost connection fail with `MCPConnectionError` ("MCP server 'crm' is
+gone: the connection was lost (...)"), an error observation the model reads, retried or
+answered by a fallback as the policy says; the run goes on. The loss is logged (a warning
+on the ``loopwise`` logger), and the next use connects again, within that call's timeout:
+an HTTP server that is back answers, a stdio server is started again; one still down
+fails that call the same way. A request refused because a restarted HTTP server no
+longer knows the session (a 404, legacy protocol) never ran, and is sent once more on a
+new session. Errors raised inside the ``async with`` block come out as themselves, and
+the SDK's transport errors never leave it.
 
 Errors, all `loopwise.LoopwiseError`:
 
 ```
 MCPServerError            something went wrong talking to an MCP server
-├── MCPConnectionError      it could not be started or reached, or is not connected
+├── MCPConnectionError      it could not be started or reached, is gone, or is not connected
 ├── MCPTimeoutError         it did not answer in time (also a TimeoutError)
 └── MCPToolError            a tool answered with an error (isError, or a protocol error)
 ```
@@ -45,16 +56,19 @@ Needs the extra: ``pip install 'loopwise[mcp]'`` (the official ``mcp`` SDK, 2.x)
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import LoopwiseError, UserError
 from ._messages import ToolSpec
@@ -70,9 +84,13 @@ __all__ = [
     "MCPToolError",
 ]
 
+_log = logging.getLogger("loopwise")
+T = TypeVar("T")
+
 _INSTALL = "pip install 'loopwise[mcp]'"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_ERRORS = 5  # validation errors shown to the model per call
+_REASON_WAIT_S = 1.0  # how long a call cut off by a lost connection waits to learn why
 _BACKSTOP_S = 1.0  # how far the policy's per-attempt timeout sits behind the MCP call's own
 # @tool's options that make sense for a tool living in another process (not `isolation`;
 # `timeout` is `MCPServer.tools`'s own).
@@ -224,11 +242,57 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+class _Link:
+    """One connection to the server, held open by `MCPServer._keep` in a task of its own.
+
+    `ready` is set when connecting ends (`client` set, or `failure` saying why not);
+    `dropped`, when the connection is to be closed: by ``async with``'s exit, or because
+    a call found it lost (`reason` says why). `calls` are the cancel scopes of requests
+    in flight on it, cut off when it goes down. `session_lost`: the HTTP server answered
+    404 to a request carrying the session id (it restarted, or expired the session).
+    """
+
+    __slots__ = ("calls", "client", "closing", "dropped", "ended", "failure", "ready", "reason", "session_lost", "vague")
+
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.failure: MCPServerError | None = None
+        self.ready = anyio.Event()
+        self.dropped = anyio.Event()
+        self.reason = ""
+        self.vague = False  # `reason` is only what a call saw; the transport's own error says more
+        self.closing = False  # dropped by the user leaving ``async with``
+        self.ended = anyio.Event()
+        self.session_lost = False
+        self.calls: set[anyio.CancelScope] = set()
+
+    def drop(self, reason: str, *, vague: bool = False) -> None:
+        if not self.dropped.is_set():
+            self.reason, self.vague = reason, vague
+            self.dropped.set()
+
+    def end(self, reason: str) -> None:
+        """The connection is closed: what still waits on it is cut off."""
+        self.drop(reason)
+        self.ended.set()
+        self.ready.set()
+        for scope in self.calls:
+            scope.cancel()
+
+
+def _describe(exc: BaseException) -> str:
+    """What went wrong, from the leaves of the (nested) exception groups the SDK's task groups raise."""
+    return "; ".join(dict.fromkeys(
+        f"{type(e).__name__}: {e}" if str(e) else type(e).__name__ for e in _leaves(exc)))
+
+
 class MCPServer:
     """A connection to an MCP server. Make one with `MCPServer.stdio` or `MCPServer.http`.
 
     Use it as ``async with server:``, entered and left in the same task; its tools work
-    while it is connected and can be reused after connecting again.
+    while it is connected and can be reused after connecting again. A connection lost
+    inside the block (the server died or restarted) fails the calls in flight with an
+    `MCPConnectionError`, is logged, and is made again on the next use.
     """
 
     def __init__(self, *, transport: Literal["stdio", "http"], target: Any, timeout: float, name: str | None) -> None:
@@ -240,9 +304,10 @@ class MCPServer:
         self._name_given = bool(name)
         self.name = name or self._default_name(transport, target)
         self._target = target
-        self._client: Any = None
         self._listing: list[Any] = []
-        self._stack: AsyncExitStack | None = None
+        self._link: _Link | None = None  # the current connection (or attempt)
+        self._tasks: TaskGroup | None = None  # holds `_keep`, inside ``async with``
+        self._requests: MemoryObjectSendStream[_Link] | None = None  # connections for `_keep` to make
         self._owner: object = None
 
     @classmethod
@@ -291,55 +356,137 @@ class MCPServer:
         return Path(scripts[0]).stem if scripts else Path(target.command).name
 
     def __repr__(self) -> str:
-        state = "connected" if self._client is not None else "not connected"
+        state = "connected" if self.connected else "not connected"
         return f"MCPServer(name={self.name!r}, transport={self.transport!r}, {state})"
 
     @property
     def connected(self) -> bool:
-        """Whether the server is connected (inside ``async with server:``)."""
-        return self._client is not None
+        """Whether the server is connected: inside ``async with server:``, and not lost since."""
+        link = self._link
+        return self._tasks is not None and link is not None and link.client is not None and not link.dropped.is_set()
 
     async def __aenter__(self) -> Self:
-        if self._stack is not None:
+        if self._tasks is not None:
             raise UserError(f"MCP server {self.name!r} is already connected")
-        mcp = self._mcp
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        # Connecting and listing are bounded by `timeout`; the scope stays open (disarmed)
-        # until __aexit__ so that it nests around the transport's task group.
-        scope = stack.enter_context(anyio.CancelScope(deadline=anyio.current_time() + self.timeout))
+        # The SDK's transports run task groups in the task that connects, and an error in
+        # one of their tasks (an httpx ReadError when an HTTP server dies) cancels that
+        # task. So connections are made and held in `_keep`, a task of ours that contains
+        # such failures, never in the task running the user's block.
+        tasks = anyio.create_task_group()
+        await tasks.__aenter__()
+        requests, incoming = anyio.create_memory_object_stream[_Link](math.inf)
+        link = _Link()
+        requests.send_nowait(link)
+        tasks.start_soon(self._keep, incoming)
         try:
-            if self.transport == "stdio":
-                target: Any = self._target
-            else:
-                import httpx2
-                from mcp.client.streamable_http import streamable_http_client
-
-                url, headers = self._target
-                http = await stack.enter_async_context(
-                    httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(self.timeout, read=300.0)))
-                target = streamable_http_client(url, http_client=http)
-            client = await stack.enter_async_context(mcp.Client(target, read_timeout_seconds=self.timeout))
-            listing = await _list_tools(client, cache_mode="use")
-            scope.deadline = math.inf
-        except BaseException as exc:
-            suppressed = await stack.__aexit__(type(exc), exc, exc.__traceback__)
-            if suppressed and scope.cancelled_caught:
-                raise MCPTimeoutError(
-                    f"MCP server {self.name!r} did not connect within {self.timeout} s") from None
-            if isinstance(exc, Exception):
-                raise self._connect_error(exc) from exc
-            raise
-        self._stack, self._client, self._listing = stack, client, listing
-        info = client.server_info
-        if not self._name_given and info is not None and info.name:
-            self.name = info.name
+            await link.ready.wait()
+        except BaseException as exc:  # cancelled while connecting
+            requests.close()
+            link.drop("the connection was closed")
+            if not await tasks.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+            return self  # pragma: no cover - the cancellation was not ours to see
+        if link.failure is not None:
+            requests.close()
+            await tasks.__aexit__(None, None, None)
+            raise link.failure
+        self._tasks, self._requests, self._link = tasks, requests, link
         self._owner = anyio.get_current_task().id
         return self
 
-    def _connect_error(self, exc: Exception) -> Exception:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        tasks, requests, link = self._tasks, self._requests, self._link
+        if tasks is None or requests is None:
+            return None
+        if anyio.get_current_task().id != self._owner:
+            raise UserError(f"MCP server {self.name!r} must be closed in the task that connected it "
+                            "(use `async with server:` in one task)")
+        self._tasks = self._requests = None
+        requests.close()
+        if link is not None:
+            link.closing = True
+            link.drop("the connection was closed")
+            if not link.ready.is_set():  # still connecting again: nothing to say goodbye to
+                tasks.cancel_scope.cancel()
+        if isinstance(exc, anyio.get_cancelled_exc_class()):  # cancelled from outside: let it through
+            return await tasks.__aexit__(exc_type, exc, tb)
+        # Not passed on: a task group would wrap it in an ExceptionGroup. The block's
+        # own error comes out as itself, after the connection is closed.
+        await tasks.__aexit__(None, None, None)
+        return None
+
+    async def _keep(self, incoming: MemoryObjectReceiveStream[_Link]) -> None:
+        """Make and hold each connection asked for, one at a time, until ``async with`` ends."""
+        with incoming:
+            async for link in incoming:
+                if link.dropped.is_set():  # asked for, then ``async with`` ended before its turn
+                    link.end(link.reason)
+                else:
+                    await self._hold(link)
+
+    async def _hold(self, link: _Link) -> None:
+        """Connect for `link` (bounded by `timeout`), hold the connection until it is dropped or lost, close it."""
+        deadline = anyio.CancelScope(deadline=anyio.current_time() + self.timeout)
+        error: Exception | None = None
+        try:
+            async with AsyncExitStack() as stack:
+                # The scope stays open (disarmed) until the end: it nests around the transport's task group.
+                stack.enter_context(deadline)
+                link.client = await self._open(stack, link)
+                deadline.deadline = math.inf
+                link.ready.set()
+                await link.dropped.wait()
+                deadline.deadline = anyio.current_time() + self.timeout  # the goodbye is bounded too
+        except Exception as exc:  # the SDK's errors, often in ExceptionGroups from its task groups
+            error = exc
+        except BaseException as exc:  # cancelled from outside (or KeyboardInterrupt): it goes on, alone
+            link.end("the connection was closed")
+            if isinstance(exc, BaseExceptionGroup):  # not with the SDK's errors, which would make a group of ours
+                raise next(e for e in _leaves(exc) if not isinstance(e, Exception)) from None
+            raise
+        if link.client is None:
+            if deadline.cancelled_caught:
+                link.failure = MCPTimeoutError(f"MCP server {self.name!r} did not connect within {self.timeout} s")
+            else:
+                link.failure = self._connect_error(error or RuntimeError("no reason given"))
+                if link.failure is not error:
+                    link.failure.__cause__ = error
+            link.end(str(link.failure))
+            return
+        if error is not None and (link.vague or not link.dropped.is_set()):
+            link.reason, link.vague = f"the connection was lost ({_describe(error)})", False
+        link.end(link.reason)
+        if not link.closing:
+            _log.warning("MCP server %r is gone: %s; it is reconnected on next use", self.name, link.reason)
+
+    async def _open(self, stack: AsyncExitStack, link: _Link) -> Any:
+        """A connected, handshaken client whose tools are listed; `stack` closes it."""
+        if self.transport == "stdio":
+            target: Any = self._target
+        else:
+            import httpx2
+            from mcp.client.streamable_http import MCP_SESSION_ID, streamable_http_client
+
+            async def watch(response: httpx2.Response) -> None:
+                # The spec's sign that the session is gone; the SDK hands on only the body's error.
+                if response.status_code == 404 and MCP_SESSION_ID in response.request.headers:
+                    link.session_lost = True
+
+            url, headers = self._target
+            http = await stack.enter_async_context(httpx2.AsyncClient(
+                headers=headers, timeout=httpx2.Timeout(self.timeout, read=300.0), event_hooks={"response": [watch]}))
+            target = streamable_http_client(url, http_client=http)
+        client = await stack.enter_async_context(self._mcp.Client(target, read_timeout_seconds=self.timeout))
+        self._listing = await _list_tools(client, cache_mode="use")
+        info = client.server_info
+        if not self._name_given and info is not None and info.name:
+            self.name = info.name
+        return client
+
+    def _connect_error(self, exc: Exception) -> MCPServerError:
         """`exc`, raised while connecting, as an `MCPConnectionError` saying what and why."""
-        if isinstance(exc, LoopwiseError):
+        if isinstance(exc, MCPServerError):
             return exc
         from mcp_types import CONNECTION_CLOSED
 
@@ -356,17 +503,61 @@ class MCPServer:
         return MCPConnectionError(
             f"could not connect to MCP server {self.name!r} ({what}): {'; '.join(dict.fromkeys(reasons))}")
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> bool | None:
-        stack = self._stack
-        if stack is None:
-            return None
-        if anyio.get_current_task().id != self._owner:
-            raise UserError(f"MCP server {self.name!r} must be closed in the task that connected it "
-                            "(use `async with server:` in one task)")
-        self._client = None
-        self._stack = None
-        return await stack.__aexit__(exc_type, exc, tb)
+    async def _live(self) -> _Link:
+        """The connection, made again first if it was lost; `MCPConnectionError` if it cannot be."""
+        if self._requests is None:
+            raise MCPConnectionError(
+                f"MCP server {self.name!r} is not connected: call its tools inside `async with server:`")
+        link = self._link
+        if link is None or link.dropped.is_set():
+            link = self._link = _Link()
+            self._requests.send_nowait(link)
+        await link.ready.wait()
+        if link.failure is not None:
+            raise type(link.failure)(f"MCP server {self.name!r} is gone: {link.failure}")
+        if link.client is None:  # ``async with`` ended first
+            raise MCPConnectionError(f"MCP server {self.name!r} is not connected: {link.reason}")
+        return link
+
+    async def _request(self, request: Callable[[Any], Awaitable[T]]) -> T:
+        """`request(client)` on the live connection, cut off with an `MCPConnectionError` if it goes down meanwhile.
+
+        A request refused because the server no longer knows the session (it restarted)
+        never ran: it is sent once more, on a new connection.
+        """
+        from mcp_types import CONNECTION_CLOSED
+
+        for attempt in (1, 2):
+            link = await self._live()
+            with anyio.CancelScope() as guard:
+                link.calls.add(guard)
+                if link.ended.is_set():
+                    guard.cancel()
+                try:
+                    return await request(link.client)
+                except self._mcp.MCPError as exc:
+                    if link.session_lost:
+                        link.drop("it no longer knows this connection's session (was it restarted?)")
+                        if attempt == 1:
+                            continue
+                    elif exc.code == CONNECTION_CLOSED:
+                        said = exc.error.message
+                        vague = said == "Connection closed"  # the SDK's word for any end of its streams
+                        link.drop("it closed the connection" + (
+                            " (did the server exit? its stderr may say why)" if self.transport == "stdio"
+                            else "" if vague else f" ({said})"), vague=vague)
+                    else:
+                        raise
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream) as exc:
+                    link.drop(f"the connection was lost ({_describe(exc)})")
+                finally:
+                    link.calls.discard(guard)
+            break
+        if link.vague:  # the transport's error, if any, is at hand once the connection is closed
+            with anyio.move_on_after(_REASON_WAIT_S):
+                await link.ended.wait()
+        raise MCPConnectionError(f"MCP server {self.name!r} is gone: {link.reason or 'the connection was lost'}; "
+                                 "it is reconnected on next use")
 
     async def tools(self, *, include: Sequence[str] | None = None, exclude: Sequence[str] = (),
                     prefix: str | None = None, timeout: float | None = None,
@@ -390,7 +581,7 @@ class MCPServer:
         if unknown:
             raise UserError(f"MCPServer.tools() got unknown option(s) {', '.join(unknown)}; options: include, "
                             f"exclude, prefix, timeout, refresh, {', '.join(sorted(_POLICY_OPTIONS))}")
-        if self._client is None:
+        if self._tasks is None:
             raise UserError(f"MCP server {self.name!r} is not connected: use `async with server:` first")
         timeout = self.timeout if timeout is None else timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
@@ -400,7 +591,9 @@ class MCPServer:
         if refresh:
             try:
                 with anyio.fail_after(self.timeout):
-                    self._listing = await _list_tools(self._client, cache_mode="refresh")
+                    self._listing = await self._request(lambda client: _list_tools(client, cache_mode="refresh"))
+            except MCPServerError:
+                raise
             except TimeoutError:
                 raise MCPTimeoutError(
                     f"MCP server {self.name!r} did not list its tools within {self.timeout} s") from None
@@ -453,25 +646,27 @@ class MCPServer:
         )
 
     async def _call(self, tool: str, arguments: dict[str, Any], timeout: float) -> str:
-        client = self._client
-        if client is None:
-            raise MCPConnectionError(
-                f"MCP server {self.name!r} is not connected: call its tools inside `async with server:`")
         mcp = self._mcp
         try:
+            # Making the connection again, if it was lost, counts in the call's time.
             with anyio.fail_after(timeout):
-                result = await client.call_tool(tool, arguments, read_timeout_seconds=timeout)
+                result = await self._request(
+                    lambda client: client.call_tool(tool, arguments, read_timeout_seconds=timeout))
+        except MCPServerError:
+            raise
         except TimeoutError:
+            link = self._link
+            if link is not None and not link.ready.is_set():
+                raise MCPTimeoutError(f"MCP server {self.name!r} was not connected again within {timeout} s, "
+                                      f"for a call of tool {tool!r}") from None
             raise MCPTimeoutError(
                 f"MCP tool {tool!r} on server {self.name!r} did not answer within {timeout} s") from None
         except mcp.MCPError as exc:
-            from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
+            from mcp_types import REQUEST_TIMEOUT
 
             if exc.code == REQUEST_TIMEOUT:
                 raise MCPTimeoutError(
                     f"MCP tool {tool!r} on server {self.name!r} did not answer within {timeout} s") from None
-            if exc.code == CONNECTION_CLOSED:
-                raise MCPConnectionError(f"MCP server {self.name!r} closed the connection") from None
             raise MCPToolError(f"MCP server {self.name!r} refused tool {tool!r}: {exc}") from None
         text = _result_text(result)
         if result.is_error:
