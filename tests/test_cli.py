@@ -565,3 +565,60 @@ def test_batch_reads_stdin(agent_module, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO('"one"\n"two"\n'))
     assert main(["run", f"{agent_module}:support", "--input", "-", "--db", str(tmp_path / "x.db")]) == 0
     assert len(lines(capsys.readouterr().out)) == 2
+
+
+# -- help, options before the command, the environment -----------------------------------
+
+COMMANDS = ("run", "runs", "show", "kill", "resume", "demo", "export", "profile", "prune")
+
+
+def test_every_command_has_a_help_without_type_placeholders(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    for argv in (["--help"], *([command, "--help"] for command in COMMANDS)):
+        assert main(argv) == 0, argv
+        out = capsys.readouterr().out
+        assert "Usage: loopwise" in out, argv
+        for placeholder in ("<bool>", "<str>", "<int>", "<float>", "<path>", "[["):
+            assert placeholder not in out, (argv, placeholder, out)
+        usage = next(line for line in out.splitlines() if "Usage: loopwise" in line)
+        assert "{" not in usage, usage
+    # Arguments in the usual notation: required bare, optional in brackets.
+    main(["show", "--help"])
+    assert "Usage: loopwise show [OPTIONS] RUN_ID" in capsys.readouterr().out
+    main(["kill", "--help"])
+    assert "Usage: loopwise kill [OPTIONS] [RUN_ID]" in capsys.readouterr().out
+
+
+def test_db_is_accepted_before_the_command_too(db, tmp_path, capsys):
+    other = tmp_path / "other.db"
+    store = lw.SQLiteStore(other)
+    lw.Agent(ScriptedModel(["hello"]), store=store, name="other").run_sync("x", run_id="beta-1")
+    store.close()
+    assert main(["--db", str(db), "runs"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha-1" in out and "beta-1" not in out
+    assert main(["runs", "--db", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "beta-1" in out and "alpha-1" not in out
+    # Both: the one after the command wins.
+    assert main(["--db", str(db), "runs", "--db", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "beta-1" in out and "alpha-1" not in out
+    assert main(["--db", str(db), "show", "alpha-2"]) == 0
+    assert "max_iterations" in capsys.readouterr().out
+    assert main(["--db", str(tmp_path / "missing.db"), "runs"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "missing.db")
+
+
+@pytest.mark.parametrize("value", ["bogus", "verbose", "10"])
+def test_a_bad_log_level_is_a_one_line_error_naming_the_valid_ones(db, monkeypatch, capsys, value):
+    monkeypatch.setenv("LOOPWISE_LOG_LEVEL", value)
+    assert main(["runs", "--db", str(db)]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"LOOPWISE_LOG_LEVEL={value!r}", "DEBUG, INFO, WARNING, ERROR")
+
+
+@pytest.mark.parametrize("value", ["info", " WARNING ", "warn", ""])
+def test_a_good_log_level_is_accepted(db, monkeypatch, capsys, value):
+    monkeypatch.setenv("LOOPWISE_LOG_LEVEL", value)
+    assert main(["runs", "--db", str(db)]) == 0
+    assert "alpha-1" in capsys.readouterr().out

@@ -19,6 +19,7 @@ from .._store import RunSummary
 from .._render import STOP_STYLES, format_cost, format_duration, render_run
 from ._common import CLIError, DbOption, open_existing_store, resolve_run_id, stdout_console, write_json
 from ._control import kill_command, resume_command
+from ._help import Command, Group
 from ._export import export_command
 from ._profile import profile_command
 from ._prune import prune_command
@@ -33,19 +34,29 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=Group,
 )
-app.command("run")(run_command)
-app.command("export")(export_command)
-app.command("profile")(profile_command)
-app.command("prune")(prune_command)
-app.command("kill")(kill_command)
-app.command("resume")(resume_command)
+app.command("run", cls=Command)(run_command)
+app.command("export", cls=Command)(export_command)
+app.command("profile", cls=Command)(profile_command)
+app.command("prune", cls=Command)(prune_command)
+app.command("kill", cls=Command)(kill_command)
+app.command("resume", cls=Command)(resume_command)
+
+
+@app.callback()
+def _root(db: DbOption = None) -> None:
+    """Run tool-calling agents and read their event logs.
+
+    --db PATH may come before the command (`loopwise --db x.db runs`) or after it
+    (`loopwise runs --db x.db`); given in both places, the one after the command wins.
+    """
 
 
 # -- runs ----------------------------------------------------------------------------
 
 
-@app.command("runs")
+@app.command("runs", cls=Command)
 def runs_command(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, metavar="N", help="How many runs to list.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print the runs as a JSON list.")] = False,
@@ -116,7 +127,7 @@ def _liveness(store: SQLiteStore, summaries: list[RunSummary]) -> list[RunSummar
 # -- show ----------------------------------------------------------------------------
 
 
-@app.command("show")
+@app.command("show", cls=Command)
 def show_command(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="A run id (or a prefix matching one run).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's events as a JSON list.")] = False,
@@ -150,7 +161,7 @@ def show_command(
 # -- demo ----------------------------------------------------------------------------
 
 
-@app.command("demo")
+@app.command("demo", cls=Command)
 def demo_command() -> int:
     """Show loopwise's scenarios, each one run on a simulated model (no network)."""
     try:

@@ -27,14 +27,29 @@ class CLIError(Exception):
         self.code = code
 
 
+def _db_before_or_after(ctx: typer.Context, value: Path | None) -> Path | None:
+    """`--db` after the command, else `--db` before it (`loopwise --db x.db runs`), else None.
+
+    After the command wins: it is the more specific of the two, as a later option
+    overrides an earlier one (an alias `lw='loopwise --db prod.db'` still takes
+    `lw runs --db test.db`).
+    """
+    if value is not None:
+        return value
+    root = ctx.find_root()
+    return None if root is ctx else root.params.get("db")
+
+
 DbOption = Annotated[
     Path | None,
     typer.Option(
         "--db",
         metavar="PATH",
-        help="The loopwise database (default: $LOOPWISE_DB or .loopwise/loopwise.db).",
+        help="The loopwise database (default: $LOOPWISE_DB or .loopwise/loopwise.db). "
+             "Also accepted before the command; if both, the one after the command wins.",
         show_default=False,
         dir_okay=False,
+        callback=_db_before_or_after,
     ),
 ]
 
