@@ -622,3 +622,108 @@ def test_a_good_log_level_is_accepted(db, monkeypatch, capsys, value):
     monkeypatch.setenv("LOOPWISE_LOG_LEVEL", value)
     assert main(["runs", "--db", str(db)]) == 0
     assert "alpha-1" in capsys.readouterr().out
+
+
+# -- show at any width ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def recovery_db(tmp_path) -> Path:
+    """A run with concurrent calls, long arguments, a long result and a timed-out lookup
+    answered by its fallback: `recovery-1`."""
+    import anyio
+
+    path = tmp_path / "recovery.db"
+    store = lw.SQLiteStore(path)
+
+    @lw.tool
+    async def cached_history(customer_id: str) -> dict:
+        """Yesterday's history."""
+        return {"customer_id": customer_id, "tier": "gold", "as_of": "yesterday"}
+
+    @lw.tool(timeout=0.05, fallback=cached_history)
+    async def customer_history(customer_id: str) -> dict:
+        """The live history: it hangs."""
+        await anyio.sleep(3600)
+        return {}
+
+    @lw.tool
+    async def draft_reply(sentiment: str, history: str, context: str) -> str:
+        """A long reply."""
+        return "Zebra reply: " + "we are very sorry about the wait on your order. " * 6
+
+    model = ScriptedModel([
+        ModelResponse(tool_calls=[
+            ToolCall("draft_reply", {"sentiment": "negative " * 8, "history": "gold tier " * 8, "context": "shipping"}),
+            ToolCall("customer_history", {"customer_id": "CUS-4821-" + "x" * 40}),
+        ]),
+        "done",
+    ])
+    lw.Agent(model, tools=[customer_history, draft_reply], store=store, name="recovery").run_sync(
+        "help", run_id="recovery-1")
+    store.close()
+    return path
+
+
+def tool_rows_visible(text: str, events, width: int) -> None:
+    """Each tool call's outcome, latency and the start of its result are on screen."""
+    from loopwise._render import format_duration
+
+    lines_ = text.splitlines()
+    assert all(len(line) <= width for line in lines_), [line for line in lines_ if len(line) > width]
+    finished = [e for e in events if e.kind == "tool_call_finished"]
+    assert finished
+    for event in finished:
+        content = " ".join((event.content or "").split())
+        start = content[:12]
+        row = [line for line in lines_ if start in line and f" {event.outcome} " in line]
+        assert len(row) == 1, (start, event.outcome, text)
+        assert f" {format_duration(event.latency_s)} " in row[0], (row[0], text)
+
+
+@pytest.mark.parametrize("width", [60, 80, 120, 160])
+def test_show_keeps_each_tool_rows_outcome_latency_and_result_at_any_width(recovery_db, monkeypatch, capsys, width):
+    monkeypatch.setenv("COLUMNS", str(width))
+    assert main(["show", "recovery-1", "--db", str(recovery_db)]) == 0
+    text = capsys.readouterr().out
+    store = lw.SQLiteStore(recovery_db)
+    try:
+        events = store.load("recovery-1")
+    finally:
+        store.close()
+    tool_rows_visible(text, events, width)
+    assert "fallback" in text and "↳ answered from cached_history" in text
+    assert "Zebra reply" in text
+    if width >= 160:  # wide enough: one line per call
+        assert any("draft_reply(" in line and "Zebra reply" in line for line in text.splitlines()), text
+
+
+def test_show_labels_a_failed_model_attempt_by_what_the_log_says(tmp_path, monkeypatch, capsys):
+    from loopwise.models import FunctionModel, ModelPolicy
+
+    calls = {"n": 0}
+
+    async def flaky(request):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise lw.ModelHTTPError("rate limited", status_code=429)
+        if calls["n"] == 2:
+            raise lw.ModelHTTPError("bad request: no such parameter", status_code=400)
+        return ModelResponse(text="fine")
+
+    backup = FunctionModel(lambda request: ModelResponse(text="from the backup"), name="backup")
+    path = tmp_path / "attempts.db"
+    store = lw.SQLiteStore(path)
+    agent = lw.Agent(FunctionModel(flaky, name="primary"), fallback_models=[backup], store=store,
+                     model_policy=ModelPolicy(retries=2, backoff_initial_s=0.001))
+    result = agent.run_sync("x", run_id="attempts-1")
+    store.close()
+    assert result.output == "from the backup"
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["show", "attempts-1", "--db", str(path)]) == 0
+    lines_ = [line for line in capsys.readouterr().out.splitlines() if "primary attempt" in line]
+    assert len(lines_) == 2, lines_
+    retried, failed = lines_
+    assert retried.startswith("RETRY") and "429" in retried and "retrying in" in retried
+    assert failed.startswith("FAILED") and "RETRY" not in failed
+    assert "400" in failed and "(not retried: HTTP 400 is not retryable; falling back to backup)" in failed
