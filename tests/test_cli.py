@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -152,14 +154,51 @@ def test_run_without_db_uses_the_default_database(agent_module, tmp_path, monkey
 
 
 def test_db_is_ignored_with_a_warning_when_the_agent_has_its_own_store(agent_module, tmp_path, capsys):
+    own = tmp_path / "own.db"
+    (tmp_path / "own_agent.py").write_text(textwrap.dedent(f"""\
+        import loopwise as lw
+        from {agent_module} import lookup, think
+        from loopwise.models import FunctionModel
+        owned = lw.Agent(FunctionModel(think), tools=[lookup], name="owned", store=lw.SQLiteStore({str(own)!r}))
+    """))
     db = tmp_path / "ignored.db"
-    assert main(["run", f"{agent_module}:private", "--task", "hi", "--db", str(db)]) == 0
+    try:
+        assert main(["run", "own_agent:owned", "--task", "hi", "--db", str(db)]) == 0
+        captured = capsys.readouterr()
+        assert "warning:" in captured.err and "--db" in captured.err and str(own) in captured.err
+        assert "Both orders shipped." in captured.out
+        assert not db.exists()
+        [summary] = sys.modules["own_agent"].owned.store.list_runs()
+        assert summary.stop_reason == "done"
+        # The command it prints reads the run back from where it is.
+        [command] = [line for line in captured.out.splitlines() if "loopwise show" in line]
+        argv = shlex.split(command.split(": ", 1)[1])
+        assert argv[:2] == ["loopwise", "show"] and "--db" in argv
+        assert main(argv[1:]) == 0
+        assert "Both orders shipped." in capsys.readouterr().out
+    finally:
+        module = sys.modules.pop("own_agent", None)
+        if module is not None:
+            module.owned.store.close()
+
+
+@pytest.mark.parametrize("with_db", [True, False])
+def test_an_agent_with_an_in_memory_store_writes_to_the_clis_database(agent_module, tmp_path, monkeypatch, capsys,
+                                                                      with_db):
+    db = tmp_path / ("given.db" if with_db else "env.db")
+    monkeypatch.setenv("LOOPWISE_DB", str(tmp_path / "env.db"))
+    argv = ["run", f"{agent_module}:private", "--task", "hi"] + (["--db", str(db)] if with_db else [])
+    assert main(argv) == 0
     captured = capsys.readouterr()
-    assert "warning:" in captured.err and "--db" in captured.err and "in-memory store" in captured.err
+    assert "in memory" in captured.err and str(db) in captured.err
     assert "Both orders shipped." in captured.out
-    assert not db.exists()
-    [summary] = sys.modules[agent_module].private.store.list_runs()
-    assert summary.stop_reason == "done"
+    assert db.exists()
+    assert sys.modules[agent_module].private.store.list_runs() == []  # (its own store is left as it was)
+    [command] = [line for line in captured.out.splitlines() if "loopwise show" in line]
+    assert main(shlex.split(command.split(": ", 1)[1])[1:]) == 0
+    assert "Both orders shipped." in capsys.readouterr().out
+    assert main(["runs", "--db", str(db)]) == 0
+    assert "private" in capsys.readouterr().out
 
 
 # -- run --input ---------------------------------------------------------------------
@@ -460,13 +499,18 @@ def test_help(capsys):
         assert f" {command} " in out
 
 
-def test_demo_calls_the_demo_module(monkeypatch, capsys):
+def test_demo_calls_the_demo_module(monkeypatch, capsys, tmp_path):
     seen = []
     fake = types.ModuleType("loopwise._demo")
-    fake.main = lambda console: seen.append(console) or console.print("the demo ran")  # type: ignore[attr-defined]
+
+    def fake_main(console, *, store):
+        seen.append((console, store.path))
+        console.print("the demo ran")
+
+    fake.main = fake_main  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "loopwise._demo", fake)
-    assert main(["demo"]) == 0
-    assert isinstance(seen[0], Console)
+    assert main(["demo", "--db", str(tmp_path / "demo.db")]) == 0
+    assert isinstance(seen[0][0], Console) and seen[0][1] == tmp_path / "demo.db"
     assert "the demo ran" in capsys.readouterr().out
 
 
@@ -582,11 +626,15 @@ def test_every_command_has_a_help_without_type_placeholders(capsys, monkeypatch)
             assert placeholder not in out, (argv, placeholder, out)
         usage = next(line for line in out.splitlines() if "Usage: loopwise" in line)
         assert "{" not in usage, usage
+        assert "seed" not in out.lower(), (argv, out)
     # Arguments in the usual notation: required bare, optional in brackets.
     main(["show", "--help"])
     assert "Usage: loopwise show [OPTIONS] RUN_ID" in capsys.readouterr().out
     main(["kill", "--help"])
     assert "Usage: loopwise kill [OPTIONS] [RUN_ID]" in capsys.readouterr().out
+    main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "$LOOPWISE_DEMO_SPEED multiplies every simulated latency" in out and "--db" in out
 
 
 def test_db_is_accepted_before_the_command_too(db, tmp_path, capsys):
@@ -727,3 +775,23 @@ def test_show_labels_a_failed_model_attempt_by_what_the_log_says(tmp_path, monke
     assert retried.startswith("RETRY") and "429" in retried and "retrying in" in retried
     assert failed.startswith("FAILED") and "RETRY" not in failed
     assert "400" in failed and "(not retried: HTTP 400 is not retryable; falling back to backup)" in failed
+
+
+def test_no_message_a_user_sees_speaks_of_the_seed_post():
+    """The project's story ("the seed post") stays in docstrings and comments: a string the
+    code shows (an error, a warning, the demo's text) says what happened in the user's terms."""
+    import ast
+
+    story = re.compile(r"\bseed post|\bthe seed'?s?\b|\bseed's\b", re.IGNORECASE)
+    found = []
+    for path in sorted(Path(lw.__file__).parent.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                    and story.search(node.value)):
+                found.append(f"{path.name}:{node.lineno}: {node.value[:80]!r}")
+    assert found == [], found

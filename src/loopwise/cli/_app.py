@@ -14,7 +14,7 @@ from rich.text import Text
 from .._control import control_for
 from .._events import event_to_dict
 from .._resume import RESUMABLE
-from .._sqlite import SQLiteStore
+from .._sqlite import SQLiteStore, default_db_path
 from .._store import RunSummary
 from .._render import STOP_STYLES, format_cost, format_duration, render_run
 from ._common import CLIError, DbOption, open_existing_store, resolve_run_id, stdout_console, write_json
@@ -161,15 +161,27 @@ def show_command(
 # -- demo ----------------------------------------------------------------------------
 
 
-@app.command("demo", cls=Command)
-def demo_command() -> int:
-    """Show loopwise's scenarios, each one run on a simulated model (no network)."""
+DEMO_HELP = "\n\n".join((
+    "Six scenarios from production agent loops, each run on a simulated model (no network, no keys).",
+    "The runs are written to the database, as every command's are (--db, else $LOOPWISE_DB, else "
+    ".loopwise/loopwise.db); the demo ends with the commands that read them back.",
+    "$LOOPWISE_DEMO_SPEED multiplies every simulated latency: 1 (the default) is real time, about 40 s in "
+    "all; 0 runs the demo almost at once: LOOPWISE_DEMO_SPEED=0 loopwise demo",
+))
+
+
+@app.command("demo", cls=Command, help=DEMO_HELP)
+def demo_command(db: DbOption = None) -> int:
+    """Run `loopwise._demo` on the CLI's database (see `DEMO_HELP`)."""
     try:
         demo = importlib.import_module("loopwise._demo")
     except ImportError as exc:
         if getattr(exc, "name", None) == "loopwise._demo":
             raise CLIError("the demo is not part of this build of loopwise", 1) from None
         raise CLIError(f"the demo could not be loaded: {type(exc).__name__}: {exc}", 1) from None
-    rv = demo.main(stdout_console())
+    store = SQLiteStore(db if db is not None else default_db_path())
+    try:
+        rv = demo.main(stdout_console(), store=store)
+    finally:
+        store.close()
     return rv if isinstance(rv, int) else 0
-
