@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -152,14 +154,51 @@ def test_run_without_db_uses_the_default_database(agent_module, tmp_path, monkey
 
 
 def test_db_is_ignored_with_a_warning_when_the_agent_has_its_own_store(agent_module, tmp_path, capsys):
+    own = tmp_path / "own.db"
+    (tmp_path / "own_agent.py").write_text(textwrap.dedent(f"""\
+        import loopwise as lw
+        from {agent_module} import lookup, think
+        from loopwise.models import FunctionModel
+        owned = lw.Agent(FunctionModel(think), tools=[lookup], name="owned", store=lw.SQLiteStore({str(own)!r}))
+    """))
     db = tmp_path / "ignored.db"
-    assert main(["run", f"{agent_module}:private", "--task", "hi", "--db", str(db)]) == 0
+    try:
+        assert main(["run", "own_agent:owned", "--task", "hi", "--db", str(db)]) == 0
+        captured = capsys.readouterr()
+        assert "warning:" in captured.err and "--db" in captured.err and str(own) in captured.err
+        assert "Both orders shipped." in captured.out
+        assert not db.exists()
+        [summary] = sys.modules["own_agent"].owned.store.list_runs()
+        assert summary.stop_reason == "done"
+        # The command it prints reads the run back from where it is.
+        [command] = [line for line in captured.out.splitlines() if "loopwise show" in line]
+        argv = shlex.split(command.split(": ", 1)[1])
+        assert argv[:2] == ["loopwise", "show"] and "--db" in argv
+        assert main(argv[1:]) == 0
+        assert "Both orders shipped." in capsys.readouterr().out
+    finally:
+        module = sys.modules.pop("own_agent", None)
+        if module is not None:
+            module.owned.store.close()
+
+
+@pytest.mark.parametrize("with_db", [True, False])
+def test_an_agent_with_an_in_memory_store_writes_to_the_clis_database(agent_module, tmp_path, monkeypatch, capsys,
+                                                                      with_db):
+    db = tmp_path / ("given.db" if with_db else "env.db")
+    monkeypatch.setenv("LOOPWISE_DB", str(tmp_path / "env.db"))
+    argv = ["run", f"{agent_module}:private", "--task", "hi"] + (["--db", str(db)] if with_db else [])
+    assert main(argv) == 0
     captured = capsys.readouterr()
-    assert "warning:" in captured.err and "--db" in captured.err and "in-memory store" in captured.err
+    assert "in memory" in captured.err and str(db) in captured.err
     assert "Both orders shipped." in captured.out
-    assert not db.exists()
-    [summary] = sys.modules[agent_module].private.store.list_runs()
-    assert summary.stop_reason == "done"
+    assert db.exists()
+    assert sys.modules[agent_module].private.store.list_runs() == []  # (its own store is left as it was)
+    [command] = [line for line in captured.out.splitlines() if "loopwise show" in line]
+    assert main(shlex.split(command.split(": ", 1)[1])[1:]) == 0
+    assert "Both orders shipped." in capsys.readouterr().out
+    assert main(["runs", "--db", str(db)]) == 0
+    assert "private" in capsys.readouterr().out
 
 
 # -- run --input ---------------------------------------------------------------------
@@ -460,13 +499,18 @@ def test_help(capsys):
         assert f" {command} " in out
 
 
-def test_demo_calls_the_demo_module(monkeypatch, capsys):
+def test_demo_calls_the_demo_module(monkeypatch, capsys, tmp_path):
     seen = []
     fake = types.ModuleType("loopwise._demo")
-    fake.main = lambda console: seen.append(console) or console.print("the demo ran")  # type: ignore[attr-defined]
+
+    def fake_main(console, *, store):
+        seen.append((console, store.path))
+        console.print("the demo ran")
+
+    fake.main = fake_main  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "loopwise._demo", fake)
-    assert main(["demo"]) == 0
-    assert isinstance(seen[0], Console)
+    assert main(["demo", "--db", str(tmp_path / "demo.db")]) == 0
+    assert isinstance(seen[0][0], Console) and seen[0][1] == tmp_path / "demo.db"
     assert "the demo ran" in capsys.readouterr().out
 
 
@@ -565,3 +609,189 @@ def test_batch_reads_stdin(agent_module, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO('"one"\n"two"\n'))
     assert main(["run", f"{agent_module}:support", "--input", "-", "--db", str(tmp_path / "x.db")]) == 0
     assert len(lines(capsys.readouterr().out)) == 2
+
+
+# -- help, options before the command, the environment -----------------------------------
+
+COMMANDS = ("run", "runs", "show", "kill", "resume", "demo", "export", "profile", "prune")
+
+
+def test_every_command_has_a_help_without_type_placeholders(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    for argv in (["--help"], *([command, "--help"] for command in COMMANDS)):
+        assert main(argv) == 0, argv
+        out = capsys.readouterr().out
+        assert "Usage: loopwise" in out, argv
+        for placeholder in ("<bool>", "<str>", "<int>", "<float>", "<path>", "[["):
+            assert placeholder not in out, (argv, placeholder, out)
+        usage = next(line for line in out.splitlines() if "Usage: loopwise" in line)
+        assert "{" not in usage, usage
+        assert "seed" not in out.lower(), (argv, out)
+    # Arguments in the usual notation: required bare, optional in brackets.
+    main(["show", "--help"])
+    assert "Usage: loopwise show [OPTIONS] RUN_ID" in capsys.readouterr().out
+    main(["kill", "--help"])
+    assert "Usage: loopwise kill [OPTIONS] [RUN_ID]" in capsys.readouterr().out
+    main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "$LOOPWISE_DEMO_SPEED multiplies every simulated latency" in out and "--db" in out
+
+
+def test_db_is_accepted_before_the_command_too(db, tmp_path, capsys):
+    other = tmp_path / "other.db"
+    store = lw.SQLiteStore(other)
+    lw.Agent(ScriptedModel(["hello"]), store=store, name="other").run_sync("x", run_id="beta-1")
+    store.close()
+    assert main(["--db", str(db), "runs"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha-1" in out and "beta-1" not in out
+    assert main(["runs", "--db", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "beta-1" in out and "alpha-1" not in out
+    # Both: the one after the command wins.
+    assert main(["--db", str(db), "runs", "--db", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "beta-1" in out and "alpha-1" not in out
+    assert main(["--db", str(db), "show", "alpha-2"]) == 0
+    assert "max_iterations" in capsys.readouterr().out
+    assert main(["--db", str(tmp_path / "missing.db"), "runs"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "missing.db")
+
+
+@pytest.mark.parametrize("value", ["bogus", "verbose", "10"])
+def test_a_bad_log_level_is_a_one_line_error_naming_the_valid_ones(db, monkeypatch, capsys, value):
+    monkeypatch.setenv("LOOPWISE_LOG_LEVEL", value)
+    assert main(["runs", "--db", str(db)]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"LOOPWISE_LOG_LEVEL={value!r}", "DEBUG, INFO, WARNING, ERROR")
+
+
+@pytest.mark.parametrize("value", ["info", " WARNING ", "warn", ""])
+def test_a_good_log_level_is_accepted(db, monkeypatch, capsys, value):
+    monkeypatch.setenv("LOOPWISE_LOG_LEVEL", value)
+    assert main(["runs", "--db", str(db)]) == 0
+    assert "alpha-1" in capsys.readouterr().out
+
+
+# -- show at any width ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def recovery_db(tmp_path) -> Path:
+    """A run with concurrent calls, long arguments, a long result and a timed-out lookup
+    answered by its fallback: `recovery-1`."""
+    import anyio
+
+    path = tmp_path / "recovery.db"
+    store = lw.SQLiteStore(path)
+
+    @lw.tool
+    async def cached_history(customer_id: str) -> dict:
+        """Yesterday's history."""
+        return {"customer_id": customer_id, "tier": "gold", "as_of": "yesterday"}
+
+    @lw.tool(timeout=0.05, fallback=cached_history)
+    async def customer_history(customer_id: str) -> dict:
+        """The live history: it hangs."""
+        await anyio.sleep(3600)
+        return {}
+
+    @lw.tool
+    async def draft_reply(sentiment: str, history: str, context: str) -> str:
+        """A long reply."""
+        return "Zebra reply: " + "we are very sorry about the wait on your order. " * 6
+
+    model = ScriptedModel([
+        ModelResponse(tool_calls=[
+            ToolCall("draft_reply", {"sentiment": "negative " * 8, "history": "gold tier " * 8, "context": "shipping"}),
+            ToolCall("customer_history", {"customer_id": "CUS-4821-" + "x" * 40}),
+        ]),
+        "done",
+    ])
+    lw.Agent(model, tools=[customer_history, draft_reply], store=store, name="recovery").run_sync(
+        "help", run_id="recovery-1")
+    store.close()
+    return path
+
+
+def tool_rows_visible(text: str, events, width: int) -> None:
+    """Each tool call's outcome, latency and the start of its result are on screen."""
+    from loopwise._render import format_duration
+
+    lines_ = text.splitlines()
+    assert all(len(line) <= width for line in lines_), [line for line in lines_ if len(line) > width]
+    finished = [e for e in events if e.kind == "tool_call_finished"]
+    assert finished
+    for event in finished:
+        content = " ".join((event.content or "").split())
+        start = content[:12]
+        row = [line for line in lines_ if start in line and f" {event.outcome} " in line]
+        assert len(row) == 1, (start, event.outcome, text)
+        assert f" {format_duration(event.latency_s)} " in row[0], (row[0], text)
+
+
+@pytest.mark.parametrize("width", [60, 80, 120, 160])
+def test_show_keeps_each_tool_rows_outcome_latency_and_result_at_any_width(recovery_db, monkeypatch, capsys, width):
+    monkeypatch.setenv("COLUMNS", str(width))
+    assert main(["show", "recovery-1", "--db", str(recovery_db)]) == 0
+    text = capsys.readouterr().out
+    store = lw.SQLiteStore(recovery_db)
+    try:
+        events = store.load("recovery-1")
+    finally:
+        store.close()
+    tool_rows_visible(text, events, width)
+    assert "fallback" in text and "↳ answered from cached_history" in text
+    assert "Zebra reply" in text
+    if width >= 160:  # wide enough: one line per call
+        assert any("draft_reply(" in line and "Zebra reply" in line for line in text.splitlines()), text
+
+
+def test_show_labels_a_failed_model_attempt_by_what_the_log_says(tmp_path, monkeypatch, capsys):
+    from loopwise.models import FunctionModel, ModelPolicy
+
+    calls = {"n": 0}
+
+    async def flaky(request):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise lw.ModelHTTPError("rate limited", status_code=429)
+        if calls["n"] == 2:
+            raise lw.ModelHTTPError("bad request: no such parameter", status_code=400)
+        return ModelResponse(text="fine")
+
+    backup = FunctionModel(lambda request: ModelResponse(text="from the backup"), name="backup")
+    path = tmp_path / "attempts.db"
+    store = lw.SQLiteStore(path)
+    agent = lw.Agent(FunctionModel(flaky, name="primary"), fallback_models=[backup], store=store,
+                     model_policy=ModelPolicy(retries=2, backoff_initial_s=0.001))
+    result = agent.run_sync("x", run_id="attempts-1")
+    store.close()
+    assert result.output == "from the backup"
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["show", "attempts-1", "--db", str(path)]) == 0
+    lines_ = [line for line in capsys.readouterr().out.splitlines() if "primary attempt" in line]
+    assert len(lines_) == 2, lines_
+    retried, failed = lines_
+    assert retried.startswith("RETRY") and "429" in retried and "retrying in" in retried
+    assert failed.startswith("FAILED") and "RETRY" not in failed
+    assert "400" in failed and "(not retried: HTTP 400 is not retryable; falling back to backup)" in failed
+
+
+def test_no_message_a_user_sees_speaks_of_the_seed_post():
+    """The project's story ("the seed post") stays in docstrings and comments: a string the
+    code shows (an error, a warning, the demo's text) says what happened in the user's terms."""
+    import ast
+
+    story = re.compile(r"\bseed post|\bthe seed'?s?\b|\bseed's\b", re.IGNORECASE)
+    found = []
+    for path in sorted(Path(lw.__file__).parent.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                    and story.search(node.value)):
+                found.append(f"{path.name}:{node.lineno}: {node.value[:80]!r}")
+    assert found == [], found

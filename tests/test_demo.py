@@ -7,6 +7,7 @@ import itertools
 import os
 import json
 import re
+import shlex
 
 import pytest
 from rich.console import Console
@@ -54,7 +55,7 @@ def test_the_demo_runs_every_scenario(store):
     text = output(c)
     flat = " ".join(text.split())  # phrases may wrap across lines
     for words in ("1. Triage", "2. Error recovery", "3. The latency trap", "4. The cost spiral", "5. Debugging",
-                  "answers the seed post's", "400 lines of JSON", "one slow DB call", "14-second loading screen",
+                  "the problem:", "400 lines of JSON", "one slow DB call", "14-second loading screen",
                   "$47"):
         assert words in text, words
     # The error-recovery trace: the hung lookup timed out, the cache answered, and the trace says so.
@@ -155,19 +156,85 @@ def test_a_bad_speed_is_an_error_naming_it(monkeypatch):
     assert _demo.main(console(), speed=0) == 0
 
 
-def test_the_demo_writes_nothing_to_the_current_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert _demo.main(console(), speed=0) == 0
-    assert list(tmp_path.iterdir()) == []
+def test_given_a_memory_store_the_demo_says_no_command_can_read_its_runs(store):
+    c = console()
+    assert _demo.main(c, speed=0, store=store) == 0
+    text = output(c)
+    assert "kept in memory" in " ".join(text.split())
+    # The one command shown is the kill the demo ran, on a temporary database of its own.
+    [kill] = printed_commands(text)
+    assert kill.startswith("loopwise kill ") and " --db " in kill
 
 
 def test_the_demo_can_log_to_sqlite(tmp_path):
     store = lw.SQLiteStore(tmp_path / "demo.db")
     try:
         assert _demo.main(console(), speed=0, store=store) == 0
-        assert len(store.list_runs()) == 8
+        assert len(store.list_runs()) == 9  # the kill switch's run too
     finally:
         store.close()
+
+
+# -- `loopwise demo` as a user runs it ------------------------------------------------------
+
+#: What each command's output must hold (besides the run id it names, if any).
+EXPECTED = {"runs": ["support-triage", "support-refund", "support-stuck"],
+            "show": ["iteration "], "kill": ["already finished (killed)"], "profile": ["THINK"],
+            "resume": ["resumed (segment 2)", "done"]}
+
+
+def printed_commands(text: str) -> list[str]:
+    """Every `loopwise ...` command the demo printed: on a `$` line, or in backquotes."""
+    commands = [m.group(1) for m in re.finditer(r"^\s*\$ (loopwise .*)$", text, re.MULTILINE)]
+    commands += re.findall(r"`(loopwise [^`]*)`", text)
+    return commands
+
+
+@pytest.mark.parametrize("where", ["default", "--db before", "--db after", "env"])
+def test_every_command_the_demo_prints_works_when_pasted(tmp_path, monkeypatch, capsys, where):
+    from loopwise.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOOPWISE_DB")
+    monkeypatch.setenv("LOOPWISE_DEMO_SPEED", "0")
+    monkeypatch.setenv("COLUMNS", "80")
+    argv = {"default": ["demo"], "--db before": ["--db", "my runs.db", "demo"],
+            "--db after": ["demo", "--db", "my runs.db"], "env": ["demo"]}[where]
+    if where == "env":
+        monkeypatch.setenv("LOOPWISE_DB", str(tmp_path / "from env" / "x.db"))
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "seed" not in text.lower()  # the project's story is not the user's
+    expected_db = {"default": tmp_path / ".loopwise" / "loopwise.db", "env": tmp_path / "from env" / "x.db"}.get(
+        where, tmp_path / "my runs.db")
+    assert expected_db.exists()
+    commands = printed_commands(text)
+    assert {shlex.split(c, comments=True)[1] for c in commands} == set(EXPECTED), commands
+    resumed = False
+    for command in commands:
+        args = shlex.split(command, comments=True)
+        assert args[0] == "loopwise"
+        assert "RUN_ID" not in args and "MODULE:AGENT" not in args and not any("…" in a for a in args), command
+        assert ("--db" in args) == where.startswith("--db"), command
+        if args[1] == "resume":
+            assert not resumed, "the demo prints one resume: a run resumes once"
+            resumed = True
+        monkeypatch.setenv("COLUMNS", "200")
+        assert main(args[1:]) == 0, (command, capsys.readouterr())
+        out = capsys.readouterr().out
+        for words in EXPECTED[args[1]]:
+            assert words in out, (command, words, out)
+        run_ids = [a for a in args[2:] if re.fullmatch(r"[0-9a-f]{32}", a)]
+        for run_id in run_ids:
+            assert run_id in out, (command, out)
+    assert resumed
+    # What the demo says at 80 columns: the error-recovery trace keeps each tool row's outcome,
+    # latency and the start of its result, and names the fallback that answered.
+    recovery = text.split("2. Error recovery")[1].split("3. The latency trap")[0]
+    assert all(len(line) <= 80 for line in recovery.splitlines())
+    assert re.search(r"^ +fallback +\d+ms  get_customer_history timed out", recovery, re.MULTILINE), recovery
+    assert re.search(r"^ +ok +\d+ms  negative", recovery, re.MULTILINE), recovery
+    assert "↳ answered from get_cached_history" in recovery
 
 
 def test_the_debugging_scenario_points_at_the_partial_observe_on_iteration_3(store):
@@ -195,11 +262,11 @@ def test_the_debugging_scenario_points_at_the_partial_observe_on_iteration_3(sto
     assert {e.outcome for e in events if e.kind == "tool_call_finished"} == {"ok"}
     text = output(c)
     flat = " ".join(text.split())
-    assert "5. Debugging" in text and "loopwise show RUN_ID --mismatches" in text
+    assert "5. Debugging" in text and "the mismatches view (loopwise show --mismatches)" in text
     assert "1 mismatch, first at iteration 3" in flat
     assert "◀ first mismatch" in text
     # The mismatch view (after its heading) shows iteration 3 and no other iteration.
-    mismatch_view = text.split("loopwise show RUN_ID --mismatches", 1)[1]
+    mismatch_view = text.split("the mismatches view (loopwise show --mismatches)", 1)[1]
     assert re.findall(r"^iteration (\d+)", mismatch_view, re.MULTILINE) == ["3"]
     assert "paid $65.00 of the $95.00 owed" in flat
 

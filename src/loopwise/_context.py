@@ -441,7 +441,7 @@ class SlidingWindow(ContextPolicy):
         if type(keep_last) is not int or keep_last < 1:
             raise UserError(
                 f"SlidingWindow(keep_last={keep_last!r}) must be an int >= 1: the model must see "
-                "the results of its last iteration (the seed post's rule: keep_last=2)"
+                "the results of its last iteration (default: 2)"
             )
         if type(summarize) is not bool:
             raise UserError(f"SlidingWindow(summarize={summarize!r}) must be True or False")
@@ -462,7 +462,7 @@ class SlidingWindow(ContextPolicy):
                             "or None (no token cap: only keep_last applies)")
         if type(summary_max_tokens) is not int or summary_max_tokens < 16:
             raise UserError(f"SlidingWindow(summary_max_tokens={summary_max_tokens!r}) must be an int >= 16 "
-                            "(the seed post's summaries are ~200 tokens; default 300)")
+                            "(a useful summary takes ~200 tokens; default 300)")
         if token_estimator is not None and not callable(token_estimator):
             raise UserError(f"SlidingWindow(token_estimator=...) must be a function Message -> int, "
                             f"got {type(token_estimator).__name__}")

@@ -1,8 +1,8 @@
-"""`loopwise demo`: the seed post's scenarios, on a simulated model (no network, no keys).
+"""`loopwise demo`: six scenarios from production agent loops, on a simulated model (no network, no keys).
 
 Each scenario runs a real `Agent` through the real loop; only the model
 (`loopwise.models.SupportDeskSimulator`) and the three tools are simulated, with
-latencies like the seed post's (500–900 ms per THINK, a few hundred ms per tool).
+latencies like a hosted model's (500–900 ms per THINK, a few hundred ms per tool).
 Everything printed about a run is read back from its event log.
 
 1. Triage: one run with parallel tool calls, shown as its trace.
@@ -24,19 +24,27 @@ Environment:
         instantly (CI: ``LOOPWISE_DEMO_SPEED=0 loopwise demo``). A `speed` passed to
         `main` wins over it.
 
-The runs go to a `MemoryStore` unless `main` is given another store: the demo never
-writes to the current directory.
+The runs go to the database every command uses (`main`'s `store`; by default
+``$LOOPWISE_DB`` or ``.loopwise/loopwise.db``, as `loopwise demo --db PATH` chooses), so
+that `loopwise runs`, `show` and `resume` read them afterwards. The demo ends with
+those commands, spelled out for its runs; each works when pasted (the resume uses
+`support_agent`, an attribute of this module made on first use: the triage agent with
+its history lookup working again). Given a `MemoryStore`, it says that no command can
+read the runs back, and prints none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shlex
 import sys
 import tempfile
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -46,7 +54,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ._agent import Agent, new_run_id
-from ._sqlite import SQLiteStore
+from ._sqlite import SQLiteStore, default_db_path
+from .cli._common import db_args as _db_args
 from ._errors import UserError
 from ._events import LimitHit, ModelCallFinished, ToolCallFinished
 from ._context import SlidingWindow
@@ -57,7 +66,7 @@ from ._decisions import decisions
 from ._render_decisions import render_decisions
 from ._result import RunResult
 from ._profile import Phases, phase_times
-from ._store import EventStore, MemoryStore
+from ._store import EventStore
 from ._tools import Tool, tool
 from .models._base import Price
 from .models._simulator import SupportDeskSimulator
@@ -156,7 +165,7 @@ def demo_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
 
 
 def recovery_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
-    """The triage tools, with the seed's hung history lookup and its cached fallback."""
+    """The triage tools, with a history lookup that hangs and its cached fallback."""
     analyze_sentiment, _, generate_reply = demo_tools(speed=speed, seed=seed)
 
     @tool(timeout=0.2)
@@ -168,7 +177,7 @@ def recovery_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
         """
         return {**_history(customer_id), "as_of": "yesterday"}
 
-    # The live lookup hangs, as the seed's slow DB call did; its timeout does not.
+    # The live lookup hangs, as a slow DB call does; its timeout does not.
     @tool(timeout=max(HISTORY_TIMEOUT_S * speed, 0.05), fallback=get_cached_history,
           alternatives=["get_cached_history"])
     async def get_customer_history(customer_id: str) -> dict[str, Any]:
@@ -212,7 +221,7 @@ def refund_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
             order_ids: The orders' ids, like ["ORD-7"].
         """
         await pause()
-        # The seed's partial OBSERVE: orders live in two warehouses, and the east one's
+        # A partial OBSERVE: orders live in two warehouses, and the east one's
         # replica lags, so its orders are silently missing: a result, not an error.
         found = [{"id": oid, "amount": REFUND_ORDERS[oid][1], "status": "not delivered"}
                  for oid in order_ids if oid in REFUND_ORDERS and REFUND_ORDERS[oid][0] != LAGGING_WAREHOUSE]
@@ -246,7 +255,7 @@ def refund_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
 
 
 def _history(customer_id: str) -> dict[str, Any]:
-    if customer_id.upper() == "CUS-4821":  # the seed post's customer
+    if customer_id.upper() == "CUS-4821":  # the demo's customer
         return {"customer_id": "CUS-4821", "tier": "gold", "orders": 3, "open_tickets": 1,
                 "last_order": {"id": "ORD-1042", "status": "in transit", "days_waiting": 21}}
     digits = sum(int(c) for c in customer_id if c.isdigit())
@@ -262,9 +271,22 @@ def _history(customer_id: str) -> dict[str, Any]:
 
 def _heading(console: Console, number: int, title: str, answers: str) -> None:
     console.print()
-    console.print(Rule(Text(f"{number}. {title}", style="bold"), align="left", style="cyan"))
-    console.print(Text("answers the seed post's ", style="dim") + Text(answers, style="italic"))
+    heading = Text(f"{number}. {title}", style="bold")
+    if heading.cell_len + 6 <= console.size.width:
+        console.print(Rule(heading, align="left", style="cyan"))
+    else:  # a rule would cut the title: the title, whole, then the rule
+        console.print(heading)
+        console.print(Rule(style="cyan"))
+    console.print(Text("the problem: ", style="dim") + Text(answers, style="italic"))
     console.print()
+
+
+def _command(console: Console, command: str, note: str = "") -> None:
+    """A command to paste, on a line of its own (never wrapped: a copy gets it whole)."""
+    line = Text("  $ ", style="dim") + Text(command, style="bold")
+    if note:
+        line.append(f"   # {note}", style="dim")
+    console.print(line, soft_wrap=True)
 
 
 def _run(console: Console, agent: Agent, task: str, *, tags: Sequence[str], what: str) -> RunResult:
@@ -289,6 +311,11 @@ def triage(console: Console, store: EventStore, *, speed: float) -> RunResult:
     agent = _agent(store, speed=speed, name="support-triage")
     result = _run(console, agent, TASK, tags=["triage"], what="the triage")
     render_run(store.load(result.run_id), console)
+    db = _db_args(store)
+    if db is not None:
+        console.print()
+        console.print(Text("The same trace, read back from the log by any process:", style="dim"))
+        _command(console, f"loopwise show {result.run_id}{db}")
     return result
 
 
@@ -346,12 +373,12 @@ def latency_trap(console: Console, store: EventStore, *, speed: float) -> tuple[
                        "one's end, per step. Overhead: the rest, the loop and its event log.", style="dim"))
     if speed == 0:
         console.print(Text("At speed 0 the simulated latencies are off, so these timings are only the "
-                           "runtime's own work; run `loopwise demo` at speed 1 to see the trap.", style="dim"))
+                           f"runtime's own work; at speed 1 (unset ${SPEED_ENV}) the trap shows.", style="dim"))
     elif con.total_s > 0:
         console.print(Text.assemble(
             ("concurrent is ", ""), (f"{seq.total_s / con.total_s:.1f}× faster", "bold green"),
             ((f" ({format_duration(seq.total_s)} → {format_duration(con.total_s)}): one model round trip "
-              "fewer, and the lookups overlap. THINK dominates, as in the seed post: fewer, fuller "
+              "fewer, and the lookups overlap. THINK dominates: fewer, fuller "
               "iterations are the cure."), ""),
         ))
     return sequential, concurrent
@@ -468,11 +495,15 @@ def debugging(console: Console, store: EventStore, *, speed: float) -> RunResult
                   tools=refund_tools(speed=speed), store=store, name="support-refund", expectations=True)
     result = _run(console, agent, REFUND_TASK, tags=["debugging"], what="the refund")
     events = store.load(result.run_id)
-    console.print(Text("loopwise show RUN_ID --decisions", style="bold"))
-    render_decisions(events, console)
-    console.print()
-    console.print(Text("loopwise show RUN_ID --mismatches", style="bold"))
-    render_decisions(events, console, mismatches_only=True)
+    db = _db_args(store)
+    for option in ("--decisions", "--mismatches"):
+        if option == "--mismatches":
+            console.print()
+        if db is None:
+            console.print(Text(f"the {option[2:]} view (loopwise show {option})", style="bold"))
+        else:
+            _command(console, f"loopwise show {result.run_id} {option}{db}")
+        render_decisions(events, console, mismatches_only=option == "--mismatches")
     refunded = next((e for e in events if isinstance(e, ToolCallFinished) and e.name == "issue_refund"), None)
     console.print()
     first = next((d.iteration for d in decisions(events) if d.match is False), None)
@@ -496,7 +527,7 @@ def _refund_amount(content: str) -> float:
 
 
 def kill_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
-    """The triage tools, with a history lookup that hangs and no timeout set (the seed's night)."""
+    """The triage tools, with a history lookup that hangs and no timeout set."""
     analyze_sentiment, _, generate_reply = demo_tools(speed=speed, seed=seed)
 
     @tool(timeout=3600)
@@ -516,8 +547,12 @@ def kill_tools(*, speed: float, seed: int | None = SEED) -> list[Tool]:
 _stuck = threading.Event()
 
 
-def kill_switch(console: Console, *, speed: float) -> RunResult:
-    """Scenario: a stuck run stopped from a second process with `loopwise kill`."""
+def kill_switch(console: Console, *, speed: float, store: EventStore | None = None) -> RunResult:
+    """Scenario: a stuck run stopped from a second process with `loopwise kill`.
+
+    The run goes to `store` if it is a database file (`loopwise kill` needs one to reach
+    the run); else to a temporary one, deleted after.
+    """
     _heading(console, 6, "The kill switch: stopping a run from another process",
              '"build the kill switch before you need it ... a way for a human to stop it mid-run"')
     console.print(Text(
@@ -526,21 +561,26 @@ def kill_switch(console: Console, *, speed: float) -> RunResult:
         "flight and writes who stopped it and why."))
     console.print()
     _stuck.clear()
-    with tempfile.TemporaryDirectory() as folder:
-        db = os.path.join(folder, "loopwise.db")
-        store = SQLiteStore(db)
+    with contextlib.ExitStack() as stack:
+        if isinstance(store, SQLiteStore):
+            db_store = store
+        else:
+            folder = stack.enter_context(tempfile.TemporaryDirectory())
+            db_store = SQLiteStore(os.path.join(folder, "loopwise.db"))
+            stack.callback(db_store.close)
         agent = Agent(SupportDeskSimulator(speed=speed, seed=SEED), instructions=INSTRUCTIONS,
-                      tools=kill_tools(speed=speed), store=store, name="support-stuck")
+                      tools=kill_tools(speed=speed), store=db_store, name="support-stuck")
         run_id = new_run_id()
-        command = [sys.executable, "-m", "loopwise", "kill", run_id, "--reason", "stuck on a hung lookup",
-                   "--db", db]
-        shown = f"loopwise kill {run_id} --reason 'stuck on a hung lookup'"
+        reason = "stuck on a hung lookup"
+        command = [sys.executable, "-m", "loopwise", "kill", run_id, "--reason", reason,
+                   "--db", str(Path(db_store.path).absolute())]
+        shown = f"loopwise kill {run_id} --reason {shlex.quote(reason)}{_db_args(db_store)}"
         killer: dict[str, Any] = {}
 
         async def operator() -> None:
             await anyio.to_thread.run_sync(_stuck.wait, abandon_on_cancel=True)
             await anyio.sleep(0.3 * speed)
-            console.print(Text("$ ", style="dim") + Text(shown, style="bold"))
+            _command(console, shown)
             done = await anyio.run_process(command, check=False, stdin=None)
             killer["out"] = (done.stdout.decode() + done.stderr.decode()).strip()
             console.print(Text(killer["out"], style="dim"))
@@ -555,8 +595,7 @@ def kill_switch(console: Console, *, speed: float) -> RunResult:
 
         with console.status("running the triage, which gets stuck…"):
             result = anyio.run(both)
-        events = store.load(run_id)
-        store.close()
+        events = db_store.load(run_id)
     console.print()
     render_run(events, console)
     received = next((e for e in events if e.kind == "kill_received"), None)
@@ -565,10 +604,33 @@ def kill_switch(console: Console, *, speed: float) -> RunResult:
         console.print(Text.assemble(
             ("The run ended ", ""), ("killed", "bold red"),
             (f" {format_duration(events[-1].ts - received.requested_ts)} after the kill was stored", ""),
-            (f", with the lookup in flight cancelled; `loopwise resume {run_id[:8]}… --agent MODULE:AGENT` "
-             "would continue it from its log.", ""),
+            (", with the lookup in flight cancelled. A killed run can be resumed: continued from its log, "
+             "as a new segment of it (see the last command below).", ""),
         ))
     return result
+
+
+def resume_agent(speed: float | None = None) -> Agent:
+    """The agent that resumes the kill-switch run: the triage agent, its history lookup
+    working again (and safe to run again: a read). `speed`: as `main`'s."""
+    speed = _speed(speed)
+    tools = demo_tools(speed=speed)
+    lookup = next(t for t in tools if t.name == "get_customer_history")
+    fixed = tool(lookup.fn, idempotent=True)
+    return Agent(SupportDeskSimulator(speed=speed, seed=SEED), instructions=INSTRUCTIONS,
+                 tools=[fixed if t is lookup else t for t in tools], name="support-stuck")
+
+
+#: What `loopwise resume ... --agent` names to continue the kill-switch run.
+RESUME_AGENT = "loopwise._demo:support_agent"
+
+
+def __getattr__(name: str) -> Any:
+    # `loopwise._demo:support_agent` is made when it is asked for, at $LOOPWISE_DEMO_SPEED
+    # then (importing the demo never fails on a bad speed).
+    if name == "support_agent":
+        return resume_agent()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- main --------------------------------------------------------------------------------
@@ -597,7 +659,8 @@ def main(console: Console, *, speed: float | None = None, store: EventStore | No
     Args:
         console: Where the demo prints.
         speed: Multiplies every simulated latency (default: ``$LOOPWISE_DEMO_SPEED``, else 1).
-        store: Where the runs go (default: a new `MemoryStore`).
+        store: Where the runs go (default: the database every command uses,
+            ``$LOOPWISE_DB`` or ``.loopwise/loopwise.db``, opened and closed here).
     """
     try:
         speed = _speed(speed)
@@ -605,9 +668,13 @@ def main(console: Console, *, speed: float | None = None, store: EventStore | No
         console.print(Text(f"error: {exc}", style="red"))
         return 2
     if store is None:
-        store = MemoryStore()
+        store = SQLiteStore(default_db_path())
+        try:
+            return main(console, speed=speed, store=store)
+        finally:
+            store.close()
     console.print(Text("loopwise demo", style="bold") + Text(
-        "  the seed post's scenarios on a simulated support-desk model: no network, no keys"
+        "  six production scenarios on a simulated support-desk model: no network, no keys"
         + (f" (speed {speed:g})" if speed != 1 else ""), style="dim"))
     expected: list[tuple[str, RunResult, str]] = []
     result = triage(console, store, speed=speed)
@@ -618,12 +685,34 @@ def main(console: Console, *, speed: float | None = None, store: EventStore | No
     expected += [("one tool per response", sequential, "done"), ("all calls in one response", concurrent, "done")]
     result = cost_spiral(console, store, speed=speed)
     expected.append(("cost spiral", result, "max_iterations"))
-    result = debugging(console, store, speed=speed)
-    expected.append(("debugging", result, "done"))
-    result = kill_switch(console, speed=speed)
-    expected.append(("kill switch", result, "killed"))
+    debugged = debugging(console, store, speed=speed)
+    expected.append(("debugging", debugged, "done"))
+    killed = kill_switch(console, speed=speed, store=store)
+    expected.append(("kill switch", killed, "killed"))
+    _epilogue(console, store, expected[0][1], debugged, killed)
     wrong = [(name, r, want) for name, r, want in expected if r.stop_reason != want]
     for name, r, want in wrong:
         console.print(Text(f"the {name} run ended as {r.stop_reason!r}, not {want!r} "
                            f"({r.reason or 'no reason recorded'}); run id {r.run_id}", style="bold red"))
     return 1 if wrong else 0
+
+
+def _epilogue(console: Console, store: EventStore, triaged: RunResult, debugged: RunResult,
+              killed: RunResult) -> None:
+    """Where the runs are, and the commands that read them back (each works as printed)."""
+    console.print()
+    console.print(Rule(Text("Your turn", style="bold"), align="left", style="cyan"))
+    db = _db_args(store)
+    if db is None:
+        console.print(Text(f"These runs were kept in memory ({store.describe()}), so no loopwise command can "
+                           "read them back; run from the command line, the demo writes them to its database "
+                           "(--db PATH).", style="dim"))
+        return
+    console.print(Text(f"Every run above is in {store.describe()}, tagged demo. Read them back:"))
+    _command(console, f"loopwise runs{db}", "the runs, newest first")
+    _command(console, f"loopwise show {triaged.run_id}{db}", "the triage's trace")
+    _command(console, f"loopwise show {debugged.run_id} --mismatches{db}", "where the refund went wrong")
+    _command(console, f"loopwise profile --tag demo{db}", "where the time went, over the demo's runs")
+    if killed.stop_reason == "killed":
+        _command(console, f"loopwise resume {killed.run_id} --agent {RESUME_AGENT}{db}",
+                 "finish the killed run, its lookup fixed")

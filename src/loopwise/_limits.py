@@ -44,7 +44,7 @@ class Limits:
         if type(max_iterations) is not int or max_iterations < 1:
             raise UserError(
                 f"Limits(max_iterations={max_iterations!r}) must be an int >= 1 "
-                "(the seed post's rule: 8 for any single task)"
+                "(the default, 8, suits most single tasks)"
             )
         if type(final_answer_on_limit) is not bool:
             raise UserError(f"Limits(final_answer_on_limit={final_answer_on_limit!r}) must be True or False")

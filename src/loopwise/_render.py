@@ -61,6 +61,8 @@ __all__ = ["format_cost", "format_duration", "render_run", "shorten"]
 
 LABEL_WIDTH = 8
 BAR_WIDTH = 10
+#: A tool row goes on two lines unless this much of its result fits after its outcome.
+MIN_RESULT_WIDTH = 24
 
 STOP_STYLES = {
     "done": "bold green",
@@ -249,38 +251,58 @@ def _act(calls: list[tuple[ToolCallStarted, ToolCallFinished | None]], console: 
     show_bars = len(spans) > 1
     lo = min((s for s, _ in spans.values()), default=0.0)
     hi = max((e for _, e in spans.values()), default=0.0)
+    # A row is `[bar] call  outcome  latency  result` when that fits the console with
+    # room for the start of the result; else two lines, `[bar] call` over
+    # `outcome  latency  result`, so that no row loses its outcome, latency or result.
+    width = console.size.width
+    indent = LABEL_WIDTH + (BAR_WIDTH + 3 if show_bars else 0)
     rows = [(started, finished, format_call(started.name, started.arguments, 40)) for started, finished in calls]
     call_width = max(len(call) for _, _, call in rows)
     outcome_width = max(len(f.outcome) if f is not None else 0 for _, f, _ in rows)
+    status_width = outcome_width + 2 + (8 if spans else 0)
+    one_line = width - indent - call_width - 2 - status_width >= MIN_RESULT_WIDTH
     for started, finished, call in rows:
         line = Text(" " * LABEL_WIDTH)
         if show_bars:
             line.append(_bar(spans.get(started.call_id), lo, hi))
             line.append(" ")
-        line.append(call.ljust(call_width + 2))
+        if one_line:
+            line.append(call.ljust(call_width + 2))
+        else:
+            line.append(_fit_call(started.name, started.arguments, width - indent))
+            console.print(line, no_wrap=True, overflow="ellipsis")
+            line = Text(" " * indent)
         if finished is None:
             line.append("no result recorded", style="yellow")
-            console.print(line, no_wrap=True, overflow="ellipsis")
-            for note in (notes or {}).get(started.call_id, ()):
-                console.print(Padding(note, (0, 0, 0, LABEL_WIDTH + 2), expand=False))
-            continue
-        style = OUTCOME_STYLES.get(finished.outcome, "")
-        line.append(finished.outcome.ljust(outcome_width + 2), style=style)
-        if started.call_id in spans:
-            line.append(format_duration(finished.latency_s).rjust(6) + "  ")
-        elif spans:
-            line.append(" " * 8)
-        if finished.outcome == "ok":
-            line.append(shorten(finished.content, 80), style="dim")
-        elif finished.error is not None and finished.outcome == "error":
-            line.append(shorten(f"{finished.error.type}: {finished.error.message}", 80), style=style)
         else:
-            line.append(shorten(finished.content, 80), style=style)
+            style = OUTCOME_STYLES.get(finished.outcome, "")
+            line.append(finished.outcome.ljust(outcome_width + 2), style=style)
+            if started.call_id in spans:
+                line.append(format_duration(finished.latency_s).rjust(6) + "  ")
+            elif spans:
+                line.append(" " * 8)
+            result_width = min(80, max(width - len(line), 1))
+            if finished.outcome == "ok":
+                line.append(shorten(finished.content, result_width), style="dim")
+            elif finished.error is not None and finished.outcome == "error":
+                line.append(shorten(f"{finished.error.type}: {finished.error.message}", result_width), style=style)
+            else:
+                line.append(shorten(finished.content, result_width), style=style)
         console.print(line, no_wrap=True, overflow="ellipsis")
         for note in (notes or {}).get(started.call_id, ()):
             console.print(Padding(note, (0, 0, 0, LABEL_WIDTH + 2), expand=False))
     for line in extra or ():
         console.print(Padding(line, (0, 0, 0, LABEL_WIDTH), expand=False))
+
+
+def _fit_call(name: str, arguments: dict[str, Any] | str | None, width: int) -> str:
+    """`name(arguments)` in at most `width` characters: the arguments are cut first."""
+    call = format_call(name, arguments, 40)
+    if len(call) <= width:
+        return call
+    if len(name) + 3 <= width:
+        return format_call(name, arguments, width - len(name) - 2)
+    return shorten(name, width)
 
 
 def _tool_note(event: ToolAttemptFailed | ToolFallback | ThreadAbandoned) -> Text:
@@ -296,6 +318,20 @@ def _tool_note(event: ToolAttemptFailed | ToolFallback | ThreadAbandoned) -> Tex
             return Text(f"↳ answered from {event.fallback}", style="yellow")
         return Text(f"↳ fallback {event.fallback} did not answer: {shorten(event.reason, 80)}", style="red")
     return Text(f"⚠ thread {event.thread} abandoned (the sync tool runs on detached)", style="yellow")
+
+
+def _model_attempt(event: ModelAttemptFailed) -> Text:
+    """A failed model attempt, labelled by what the log says came next: RETRY (the same
+    model again) or FAILED (not retried: the next model, or the call failed), and why."""
+    error = shorten(f"{event.error.type}: {event.error.message}", 90)
+    why = " ".join(event.reason.split()).replace(" is not retried", " is not retryable")
+    if event.retry_in_s is not None:
+        return _line("RETRY", "bold yellow", f"{event.model} attempt {event.attempt}", (error, "yellow"),
+                     (f"({why or f'retry in {format_duration(event.retry_in_s)}'})", "dim"))
+    if not why:  # (a log written before attempts said why)
+        why = "the next model is tried" if event.will_fallback else "the call failed"
+    return _line("FAILED", "bold red", f"{event.model} attempt {event.attempt}", (error, "yellow"),
+                 (f"(not retried: {why})", "red"))
 
 
 def _overlapping(spans: dict[str, tuple[float, float]]) -> set[str]:
@@ -417,10 +453,7 @@ def render_run(events: list[Event], console: Console) -> None:
                               style="bold yellow" if event.new == "open" else "yellow"))
             continue
         if isinstance(event, ModelAttemptFailed):
-            retry = (f"; retry in {format_duration(event.retry_in_s)}" if event.retry_in_s is not None
-                     else "; next model" if event.will_fallback else "")
-            console.print(_line("RETRY", "bold yellow", f"{event.model} attempt {event.attempt}",
-                                (shorten(f"{event.error.type}: {event.error.message}", 90) + retry, "yellow")))
+            console.print(_model_attempt(event))
             continue
         if isinstance(event, (ToolCallStarted, ToolCallFinished)):
             flush_model()

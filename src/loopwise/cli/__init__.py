@@ -39,16 +39,28 @@ def _error(message: str) -> None:
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
-def _route_logging() -> None:
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level() -> int:
+    """``$LOOPWISE_LOG_LEVEL`` as a `logging` level (unset or empty: ERROR); else a `CLIError`."""
+    raw = os.environ.get("LOOPWISE_LOG_LEVEL", "")
+    name = raw.strip().upper() or "ERROR"
+    if name not in LOG_LEVELS and name not in ("WARN", "FATAL"):  # (logging's own aliases)
+        raise CLIError(f"LOOPWISE_LOG_LEVEL={raw!r} is not a log level; use one of {', '.join(LOG_LEVELS)} "
+                       "(or unset it: ERROR)")
+    return int(logging.getLevelName(name))
+
+
+def _route_logging(level: int) -> None:
     """The CLI prints runs itself: the `loopwise` logger's records go to stderr only from
     ERROR up (``$LOOPWISE_LOG_LEVEL``, e.g. ``INFO``, shows more), unless the host set up logging."""
     logger = logging.getLogger("loopwise")
     if logger.handlers or logging.getLogger().handlers:
         return
-    level = os.environ.get("LOOPWISE_LOG_LEVEL", "ERROR").strip().upper() or "ERROR"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("loopwise %(levelname)s %(message)s"))
-    handler.setLevel(logging.getLevelName(level) if level in logging.getLevelNamesMapping() else logging.ERROR)
+    handler.setLevel(level)
     logger.addHandler(handler)
     logger.setLevel(min(handler.level, logger.getEffectiveLevel()))
     logger.propagate = False
@@ -56,9 +68,16 @@ def _route_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on `argv` (default: `sys.argv[1:]`); return the exit status."""
+    return _main(argv, route_logging=False)
+
+
+def _main(argv: list[str] | None, *, route_logging: bool) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     command = typer.main.get_command(app)
     try:
+        level = _log_level()  # a bad $LOOPWISE_LOG_LEVEL is an error, whatever the command
+        if route_logging:
+            _route_logging(level)
         rv = command.main(args=args, prog_name="loopwise", standalone_mode=False)
     except UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `loopwise` alone: the help was printed
@@ -90,5 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_main() -> None:
     """The `loopwise` console script (and `python -m loopwise`)."""
-    _route_logging()
-    sys.exit(main())
+    sys.exit(_main(None, route_logging=True))

@@ -14,11 +14,12 @@ from rich.text import Text
 from .._control import control_for
 from .._events import event_to_dict
 from .._resume import RESUMABLE
-from .._sqlite import SQLiteStore
+from .._sqlite import SQLiteStore, default_db_path
 from .._store import RunSummary
 from .._render import STOP_STYLES, format_cost, format_duration, render_run
 from ._common import CLIError, DbOption, open_existing_store, resolve_run_id, stdout_console, write_json
 from ._control import kill_command, resume_command
+from ._help import Command, Group
 from ._export import export_command
 from ._profile import profile_command
 from ._prune import prune_command
@@ -33,19 +34,29 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=Group,
 )
-app.command("run")(run_command)
-app.command("export")(export_command)
-app.command("profile")(profile_command)
-app.command("prune")(prune_command)
-app.command("kill")(kill_command)
-app.command("resume")(resume_command)
+app.command("run", cls=Command)(run_command)
+app.command("export", cls=Command)(export_command)
+app.command("profile", cls=Command)(profile_command)
+app.command("prune", cls=Command)(prune_command)
+app.command("kill", cls=Command)(kill_command)
+app.command("resume", cls=Command)(resume_command)
+
+
+@app.callback()
+def _root(db: DbOption = None) -> None:
+    """Run tool-calling agents and read their event logs.
+
+    --db PATH may come before the command (`loopwise --db x.db runs`) or after it
+    (`loopwise runs --db x.db`); given in both places, the one after the command wins.
+    """
 
 
 # -- runs ----------------------------------------------------------------------------
 
 
-@app.command("runs")
+@app.command("runs", cls=Command)
 def runs_command(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, metavar="N", help="How many runs to list.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print the runs as a JSON list.")] = False,
@@ -116,7 +127,7 @@ def _liveness(store: SQLiteStore, summaries: list[RunSummary]) -> list[RunSummar
 # -- show ----------------------------------------------------------------------------
 
 
-@app.command("show")
+@app.command("show", cls=Command)
 def show_command(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="A run id (or a prefix matching one run).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's events as a JSON list.")] = False,
@@ -150,15 +161,27 @@ def show_command(
 # -- demo ----------------------------------------------------------------------------
 
 
-@app.command("demo")
-def demo_command() -> int:
-    """Show loopwise's scenarios, each one run on a simulated model (no network)."""
+DEMO_HELP = "\n\n".join((
+    "Six scenarios from production agent loops, each run on a simulated model (no network, no keys).",
+    "The runs are written to the database, as every command's are (--db, else $LOOPWISE_DB, else "
+    ".loopwise/loopwise.db); the demo ends with the commands that read them back.",
+    "$LOOPWISE_DEMO_SPEED multiplies every simulated latency: 1 (the default) is real time, about 40 s in "
+    "all; 0 runs the demo almost at once: LOOPWISE_DEMO_SPEED=0 loopwise demo",
+))
+
+
+@app.command("demo", cls=Command, help=DEMO_HELP)
+def demo_command(db: DbOption = None) -> int:
+    """Run `loopwise._demo` on the CLI's database (see `DEMO_HELP`)."""
     try:
         demo = importlib.import_module("loopwise._demo")
     except ImportError as exc:
         if getattr(exc, "name", None) == "loopwise._demo":
             raise CLIError("the demo is not part of this build of loopwise", 1) from None
         raise CLIError(f"the demo could not be loaded: {type(exc).__name__}: {exc}", 1) from None
-    rv = demo.main(stdout_console())
+    store = SQLiteStore(db if db is not None else default_db_path())
+    try:
+        rv = demo.main(stdout_console(), store=store)
+    finally:
+        store.close()
     return rv if isinstance(rv, int) else 0
-

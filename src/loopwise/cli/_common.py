@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sqlite3
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from rich.console import Console
 from .._sqlite import SQLiteStore, default_db_path
 from .._store import EventStore
 
-__all__ = ["CLIError", "DbOption", "open_existing_store", "stderr_console", "stdout_console", "write_json"]
+__all__ = ["CLIError", "DbOption", "db_args", "open_existing_store", "stderr_console", "stdout_console",
+           "write_json"]
 
 
 class CLIError(Exception):
@@ -27,16 +29,45 @@ class CLIError(Exception):
         self.code = code
 
 
+def _db_before_or_after(ctx: typer.Context, value: Path | None) -> Path | None:
+    """`--db` after the command, else `--db` before it (`loopwise --db x.db runs`), else None.
+
+    After the command wins: it is the more specific of the two, as a later option
+    overrides an earlier one (an alias `lw='loopwise --db prod.db'` still takes
+    `lw runs --db test.db`).
+    """
+    if value is not None:
+        return value
+    root = ctx.find_root()
+    return None if root is ctx else root.params.get("db")
+
+
 DbOption = Annotated[
     Path | None,
     typer.Option(
         "--db",
         metavar="PATH",
-        help="The loopwise database (default: $LOOPWISE_DB or .loopwise/loopwise.db).",
+        help="The loopwise database (default: $LOOPWISE_DB or .loopwise/loopwise.db). "
+             "Also accepted before the command; if both, the one after the command wins.",
         show_default=False,
         dir_okay=False,
+        callback=_db_before_or_after,
     ),
 ]
+
+
+def db_args(store: EventStore) -> str | None:
+    """What a `loopwise` command needs to read `store`: "" (it is the database every command
+    uses by default), " --db PATH", or None (no command can: it is not a database file)."""
+    if not isinstance(store, SQLiteStore):
+        return None
+    path = Path(store.path)
+    try:
+        if path.resolve() == default_db_path().resolve():
+            return ""
+    except OSError:
+        pass
+    return f" --db {shlex.quote(str(path))}"
 
 
 def stdout_console(*, wide: bool = False) -> Console:

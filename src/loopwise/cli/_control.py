@@ -30,7 +30,7 @@ RedisOption = Annotated[
 
 
 def kill_command(
-    run_id: Annotated[str | None, typer.Argument(metavar="[RUN_ID]", help="The run to stop (or a prefix of its id).")] = None,
+    run_id: Annotated[str | None, typer.Argument(metavar="RUN_ID", help="The run to stop (or a prefix of its id).")] = None,
     tag: Annotated[str | None, typer.Option("--tag", metavar="TAG", help="Stop every running run with this tag.")] = None,
     all_runs: Annotated[bool, typer.Option("--all", help="Stop every running run.")] = False,
     reason: Annotated[str | None, typer.Option("--reason", metavar="TEXT", help="Why (kept in each run's log).")] = None,

@@ -36,8 +36,9 @@ from .._agent import Agent, _default_stores
 from .._errors import UserError
 from .._render import format_cost, format_duration, render_run
 from .._result import RunResult
-from .._sqlite import SQLiteStore
-from ._common import CLIError, DbOption, stderr_console, stdout_console
+from .._sqlite import SQLiteStore, default_db_path
+from .._store import MemoryStore
+from ._common import CLIError, DbOption, db_args, stderr_console, stdout_console
 
 __all__ = ["load_agent", "read_input", "run_command"]
 
@@ -113,17 +114,31 @@ def load_agent(target: str) -> Agent:
 
 @contextmanager
 def _agent_store(agent: Agent, db: Path | None) -> Iterator[None]:
-    """Point an agent built with the default store at `--db` for the command's duration."""
+    """The store the command's runs go to, for the command's duration.
+
+    An agent built with the default store writes to `--db` when given. An agent whose
+    store is in memory (`MemoryStore`) writes to the CLI's database instead (`--db`, else
+    the default), saying so: memory ends with this command, and the CLI's runs are for
+    `loopwise runs`, `show` and `resume` to read afterwards. An agent built with a store
+    of its own (a database file of its choosing) keeps it; `--db` is then ignored, with
+    a warning.
+    """
     original = agent._store
-    if db is None:
+    in_memory = isinstance(original, MemoryStore)
+    if not in_memory and original is not None and not any(original is s for s in _default_stores.values()):
+        if db is not None:
+            print(f"warning: agent {agent.name!r} was built with its own store ({original.describe()}); "
+                  f"--db {db} is ignored", file=sys.stderr)
         yield
         return
-    if original is not None and not any(original is s for s in _default_stores.values()):
-        print(f"warning: agent {agent.name!r} was built with its own store ({original.describe()}); "
-              f"--db {db} is ignored", file=sys.stderr)
+    if db is None and not in_memory:
         yield
         return
-    store = SQLiteStore(db)
+    path = db if db is not None else default_db_path()
+    if in_memory:
+        print(f"note: agent {agent.name!r} keeps its runs in memory, which ends with this command; "
+              f"they are written to {path} instead, for `loopwise show` to read", file=sys.stderr)
+    store = SQLiteStore(path)
     agent._store = store
     try:
         yield
@@ -322,7 +337,13 @@ def _run_one(agent: Agent, task: str, tags: list[str], out: IO[str] | None) -> i
         print(f"warning: cannot read run {result.run_id} back from {store.describe()}: {exc}", file=sys.stderr)
     else:
         render_run(events, console)
-        console.print(f"stored in {store.describe()}: loopwise show {result.run_id}", style="dim", markup=False)
+        db = db_args(store)
+        if db is None:  # a store of the agent's own that no command reads
+            console.print(f"stored in {store.describe()} (not a database file the loopwise commands read)",
+                          style="dim", markup=False)
+        else:
+            console.print(f"stored in {store.describe()}: loopwise show {result.run_id}{db}", style="dim",
+                          markup=False, soft_wrap=True)
     if out is not None:
         _write_row(out, _row(None, result))
     return 1 if result.stop_reason == "error" else 0
