@@ -366,8 +366,8 @@ class Agent:
     async def _execute(self, run: Run) -> RunResult:
         # A tool that blocks the event loop cannot be timed out; the watchdog says so.
         start_watchdog()
+        control = self.control  # (first: a control plane that cannot be opened leaves no trace)
         _active_run_ids.add(run.run_id)
-        control = self.control
         run.loop = asyncio.get_running_loop()
         control.attach(run)  # a Run is its own LiveRun: one object fewer per run
         try:
