@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import UserError, store_error
+from ._storable import clean_text
 
 if TYPE_CHECKING:
     from ._store import EventStore
@@ -956,6 +957,10 @@ def kill(
         raise UserError(f"tag must be a non-empty str, got {tag!r}")
     if reason is not None and not isinstance(reason, str):
         raise UserError(f"reason must be a str, got {type(reason).__name__}")
+    if reason is not None and (fixed := clean_text(reason)) is not None:
+        reason = fixed  # text UTF-8 cannot encode: U+FFFD, as in the runs' logs (`_storable`)
+    if tag is not None and (fixed := clean_text(tag)) is not None:
+        tag = fixed  # (as the runs' tags were stored)
     if store is None:
         from ._agent import _default_store
 
