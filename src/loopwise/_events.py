@@ -3,7 +3,8 @@
 Each event is a plain dataclass with a `kind` discriminator, the `run_id`, its
 position `seq` in the run (0, 1, 2, ...) and `ts`, the runtime clock's wall time
 (seconds since the epoch) when it happened. Results, the CLI and every other
-view are computed from these events.
+view are computed from these events. Each has a last field, `replaced`: None, or
+the fields whose value could not be stored as given and was replaced (`_storable`).
 
 ```
 run_started          task, instructions, agent, limits, tags
