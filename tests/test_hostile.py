@@ -24,9 +24,39 @@ from loopwise.models import FunctionModel, ModelPolicy, ModelRequest, ModelRespo
 SURROGATE = "\ud800"
 
 
+_opened: list[lw.SQLiteStore] = []
+
+
+def sqlite(path):
+    """A store on `path`, closed when the test ends (each holds connections and journal files open)."""
+    store = lw.SQLiteStore(path)
+    _opened.append(store)
+    return store
+
+
+@pytest.fixture(autouse=True)
+def _close_stores():
+    """The stores a test opened, and their control planes (cached per file): closed, so ~40
+    tests leave no connections or files open for the rest of the suite."""
+    from loopwise import _control
+
+    yield
+    while _opened:
+        store = _opened.pop()
+        store.close()
+        with _control._controls_lock:
+            plane = _control._controls.pop(("local", str(store.path.resolve())), None)
+        if plane is not None:
+            plane.close()
+
+
 def read_back(path, run_id):
     """The run as a new process's `loopwise show` reads it: a fresh store on the same file."""
-    return lw.SQLiteStore(path).load(run_id)
+    store = lw.SQLiteStore(path)
+    try:
+        return store.load(run_id)
+    finally:
+        store.close()
 
 
 def assert_whole_log(path, result):
@@ -113,7 +143,7 @@ SURROGATE_CASES = {
 def test_text_utf8_cannot_encode_is_replaced_and_said_so(tmp_path, case):
     task, fn, tools, tags, (kind, field) = SURROGATE_CASES[case]
     path = tmp_path / "runs.db"
-    agent = lw.Agent(FunctionModel(fn), tools=tools, store=lw.SQLiteStore(path))
+    agent = lw.Agent(FunctionModel(fn), tools=tools, store=sqlite(path))
     result = agent.run_sync(task, tags=tags)
     assert result.stop_reason == "done", result.reason
     events = assert_whole_log(path, result)
@@ -127,7 +157,7 @@ def test_text_utf8_cannot_encode_is_replaced_and_said_so(tmp_path, case):
 def test_text_no_edge_caught_is_replaced_when_the_store_cannot_encode_it(tmp_path):
     """A field no edge cleans (the agent's own name, a kill reason...): the write's last resort."""
     path = tmp_path / "runs.db"
-    agent = lw.Agent(FunctionModel(lambda r: "ok"), name=f"agent {SURROGATE}", store=lw.SQLiteStore(path))
+    agent = lw.Agent(FunctionModel(lambda r: "ok"), name=f"agent {SURROGATE}", store=sqlite(path))
     result = agent.run_sync("hi")
     events = assert_whole_log(path, result)
     assert events[0].agent["name"] == f"agent {REPLACEMENT}" and events[0].replaced == ["agent.name"]
@@ -135,7 +165,7 @@ def test_text_no_edge_caught_is_replaced_when_the_store_cannot_encode_it(tmp_pat
 
 def test_a_kill_reason_utf8_cannot_encode_reaches_the_log(tmp_path):
     path = tmp_path / "runs.db"
-    store = lw.SQLiteStore(path)
+    store = sqlite(path)
 
     @lw.tool
     def stop_me(ctx: lw.RunContext) -> str:
@@ -178,7 +208,7 @@ DEEP_ARGUMENTS = {
 def test_arguments_nested_too_deep_are_an_observation_and_the_run_goes_on(tmp_path, case):
     path = tmp_path / "runs.db"
     model = FunctionModel(answer_after_tool([ToolCall("echo", DEEP_ARGUMENTS[case])]))
-    result = lw.Agent(model, tools=[echo], store=lw.SQLiteStore(path)).run_sync("hi")
+    result = lw.Agent(model, tools=[echo], store=sqlite(path)).run_sync("hi")
     assert result.stop_reason == "done", result.reason
     events = assert_whole_log(path, result)
     (finished,) = [e for e in events if e.kind == "tool_call_finished"]
@@ -199,7 +229,7 @@ def test_arguments_at_the_depth_limit_reach_the_tool(tmp_path):
 
     deep = nested(MAX_DEPTH - 1)
     model = FunctionModel(answer_after_tool([ToolCall("take", deep)]))
-    result = lw.Agent(model, tools=[take], store=lw.SQLiteStore(path)).run_sync("hi")
+    result = lw.Agent(model, tools=[take], store=sqlite(path)).run_sync("hi")
     assert result.output == "saw: taken" and seen == [deep["a"]]
     assert_whole_log(path, result)
 
@@ -216,7 +246,7 @@ def test_a_tool_result_without_text_is_a_tool_error_and_the_run_goes_on(tmp_path
     path = tmp_path / "runs.db"
     tool = lw.tool(lambda: value, name="t")
     model = FunctionModel(answer_after_tool([ToolCall("t", {})]))
-    result = lw.Agent(model, tools=[tool], store=lw.SQLiteStore(path)).run_sync("hi")
+    result = lw.Agent(model, tools=[tool], store=sqlite(path)).run_sync("hi")
     assert result.stop_reason == "done", result.reason
     events = assert_whole_log(path, result)
     (finished,) = [e for e in events if e.kind == "tool_call_finished"]
@@ -232,7 +262,7 @@ def test_a_fallback_value_without_text_does_not_answer(tmp_path):
 
     tool = lw.tool(broken, name="t", fallback=[lambda: _self_containing_list(), "static answer"])
     model = FunctionModel(answer_after_tool([ToolCall("t", {})]))
-    result = lw.Agent(model, tools=[tool], store=lw.SQLiteStore(path)).run_sync("hi")
+    result = lw.Agent(model, tools=[tool], store=sqlite(path)).run_sync("hi")
     events = assert_whole_log(path, result)
     fallbacks = [e for e in events if e.kind == "tool_fallback"]
     assert [f.ok for f in fallbacks] == [False, True] and "cannot be made into text" in fallbacks[0].reason
@@ -276,7 +306,7 @@ def _async_model_raise(exc):
 
 
 def _boom_agent(where, exc, path):
-    store = lw.SQLiteStore(path)
+    store = sqlite(path)
     calls = answer_after_tool([ToolCall("t", {})])
     if where == "sync tool":
         return lw.Agent(FunctionModel(calls), tools=[lw.tool(_raise(exc), name="t")], store=store)
@@ -358,7 +388,7 @@ needs_rlimit = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE 
 @needs_rlimit
 def test_a_full_disk_when_the_control_tables_are_made_is_a_store_error(tmp_path):
     path = tmp_path / "runs.db"
-    store = lw.SQLiteStore(path)
+    store = sqlite(path)
     store.list_runs()  # this process keeps the database open: its -wal and -shm exist, the child need not grow them
     said = _run_child(path)
     assert said.startswith(f"StoreError: cannot create the control tables (lw_leases, lw_kills) in the loopwise "
@@ -369,7 +399,7 @@ def test_a_full_disk_when_the_control_tables_are_made_is_a_store_error(tmp_path)
 @needs_rlimit
 def test_a_full_disk_when_the_database_is_opened_is_a_store_error_not_a_foreign_file(tmp_path):
     path = tmp_path / "runs.db"
-    lw.SQLiteStore(path).close()
+    sqlite(path).close()
     said = _run_child(path)
     assert said.startswith(f"StoreError: cannot open the loopwise database {path}: OperationalError: "), said
 
@@ -377,7 +407,7 @@ def test_a_full_disk_when_the_database_is_opened_is_a_store_error_not_a_foreign_
 @needs_rlimit
 def test_a_full_disk_at_the_first_journal_write_is_a_store_error_and_no_result(tmp_path):
     path = tmp_path / "runs.db"
-    store = lw.SQLiteStore(path)
+    store = sqlite(path)
     lw.Agent(FunctionModel(lambda r: "ok"), store=store).run_sync("make the control tables")
     store.list_runs()  # kept open, as above
     said = _run_child(path)
@@ -400,7 +430,7 @@ def test_a_blocking_sync_model_function_is_bounded_by_the_model_timeout(tmp_path
 
     path = tmp_path / "runs.db"
     agent = lw.Agent(FunctionModel(stuck), model_policy=ModelPolicy(timeout=0.5, retries=0),
-                     store=lw.SQLiteStore(path))
+                     store=sqlite(path))
     try:
         result = agent.run_sync("hi")
     finally:
