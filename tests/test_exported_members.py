@@ -36,6 +36,7 @@ def test_top_level_exports():
         "RunawayDetector",
         "SQLiteStore",
         "SlidingWindow",
+        "StoreError",
         "Tool",
         "ToolSpec",
         "UserError",

@@ -181,7 +181,7 @@ def test_model_sees_instructions_tools_and_results_in_order(store):
         (ToolCall("analyze_sentiment", None), "invalid_arguments", "must be a JSON object"),  # type: ignore[arg-type]
         (ToolCall("analyze_sentiment", {"text": "hi"}, 7), "ok", "negative"),  # type: ignore[arg-type]
         (ToolCall("analyze_sentiment", '{"text": ' + "[" * 5000 + "]" * 5000 + "}"), "invalid_arguments",
-         "not valid JSON"),
+         "arguments nest deeper than 100 levels"),
     ],
 )
 def test_bad_tool_calls_become_observations_the_model_can_correct(sqlite_store, call, outcome, snippet):
@@ -379,25 +379,38 @@ def test_task_as_a_conversation(store):
 
 
 class BrokenStore(lw.MemoryStore):
-    def __init__(self, fail_after: int) -> None:
+    def __init__(self, fail_after: int, fail_times: int = 10**9) -> None:
         super().__init__()
         self.writes = 0
         self.fail_after = fail_after
+        self.fail_times = fail_times
 
     def write(self, events):
         self.writes += 1
-        if self.writes > self.fail_after:
+        if self.fail_after < self.writes <= self.fail_after + self.fail_times:
             raise OSError("disk full")
         return super().write(events)
 
 
 def test_a_store_failure_mid_run_ends_it_as_error_not_a_lost_run():
-    store = BrokenStore(fail_after=2)
+    """A write that fails once: the run ends as `error`, and the events it could not write are written with its end."""
+    store = BrokenStore(fail_after=2, fail_times=1)
     model = ScriptedModel([ToolCall("whoami", {}), ToolCall("whoami", {}), "done"])
     result = make_agent(model, store).run_sync("t")
     assert result.stop_reason == "error"
     assert "disk full" in result.reason
     assert result.error.traceback and "OSError" in result.error.traceback
+    events = store.load(result.run_id)
+    assert_valid_log(events)  # gap-free from run_started, one run_finished
+    assert lw.RunResult.from_events(events) == result
+
+
+def test_a_store_that_cannot_take_the_end_raises_rather_than_return_an_unlogged_end():
+    store = BrokenStore(fail_after=2)
+    model = ScriptedModel([ToolCall("whoami", {}), ToolCall("whoami", {}), "done"])
+    with pytest.raises(lw.StoreError, match=r"its end \(error\) could not be written to the event store .*disk full"):
+        make_agent(model, store).run_sync("t", run_id="unlogged-end")
+    assert not any(e.kind == "run_finished" for e in store.load("unlogged-end"))
 
 
 async def test_cancelled_by_caller_is_written_as_killed_and_propagates(store):
@@ -460,7 +473,7 @@ def test_the_loops_fast_constructors_make_what_the_classes_make():
     assert len(makers) == 7
     for fn in makers.values():
         cls = getattr(_events, fn.__name__.removeprefix("new_"))  # new_ToolCallFinished: ToolCallFinished
-        names = [f.name for f in dataclasses.fields(cls)][1:]  # less `kind`
+        names = [f.name for f in dataclasses.fields(cls)][1:-1]  # less `kind`, and `replaced` (None)
         values = [object() for _ in names]
         made = fn(*values)
         assert type(made) is cls and made == cls(**dict(zip(names, values)))

@@ -24,6 +24,7 @@ from ._errors import ModelConnectionError as ModelConnectionError
 from ._errors import ModelError as ModelError
 from ._errors import ModelHTTPError as ModelHTTPError
 from ._errors import ModelTimeoutError as ModelTimeoutError
+from ._errors import StoreError as StoreError
 from ._errors import ToolRetry as ToolRetry
 from ._errors import UserError as UserError
 from ._events import Event as Event
@@ -73,6 +74,7 @@ __all__ = [
     "RunawayDetector",
     "SQLiteStore",
     "SlidingWindow",
+    "StoreError",
     "Template",
     "Tool",
     "ToolRetry",

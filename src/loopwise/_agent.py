@@ -26,6 +26,7 @@ from ._result import RunResult
 from ._runaway import RunawayDetector
 from ._run import Run
 from ._redact import EventRedactor, Redactor
+from ._storable import clean_text
 from ._store import EventStore
 from ._tools import Tool, tool
 from ._watchdog import start_watchdog
@@ -354,6 +355,9 @@ class Agent:
         else:
             if not isinstance(run_id, str) or not run_id:
                 raise UserError(f"run_id must be a non-empty str, got {run_id!r}")
+            if not run_id.isascii() and clean_text(run_id) is not None:
+                raise UserError(f"run_id {run_id!r} holds characters UTF-8 cannot encode (lone surrogates); "
+                                "choose an id the log can store")
             if run_id in _active_run_ids or store.has_run(run_id):
                 raise UserError(f"a run with id {run_id!r} already exists; use agent.resume({run_id!r}) "
                                 "to continue it, or choose another id")
@@ -366,8 +370,8 @@ class Agent:
     async def _execute(self, run: Run) -> RunResult:
         # A tool that blocks the event loop cannot be timed out; the watchdog says so.
         start_watchdog()
+        control = self.control  # (first: a control plane that cannot be opened leaves no trace)
         _active_run_ids.add(run.run_id)
-        control = self.control
         run.loop = asyncio.get_running_loop()
         control.attach(run)  # a Run is its own LiveRun: one object fewer per run
         try:

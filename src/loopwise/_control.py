@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._errors import UserError
+from ._errors import UserError, store_error
+from ._storable import clean_text
 
 if TYPE_CHECKING:
     from ._store import EventStore
@@ -497,10 +498,16 @@ class LocalControl(ControlPlane):
         # For blocking calls (kill, resume, views), under _conn_lock; never under _lock, which
         # the event loop takes: a kill waiting for the database must not hold up the loop.
         self._conn_lock = threading.Lock()
-        self._conn = _connect(self.path)
-        with self._conn_lock:
-            self._conn.executescript(_SCHEMA)
-            _add_tag_column(self._conn)
+        conn = None
+        try:
+            conn = _connect(self.path)
+            conn.executescript(_SCHEMA)
+            _add_tag_column(conn)
+        except sqlite3.Error as exc:  # a full disk, a read-only directory, an I/O error
+            if conn is not None:
+                conn.close()
+            raise store_error(self.path, "create the control tables (lw_leases, lw_kills) in", exc) from None
+        self._conn = conn
         # Everything below is under _lock (taken before _conn_lock when both are).
         self._lock = threading.Lock()
         self._runs: dict[str, LiveRun] = {}
@@ -950,6 +957,10 @@ def kill(
         raise UserError(f"tag must be a non-empty str, got {tag!r}")
     if reason is not None and not isinstance(reason, str):
         raise UserError(f"reason must be a str, got {type(reason).__name__}")
+    if reason is not None and (fixed := clean_text(reason)) is not None:
+        reason = fixed  # text UTF-8 cannot encode: U+FFFD, as in the runs' logs (`_storable`)
+    if tag is not None and (fixed := clean_text(tag)) is not None:
+        tag = fixed  # (as the runs' tags were stored)
     if store is None:
         from ._agent import _default_store
 

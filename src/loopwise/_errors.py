@@ -5,6 +5,8 @@ ToolRetry                a signal a tool raises to ask for another attempt
 LoopwiseError
 ├── UserError            a developer mistake, raised before a run starts
 │                        (bad configuration, unknown run id, reused run id, ...)
+├── StoreError           the event log's database cannot be written: a full disk,
+│                        a read-only directory (names the file, the operation, the error)
 └── ModelError           a model call failed; mapped at the adapter edge
     ├── ModelHTTPError     the provider answered with an error status
     ├── ModelTimeoutError  the provider did not answer in time
@@ -14,13 +16,17 @@ LoopwiseError
 
 A run stopped by a limit, a kill or a model failure is not an exception: it is a
 `RunResult` whose `stop_reason` says why. `ModelError`s end a run as `error`
-(recorded in the log and returned in the result). Only `UserError` is raised to
-the caller, and only before a run starts.
+(recorded in the log and returned in the result). `UserError` is raised to the
+caller before a run starts; `StoreError` when the store cannot be opened, or cannot
+take a run's end (no result then claims an end the log does not have).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 
 __all__ = [
     "LoopwiseError",
@@ -30,6 +36,7 @@ __all__ = [
     "ModelError",
     "ModelHTTPError",
     "ModelTimeoutError",
+    "StoreError",
     "UserError",
 ]
 
@@ -88,3 +95,24 @@ class ToolRetry(Exception):
     The message is recorded with the attempt; when no attempt is left, the fallback
     chain answers, or the model reads the message as the tool's error.
     """
+
+
+class StoreError(LoopwiseError):
+    """The event log's database could not be written (or opened): the message names the
+    file, what was being done, and the operating system's or SQLite's error."""
+
+
+def store_error(path: os.PathLike[str] | str, doing: str, exc: BaseException) -> StoreError:
+    """A `StoreError` saying what failed (`doing` the database `path`), with SQLite's or the OS's error.
+
+    SQLite names a full disk (or a file-size limit) only as "disk I/O error" or "database or
+    disk is full": the space left on the file's filesystem is added, which says which.
+    """
+    code = getattr(exc, "sqlite_errorname", None)
+    why = f"{type(exc).__name__}: {exc}" + (f" ({code})" if code else "")
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+        why += f"; {free:,} bytes free on that filesystem"
+    except OSError:
+        pass
+    return StoreError(f"cannot {doing} the loopwise database {path}: {why}")

@@ -3,7 +3,8 @@
 Each event is a plain dataclass with a `kind` discriminator, the `run_id`, its
 position `seq` in the run (0, 1, 2, ...) and `ts`, the runtime clock's wall time
 (seconds since the epoch) when it happened. Results, the CLI and every other
-view are computed from these events.
+view are computed from these events. Each has a last field, `replaced`: None, or
+the fields whose value could not be stored as given and was replaced (`_storable`).
 
 ```
 run_started          task, instructions, agent, limits, tags
@@ -95,6 +96,9 @@ class RunStarted:
     agent: dict[str, Any] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -104,6 +108,9 @@ class IterationStarted:
     seq: int
     ts: float
     iteration: int
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -123,6 +130,9 @@ class ModelCallStarted:
     estimated_input_tokens: int | None = None
     #: Dollars reserved for this call's worst case before making it.
     reserved_usd: float | None = None
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -145,6 +155,9 @@ class ModelCallFinished:
     model: str | None = None
     #: Dollars billed above the call's reservation (a provider that ignored max_tokens...).
     overrun_usd: float = 0.0
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -164,6 +177,9 @@ class ModelAttemptFailed:
     retry_in_s: float | None = None
     will_fallback: bool = False
     reason: str = ""
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -179,6 +195,9 @@ class ToolCallStarted:
     arguments: dict[str, Any] | str | None = None
     #: What the model expected the call to return (`Agent(expectations=True)`); None: no expectation.
     expected: Any = None
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -207,6 +226,9 @@ class ToolCallFinished:
     match_by: Literal["check", "default"] | None = None
     #: Why `match` is unknown when a check failed ("check raised ValueError: ...").
     match_note: str | None = None
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -224,6 +246,9 @@ class ToolAttemptFailed:
     error: ErrorInfo
     latency_s: float
     retry_in_s: float | None = None
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -240,6 +265,9 @@ class ToolFallback:
     fallback: str
     ok: bool
     reason: str
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -255,6 +283,9 @@ class BreakerChanged:
     old: BreakerState
     new: BreakerState
     reason: str
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -269,6 +300,9 @@ class ThreadAbandoned:
     call_id: str
     name: str
     thread: str
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -282,6 +316,9 @@ class Nudge:
     iteration: int
     content: str
     reason: str
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -300,6 +337,9 @@ class ContextFolded:
     #: The running summary after this fold.
     summary: str | None = None
     reason: str = ""
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -311,6 +351,9 @@ class LimitHit:
     iteration: int
     limit: StopReason
     detail: str
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -327,6 +370,9 @@ class KillReceived:
     reason: str
     #: When the request was stored (wall-clock seconds): `ts - requested_ts` is the halt latency so far.
     requested_ts: float
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -356,6 +402,9 @@ class RunResumed:
     charged_tokens: int = 0
     #: Active time of the earlier segments (what the deadline counts).
     active_s: float = 0.0
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -373,6 +422,9 @@ class RunFinished:
     duration_s: float = 0.0
     reason: str | None = None
     error: ErrorInfo | None = None
+    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
+    replaced: list[str] | None = None
 
 
 Event = Union[
@@ -403,18 +455,19 @@ def _positional(cls: type[_E]) -> Callable[..., _E]:
     """A positional constructor of the event class `cls`: its fields in order, less `kind`.
 
     It makes what ``cls(run_id=..., seq=..., ...)`` makes (these classes' `__init__` only
-    stores the values), for a third of the cost: CPython matches keyword arguments one by
+    stores the values; `replaced`, the last field, is left None), for a third of the cost: CPython matches keyword arguments one by
     one (about half a microsecond for the sixteen of a `tool_call_finished`), and the loop
     makes every event of every run. Generated from the fields, as `dataclass` makes
     `__init__`, so it follows them.
     """
     names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    if names[0] != "kind" or not all(f.init for f in fields(cls)) or hasattr(cls, "__post_init__"):  # type: ignore[arg-type]
+    if (names[0] != "kind" or names[-1] != "replaced" or not all(f.init for f in fields(cls))  # type: ignore[arg-type]
+            or hasattr(cls, "__post_init__")):
         raise TypeError(f"{cls.__name__}: an event's __init__ that does more than store its fields")
-    names = names[1:]
+    names = names[1:-1]  # (`replaced` is None: the loop sets it on the rare event that needs it)
     name = f"new_{cls.__name__}"
     source = (f"def {name}({', '.join(names)}):\n    e = _new(_cls)\n    e.kind = _kind\n"
-              + "".join(f"    e.{n} = {n}\n" for n in names) + "    return e\n")
+              + "".join(f"    e.{n} = {n}\n" for n in names) + "    e.replaced = None\n    return e\n")
     namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_kind": fields(cls)[0].default}  # type: ignore[arg-type]
     exec(source, namespace)  # noqa: S102 - source made above from the class's own field names
     return namespace[name]  # type: ignore[no-any-return]

@@ -76,10 +76,22 @@ class CallOutcome:
 
 
 def tool_content(value: Any) -> str:
-    """A tool's return value as the text the model reads."""
+    """A tool's return value as the text the model reads.
+
+    Raises `UnusableResult` for a value that has none (one that contains itself, nests
+    too deep for the encoder, or whose `str` raises).
+    """
     if isinstance(value, str):
         return value
-    return (_to_json or _load_to_json())(value, fallback=str).decode()
+    try:
+        return (_to_json or _load_to_json())(value, fallback=str).decode()
+    except Exception as exc:  # noqa: BLE001 - whatever the value's own code raised
+        raise UnusableResult(f"returned a {type(value).__name__} that cannot be made into text for the model "
+                             f"({type(exc).__name__}: {exc})") from None
+
+
+class UnusableResult(Exception):
+    """A tool (or fallback) returned a value that cannot be made into text: the call failed."""
 
 
 # pydantic_core's `to_json`, imported on first use (not at `import loopwise`).
@@ -203,10 +215,14 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
             exc = e
         latency = _mono() - t0
         if exc is None and not timed_out:
-            if breaker is not None and (change := breaker.on_success(name)) is not None:
-                events.breaker_changed(change)
-            content = _truncate(tool_content(value), policy.max_result_chars)
-            return CallOutcome("ok", content, attempts, None, None, cost, value)  # (..., fallback, error, cost_usd, value)
+            try:
+                content = _truncate(tool_content(value), policy.max_result_chars)
+            except UnusableResult as e:  # the tool's answer is unusable: a failure like any other
+                exc = e
+            else:
+                if breaker is not None and (change := breaker.on_success(name)) is not None:
+                    events.breaker_changed(change)
+                return CallOutcome("ok", content, attempts, None, None, cost, value)  # (..., fallback, error, cost_usd, value)
         if exc is None:
             if cut_by_total:
                 summary = f"ran out of its total_timeout of {total:g} s after {_plural(attempts, 'attempt')}"
@@ -214,6 +230,10 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
                 summary = f"timed out after {policy.timeout:g} s"
             error = ErrorInfo(type="TimeoutError", message=f"{name} {summary}")
             retryable = not cut_by_total
+        elif isinstance(exc, UnusableResult):
+            summary = redact(str(exc))
+            error = ErrorInfo(type="UnusableResult", message=redact(f"{name} {exc}"))
+            retryable = False
         else:
             summary = redact(f"raised {type(exc).__name__}: {exc}")
             error = ErrorInfo(type=type(exc).__name__, message=redact(str(exc)))
@@ -261,7 +281,10 @@ async def _try_fallback(step: Fallback, kwargs: dict[str, Any], ctx: RunContext 
                         remaining: float | None, depth: int, spend: Spend | None) -> tuple[bool, str, float, str]:
     """(answered, content, cost, why it did not answer)."""
     if step.kind == "value":
-        return True, tool_content(step.target), 0.0, ""
+        try:
+            return True, tool_content(step.target), 0.0, ""
+        except UnusableResult as exc:
+            return False, "", 0.0, str(exc)
     if step.kind == "template":
         try:
             return True, step.target.render(kwargs), 0.0, ""
@@ -306,4 +329,7 @@ async def _try_fallback(step: Fallback, kwargs: dict[str, Any], ctx: RunContext 
             return False, "", 0.0, f"raised {type(exc).__name__}: {exc}"
     if scope.cancelled_caught:
         return False, "", 0.0, f"did not answer in the {remaining:g} s left"
-    return True, tool_content(value), 0.0, ""
+    try:
+        return True, tool_content(value), 0.0, ""
+    except UnusableResult as exc:
+        return False, "", 0.0, str(exc)

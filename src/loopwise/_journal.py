@@ -87,11 +87,19 @@ class Segment:
         self.sealed = False
 
     def append(self, blob: bytes) -> None:
-        n = os.write(self.fd, blob)
-        if n < len(blob):  # a short write (a signal, a full disk): the rest, until all or an error
-            view = memoryview(blob)[n:]
-            while view:
-                view = view[os.write(self.fd, view):]
+        """Append `blob`, all of it, or raise `OSError` with none of it left in the file."""
+        try:
+            n = os.write(self.fd, blob)
+            if n < len(blob):  # a short write (a signal, a full disk): the rest, until all or an error
+                view = memoryview(blob)[n:]
+                while view:
+                    view = view[os.write(self.fd, view):]
+        except OSError:
+            try:  # (a torn batch would join the next one's first line, and that line be lost)
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                pass
+            raise
         self.size += len(blob)
         self.written += 1
 

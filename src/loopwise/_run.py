@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._errors import ModelBehaviorError
+from ._errors import ModelBehaviorError, StoreError, UserError
 from ._breaker import BreakerChange
 from ._context import estimate_tokens
 from ._budget import Budget, BudgetExceeded, CallReservation, reserve, reserve_call
@@ -59,6 +59,7 @@ from ._expect import NO_VALUE, judge, split_expectation
 from ._logging import LOGGED_KINDS, log_event
 from ._resume import UNKNOWN_OUTCOME
 from ._messages import Message, ToolCall, Usage, new_message
+from ._storable import TOO_DEEP, TooDeep, clean, clean_event, clean_text, plain, too_deep
 from ._runvars import CurrentRun, _asyncio_loop, cancel_scope, current_run, task_group
 from ._tools import RunContext, Tool, ToolArgumentsError
 from .models._base import Model, ModelRequest, ModelResponse
@@ -180,6 +181,9 @@ class Run:
         self.counts_tokens = any(b.tokens is not None for b in budgets)
         # The first system message: the instructions, plus how to state expectations when on.
         instructions = agent.system_prompt
+        replaced: list[str] = []
+        task, instructions, tags = _storable_start(task, instructions, tags, replaced)
+        self.tags = tags
         self.transcript: list[Message] = (
             [new_message("system", instructions), *task] if instructions else list(task)
         )
@@ -200,8 +204,11 @@ class Run:
         self.since = 0.0
         # (run_id, seq, ts, task, instructions, agent, limits, tags)
         # RunResult reads it: as logged (redacted).
-        self.started: RunStarted = self._emit(new_run_started(  # type: ignore[assignment]
-            run_id, 0, _wall(), task, instructions, agent.describe(), agent.limits.to_dict(), list(tags)))
+        started = new_run_started(run_id, 0, _wall(), task, instructions, agent.describe(), agent.limits.to_dict(),
+                                  list(tags))
+        if replaced:
+            started.replaced = replaced
+        self.started: RunStarted = self._emit(started)  # type: ignore[assignment]
 
     # -- the log -------------------------------------------------------------------
 
@@ -227,12 +234,24 @@ class Run:
         """Hand the pending events to the store; what to await for them to be durable, if anything.
 
         (`_flush` without a coroutine of its own: a store that is done at once, like the
-        in-memory one, costs no frame.)
+        in-memory one, costs no frame.) A batch the store refuses stays pending, in front,
+        so the run's end is written with it (no gap in the log). Refused for a value it
+        cannot encode that no edge caught: that value is made storable (`clean_event`,
+        which says so in the event) and the batch written again.
         """
         if not self.pending:
             return None
         batch, self.pending = self.pending, []
-        return self.store.write(batch)
+        try:
+            try:
+                return self.store.write(batch)
+            except Exception:
+                if not any([clean_event(event) for event in batch]):
+                    raise
+            return self.store.write(batch)
+        except BaseException:
+            self.pending[:0] = batch
+            raise
 
     # -- the run -------------------------------------------------------------------
 
@@ -248,18 +267,28 @@ class Run:
                 stop = await self._guarded_loop()
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True), anyio.move_on_after(FINISH_TIMEOUT_S):
-                    await self._finish(_Stop("killed", "cancelled by caller"))
+                    await self._finish_quietly(_Stop("killed", "cancelled by caller"))
                 raise
             except _Stop as s:
                 stop = s
             except Exception as exc:  # a bug or a store failure: recorded, not lost
                 stop = _Stop("error", f"internal error: {type(exc).__name__}: {exc}",
                              ErrorInfo.from_exception(exc, with_traceback=True))
-            except (SystemExit, KeyboardInterrupt) as exc:
-                # The process is leaving (a tool called sys.exit(), an interrupt): the run's
-                # end first, without awaiting anything, then the exit goes on. Resumable.
+            except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
+                # The process is leaving (a tool called sys.exit(), an interrupt), or this
+                # coroutine is being closed: the run's end first, without awaiting anything,
+                # then the exception goes on. Resumable.
                 self._finish_now(_Stop("error", f"interrupted: {type(exc).__name__}({exc})",
                                        ErrorInfo.from_exception(exc, with_traceback=True)))
+                raise
+            except BaseException as exc:
+                # Not an Exception, not a cancellation (a tool's or a model's own `class
+                # Boom(BaseException)`): meant to unwind past `except Exception`, so it is not
+                # made a tool error. The run ends as `error`, then it goes on. Resumable.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(FINISH_TIMEOUT_S):
+                    await self._finish_quietly(_Stop(
+                        "error", f"interrupted: {type(exc).__name__}({exc}), a BaseException that is not an "
+                        "Exception, was raised", ErrorInfo.from_exception(exc, with_traceback=True)))
                 raise
             return await self._finish(stop)
         finally:
@@ -328,13 +357,26 @@ class Run:
                 f"taken {per_iteration:.2f} s and the answer needs time too")
 
     async def _finish(self, stop: _Stop) -> RunFinished:
+        """Write the run's end. Raises `StoreError` if the store cannot take it: no result
+        claims an end the log does not have."""
         event = self._emit_end(stop)
         try:
             await self._flush()
-        except Exception as exc:  # the store itself is failing: say so loudly, still return
-            _log.error("run %s: could not write its end to the event store (%s: %s); the result "
-                       "is returned but the log is incomplete", self.run_id, type(exc).__name__, exc)
+        except Exception as exc:
+            raise StoreError(
+                f"run {self.run_id}: its end ({stop.reason}) could not be written to the event store "
+                f"{self.store.describe()} ({type(exc).__name__}: {exc}); the log holds no end for it "
+                f"({len(self.pending)} events unwritten): `agent.resume({self.run_id!r})` continues it once "
+                "the store works again"
+            ) from exc
         return event
+
+    async def _finish_quietly(self, stop: _Stop) -> None:
+        """`_finish` while another exception is on its way out: a store failure is logged, not raised."""
+        try:
+            await self._finish(stop)
+        except StoreError as exc:
+            _log.error("%s", exc)
 
     def _finish_now(self, stop: _Stop) -> None:
         """`_finish` without awaiting: for a store that writes at once (the SQLite and memory ones)."""
@@ -567,9 +609,14 @@ class Run:
         try:
             if (waiter := self._write()) is not None:  # the log is durable before every model call
                 await waiter
-        except BaseException:
+        except BaseException as exc:
             if held is not None:
                 held.release()
+            if isinstance(exc, Exception):  # the store failed: the call is not made, and the log says so
+                self._emit(ModelCallFinished(
+                    run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, purpose=purpose,  # type: ignore[arg-type]
+                    error=ErrorInfo(type=type(exc).__name__, message=f"not made: the event log could not be "
+                                                                     f"written ({exc})")))
             raise
         started = _mono()
         try:
@@ -578,7 +625,7 @@ class Run:
                 models, request, agent.model_policy, _ModelAttemptReporter(self, iteration, purpose),
                 self._check_response, False,
             )
-            response = _loggable(response)
+            response, replaced = _loggable(response)
         except anyio.get_cancelled_exc_class():
             if held is not None:
                 held.release()
@@ -592,6 +639,13 @@ class Run:
         except Exception as exc:
             error = ErrorInfo.from_exception(exc)
             response = None
+        except BaseException as exc:  # (not a cancellation) the run ends with it: the call's end first
+            if held is not None:
+                held.release()
+            self._emit(ModelCallFinished(
+                run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, purpose=purpose,  # type: ignore[arg-type]
+                latency_s=_mono() - started, error=ErrorInfo.from_exception(exc)))
+            raise
         latency = _mono() - started
         if response is None:
             if held is not None:
@@ -621,10 +675,13 @@ class Run:
                                "are widened", self.run_id, model.name, low_by)
         # (run_id, seq, ts, iteration, purpose, text, tool_calls, finish_reason, usage,
         #  usage_estimated, cost_usd, latency_s, error, model, overrun_usd)
-        self._emit(new_model_call_finished(
+        finished = new_model_call_finished(
             self.run_id, self.seq, _wall(), iteration, purpose, response.text, list(response.tool_calls),
             response.finish_reason, usage, estimated, cost, latency, None, model.name, overrun_usd,
-        ))
+        )
+        if replaced is not None:
+            finished.replaced = replaced
+        self._emit(finished)
         if purpose == "think":
             self.think_input_tokens = usage.input_tokens
         return response, model
@@ -696,6 +753,11 @@ class Run:
     def _tool_finished(self, iteration: int, call: ToolCall, outcome: str, content: str,
                        latency: float, error: ErrorInfo | None, attempts: int = 0,
                        fallback: str | None = None, cost_usd: float = 0.0, value: Any = NO_VALUE) -> None:
+        replaced = None
+        if not content.isascii() or (error is not None and not _ascii_error(error)):
+            replaced = []
+            content = clean(content, "content", replaced)
+            error = clean(error, "error", replaced)
         match = match_by = note = None
         if self.agent.expectations:  # did the result match the model's expectation?
             tool = self.agent.tools_by_name.get(call.name) if isinstance(call.name, str) else None
@@ -703,9 +765,12 @@ class Run:
                                           fallback, value)
         # (run_id, seq, ts, iteration, call_id, name, outcome, content, latency_s, error, attempts,
         #  fallback, cost_usd, match, match_by, match_note)
-        self._emit(new_tool_call_finished(self.run_id, self.seq, _wall(), iteration, call.id, str(call.name),
-                                          outcome, content, latency, error, attempts, fallback, cost_usd,
-                                          match, match_by, note))
+        event = new_tool_call_finished(self.run_id, self.seq, _wall(), iteration, call.id, str(call.name),
+                                       outcome, content, latency, error, attempts, fallback, cost_usd,
+                                       match, match_by, note)
+        if replaced:
+            event.replaced = replaced
+        self._emit(event)
 
     async def _act(self, iteration: int, calls: list[ToolCall]) -> list[str]:
         tools = self.agent.tools_by_name
@@ -732,8 +797,15 @@ class Run:
         if runnable:
             # The calls are durable before any tool runs: after a crash, resume knows
             # what may have happened (and never re-runs a non-idempotent call blindly).
-            if (waiter := self._write()) is not None:
-                await waiter
+            try:
+                if (waiter := self._write()) is not None:
+                    await waiter
+            except Exception as exc:  # the store failed: no tool runs, and the log says so
+                content = f"not executed: the event log could not be written ({exc})"
+                for _, call, _, _ in runnable:
+                    self._tool_finished(iteration, call, "not_executed", content, 0.0,
+                                        ErrorInfo(type=type(exc).__name__, message=content))
+                raise
         if len(runnable) == 1:
             await self._call_tool(iteration, contents, *runnable[0])
         elif runnable:
@@ -751,7 +823,9 @@ class Run:
                         for item in runnable[1:]:
                             tg.start_soon(self._call_tool, iteration, contents, *item, name=_CALL_TOOL)
                         await self._call_tool(iteration, contents, *runnable[0])
-        for call, content in zip(calls, contents):
+        for index, (call, content) in enumerate(zip(calls, contents)):
+            if not content.isascii() and (fixed := clean_text(content)) is not None:  # as `_tool_finished` logged it
+                content = contents[index] = fixed
             self.transcript.append(new_message("tool", content, (), call.id))
         return contents
 
@@ -897,8 +971,9 @@ class _ModelAttemptReporter:
                                      reason=record.reason))
 
 
-def _loggable(response: ModelResponse) -> ModelResponse:
-    """`response` in the types its event is read back with (a Python model may send anything).
+def _loggable(response: ModelResponse) -> tuple[ModelResponse, list[str] | None]:
+    """`response` in the types its event is read back with (a Python model may send anything),
+    and storable; with the fields that had to be replaced, if any (`_storable`).
 
     A tool call's name that is not a str becomes one (None: the empty name), which the
     loop then answers as an unknown tool; arguments neither a dict nor a str, or a dict
@@ -906,33 +981,90 @@ def _loggable(response: ModelResponse) -> ModelResponse:
     would a provider's, and answers what is wrong with it); an id that is not a str
     becomes one; so does a finish reason. Else the log would hold a model call whose
     event cannot be loaded: `show`, resume and every view of the run would fail.
+    Text UTF-8 cannot encode (a lone surrogate), anywhere, becomes U+FFFD; arguments
+    nested deeper than `MAX_DEPTH` (or that contain themselves) become `TOO_DEEP`,
+    answered as invalid arguments. The fast path: ASCII text, and arguments that are
+    raw text or a dict of plain values (`plain`), are taken as they are.
     """
-    for call in response.tool_calls:
-        args, call_id = call.arguments, call.id
-        if (type(call.name) is not str or (call_id is not None and type(call_id) is not str)
-                or (type(args) is not str and (type(args) is not dict or not all(map(_is_str, args))))):
-            break
-    else:
-        reason = response.finish_reason
-        if reason is None or type(reason) is str:
-            return response
+    text = response.text
+    if text is None or (type(text) is str and text.isascii()):
+        for call in response.tool_calls:
+            name, args, call_id = call.name, call.arguments, call.id
+            if (type(name) is not str or not name.isascii()
+                    or (call_id is not None and (type(call_id) is not str or not call_id.isascii()))
+                    or not (args.isascii() if type(args) is str else type(args) is dict and plain(args))):
+                break
+        else:
+            reason = response.finish_reason
+            if reason is None or (type(reason) is str and reason.isascii()):
+                return response, None
     return _normalized(response)
 
 
-def _normalized(response: ModelResponse) -> ModelResponse:
+def _normalized(response: ModelResponse) -> tuple[ModelResponse, list[str] | None]:
+    replaced: list[str] = []
+    text = response.text
+    if text is not None:
+        text = clean(text, "text", replaced)
     fixed = []
-    for call in response.tool_calls:
+    for i, call in enumerate(response.tool_calls):
         name, args, call_id = call.name, call.arguments, call.id
-        if isinstance(args, dict) and not all(map(_is_str, args)):
+        where = f"tool_calls[{i}]"
+        if not isinstance(name, str):
+            name = "" if name is None else str(name)
+        if call_id is not None and not isinstance(call_id, str):
+            call_id = str(call_id)
+        if isinstance(args, (dict, list, tuple)) and too_deep(args):
+            args = TOO_DEEP
+            replaced.append(f"{where}.arguments")
+        elif isinstance(args, dict) and not all(map(_is_str, args)):
             args = _json_text(args)  # (keys as JSON writes them: None is "null", 1 is "1")
-        fixed.append(ToolCall(
-            name if isinstance(name, str) else "" if name is None else str(name),
-            args if isinstance(args, (dict, str)) else _json_text(args),
-            call_id if call_id is None or isinstance(call_id, str) else str(call_id),
-        ))
+        elif not isinstance(args, (dict, str)):
+            args = _json_text(args)
+        try:
+            args = clean(args, f"{where}.arguments", replaced)
+        except TooDeep:  # (not reached: `too_deep` above)
+            args = TOO_DEEP
+            replaced.append(f"{where}.arguments")
+        new = ToolCall(clean(name, f"{where}.name", replaced), args,
+                       None if call_id is None else clean(call_id, f"{where}.id", replaced))
+        fixed.append(call if (new.name is call.name and new.arguments is call.arguments
+                              and new.id is call.id) else new)
     reason = response.finish_reason
-    return ModelResponse(text=response.text, tool_calls=fixed, usage=response.usage,
-                         finish_reason=reason if reason is None or isinstance(reason, str) else str(reason))
+    if reason is not None:
+        reason = clean(reason if isinstance(reason, str) else str(reason), "finish_reason", replaced)
+    if (text is response.text and reason is response.finish_reason
+            and all(new is old for new, old in zip(fixed, response.tool_calls))):
+        return response, replaced or None
+    return (ModelResponse(text=text, tool_calls=fixed, usage=response.usage, finish_reason=reason),
+            replaced or None)
+
+
+def _storable_start(task: list[Message], instructions: str | None, tags: tuple[str, ...],
+                    replaced: list[str]) -> tuple[list[Message], str | None, tuple[str, ...]]:
+    """The task, instructions and tags, made storable (`_storable`); what was replaced goes in `replaced`.
+
+    Raises `UserError` for a task whose tool calls nest deeper than the loop walks.
+    """
+    for m in task:
+        content = m.content
+        if m.tool_calls or m.tool_call_id is not None or not (content is None or content.isascii()):
+            break
+    else:
+        if (instructions is None or instructions.isascii()) and all(t.isascii() for t in tags):
+            return task, instructions, tags
+    try:
+        task = clean(list(task), "task", replaced)
+    except TooDeep as exc:
+        raise UserError(f"the task cannot be stored: {exc}; send flatter tool-call arguments") from None
+    if instructions is not None:
+        instructions = clean(instructions, "instructions", replaced)
+    tags = tuple(clean(list(tags), "tags", replaced))
+    return task, instructions, tags
+
+
+def _ascii_error(error: ErrorInfo) -> bool:
+    return error.message.isascii() and (error.traceback is None or error.traceback.isascii()) and error.type.isascii()
 
 
 #: `isinstance(x, str)` as a function in C: `all(map(_is_str, keys))` makes no frame per key.

@@ -47,7 +47,7 @@ import weakref
 from collections.abc import Collection
 from pathlib import Path
 
-from ._errors import UserError
+from ._errors import StoreError, UserError, store_error
 from ._events import Event, RunFinished, RunStarted, dump_lines, load_event, load_events
 from ._journal import (
     SEGMENT_MAX,
@@ -430,9 +430,14 @@ class SQLiteStore(EventStore):
         try:
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:  # a full disk, an I/O error: not the file's fault
+                raise store_error(self.path, "open", exc) from None
             except sqlite3.DatabaseError as exc:
                 raise _not_ours(self.path, str(exc)) from None
-            _migrate(conn, self.path)
+            try:
+                _migrate(conn, self.path)
+            except sqlite3.OperationalError as exc:
+                raise store_error(self.path, "create or migrate the tables of", exc) from None
         finally:
             conn.close()
         self._reader = _connect(self.path, check_same_thread=False)
@@ -493,7 +498,11 @@ class SQLiteStore(EventStore):
             segment = self._segment
             if segment is None:
                 segment = self._open_segment()
-            segment.append(blob)
+            try:
+                segment.append(blob)
+            except OSError as exc:  # a full disk: nothing of the batch is in the journal (see `append`)
+                raise StoreError(f"cannot append to the loopwise journal {segment.path} of the database "
+                                 f"{self.path}: {exc}") from None
             if not self._pending:
                 self._pending_since = time.monotonic()
             self._pending.append((segment, meta, blob))

@@ -30,6 +30,7 @@ from typing import Any, overload
 
 from ._errors import UserError
 from ._messages import ToolSpec
+from ._storable import DEPTH_MESSAGE, TOO_DEEP, plain, too_deep
 from ._tool_policy import ToolPolicy
 
 __all__ = ["RunContext", "Tool", "ToolArgumentsError", "parse_arguments", "tool"]
@@ -62,9 +63,13 @@ def parse_arguments(arguments: dict[str, Any] | str | None) -> dict[str, Any]:
     Raises `ToolArgumentsError`, worded for the model, when they are not a JSON object.
     """
     if isinstance(arguments, str):
+        if arguments == TOO_DEEP:  # what the loop kept of a Python model's arguments nested too deep
+            raise ToolArgumentsError(DEPTH_MESSAGE)
         try:
             arguments = json.loads(arguments.strip() or "{}")
-        except (ValueError, RecursionError) as exc:
+        except RecursionError:
+            raise ToolArgumentsError(DEPTH_MESSAGE) from None
+        except ValueError as exc:
             raise ToolArgumentsError(
                 f"arguments are not valid JSON ({exc}); send a JSON object matching the tool's schema"
             ) from None
@@ -72,6 +77,8 @@ def parse_arguments(arguments: dict[str, Any] | str | None) -> dict[str, Any]:
         arguments = {}
     if not isinstance(arguments, dict):
         raise ToolArgumentsError(f"arguments must be a JSON object, got {type(arguments).__name__}")
+    if not plain(arguments) and too_deep(arguments):
+        raise ToolArgumentsError(DEPTH_MESSAGE)
     return arguments
 
 

@@ -41,7 +41,10 @@ class FunctionModel(Model):
     ```
 
     The function receives the `ModelRequest` and returns a `ModelResponse` (a plain
-    `str` is taken as a final answer). It costs $0 unless given a `price`.
+    `str` is taken as a final answer). It costs $0 unless given a `price`. A sync
+    function runs in a worker thread, as a sync tool does, so `ModelPolicy.timeout`
+    bounds it even when it blocks (its thread is abandoned); an async one runs on the
+    event loop (and, like an async tool, cannot be stopped if it never yields).
     """
 
     def __init__(self, fn: ModelFunction, *, price: Price | None = None, name: str | None = None) -> None:
@@ -56,7 +59,12 @@ class FunctionModel(Model):
         if self._is_async:
             value = await self.fn(request)  # type: ignore[misc]
         else:
-            value = self.fn(request)
+            # In a worker thread, as a sync tool: a function that blocks is then abandoned
+            # when `ModelPolicy.timeout` expires (or the run is killed), not waited for.
+            from .._threads import default_pool
+
+            fn = self.fn
+            value = await default_pool().run(lambda: fn(request), label=self.name)
             if inspect.isawaitable(value):
                 value = await value
         return _coerce(value, self)
