@@ -155,7 +155,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
             try:
                 change = breaker.before_call(name)
             except CircuitOpenError as exc:
-                failure = _Failure(str(exc), ErrorInfo(type="CircuitOpenError", message=str(exc)))
+                failure = _Failure(exc.detail, ErrorInfo(type="CircuitOpenError", message=str(exc)))
                 break
             if change is not None:
                 events.breaker_changed(change)
@@ -202,7 +202,11 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
             error = ErrorInfo(type=type(exc).__name__, message=redact(str(exc)))
             retryable = isinstance(exc, (ToolRetry, *policy.retry_on))
         failure = _Failure(summary, error)
-        if breaker is not None and (change := breaker.on_failure(name)) is not None:
+        # The breaker counts timeouts (exc None), infrastructure errors, and the types the
+        # tool named in retry_on (its "transient"; not the default, which is any exception).
+        if breaker is not None and (change := breaker.on_failure(
+                name, exc, transient=exc is not None and policy.retry_on != (Exception,)
+                and isinstance(exc, policy.retry_on))) is not None:
             events.breaker_changed(change)
         delay = policy.backoff.delay(attempt) if retryable and attempt < last_attempt else None
         if delay is not None and deadline is not None and _mono() + delay >= deadline:

@@ -9,7 +9,7 @@ when the tool cannot, and when to stop calling it.
 | `backoff` | the wait between attempts | 0.2 s, doubling, at most 5 s, full jitter | - |
 | `total_timeout` | all attempts, backoff and the fallback chain together | derived: attempts × timeout + backoff + fallbacks' own | whatever is still running is cancelled; a plain-value fallback still answers, else the model reads the error |
 | `fallback` | what answers after the last failure | none | a value, a `Template`, a tool or callable taking the same arguments, or a list tried in order |
-| `breaker` | calls to a tool that keeps failing | 5 failures in 60 s opens it for 30 s | calls go straight to the fallback, or fail fast |
+| `breaker` | calls to a tool whose infrastructure keeps failing | 5 timeouts, connection errors or transient errors in 60 s open it for 30 s (business errors do not count) | calls go straight to the fallback, or fail fast |
 | `max_result_chars` | what the model reads from one result | 20,000 | the rest is cut, with a note saying so |
 
 `check(expected, actual) -> bool | None` bounds nothing: with `Agent(expectations=True)` it
