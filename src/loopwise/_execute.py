@@ -21,6 +21,7 @@ import anyio
 from ._breaker import BreakerChange, CircuitOpenError
 from ._errors import ToolRetry
 from ._events import ErrorInfo
+from ._isolation import ProcessTimeoutError
 from ._runvars import cancel_scope, wait_within
 from ._tool_policy import Fallback, ToolPolicy
 from ._tools import Tool
@@ -173,6 +174,19 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
         try:
             if limit is None:  # no deadline: no scope (nothing but the caller's scopes could cancel it)
                 value = await (tool.call(kwargs, ctx, events) if direct is None else direct(**kwargs))
+            elif policy.isolation == "process" and not cut_by_total:
+                # Its timeout counts from when the function starts in its process (the process's
+                # start-up is bounded apart: `_isolation`); a total_timeout given bounds it all.
+                try:
+                    if deadline is None:
+                        value = await tool.call(kwargs, ctx, events, timeout=limit)
+                    else:
+                        with cancel_scope() as scope:
+                            value = await wait_within(scope, max(0.0, deadline - _mono()),
+                                                      tool.call(kwargs, ctx, events, timeout=limit))
+                        timed_out = cut_by_total = scope.cancelled_caught
+                except ProcessTimeoutError:
+                    timed_out = True
             else:  # `move_on_after(limit)`, its timer armed only if the tool waits
                 with cancel_scope() as scope:
                     value = await wait_within(scope, limit, tool.call(kwargs, ctx, events) if direct is None

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._breaker import CircuitBreaker
+from ._isolation import START_TIMEOUT_S
 from ._errors import UserError
 from ._expect import check_option
 
@@ -210,7 +211,9 @@ class ToolPolicy:
         if self.timeout is None:
             return None
         waits = sum(self.backoff.ceiling(r) for r in range(1, self.retries + 1))
-        return self.attempts * self.timeout + waits
+        # A process's start-up is not in its tool's timeout (`_isolation`): its bound is added.
+        start_up = START_TIMEOUT_S if self.isolation == "process" else 0.0
+        return self.attempts * (self.timeout + start_up) + waits
 
     def fallback_reserve(self) -> float | None:
         """Time kept for the callable fallbacks of the chain (values and templates are free)."""
