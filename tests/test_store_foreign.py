@@ -74,9 +74,9 @@ CASES = {
     "app using user_version": (_app_with_user_version, "user_version is 3 but it has no events table"),
     "app with a high user_version": (_app_with_a_high_user_version, "no event_chunks table; it holds notes"),
     "only a view": (_only_a_view, "holds other tables: answer"),
-    "text": (_text, "not an SQLite file"),
-    "short binary": (_short_binary, "not an SQLite file"),
-    "binary": (_binary, "not an SQLite file"),
+    "text": (_text, "file is not a database"),
+    "short binary": (_short_binary, "file is not a database"),
+    "binary": (_binary, "file is not a database"),
     "newer loopwise": (_newer_loopwise, "newer loopwise"),
 }
 

@@ -178,8 +178,6 @@ def _not_ours(path: Path, why: str) -> UserError:
     )
 
 
-# The first 16 bytes of every SQLite database file (https://sqlite.org/fileformat.html).
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 # The table that holds the events, by schema version (a database whose user_version names
 # a schema but lacks its table is another application's that uses user_version too).
 _EVENTS_TABLE = {1: "events", 2: "events", 3: "events", 4: "event_chunks", 5: "event_chunks"}
@@ -199,38 +197,41 @@ def _foreign(version: int, names: list[str]) -> str | None:
 def _check_ours(path: Path) -> None:
     """Refuse a file that is not a loopwise database before anything writes to it.
 
-    Read only: the file's header, then its schema over a read-only connection (without
-    one, `PRAGMA journal_mode = WAL` would rewrite another application's database, and
-    SQLite would create journal files beside it, before the schema says it is not ours).
-    A missing or empty file passes: it becomes a new database.
+    Read only, through SQLite (without this, `PRAGMA journal_mode = WAL` would rewrite
+    another application's database, and SQLite would make journal files beside it,
+    before the schema says it is not ours). Never with a plain `open()`: closing any
+    descriptor of the file drops every POSIX lock this process holds on it, the locks
+    of its other SQLite connections included. A missing or empty file passes: it
+    becomes a new database.
+
+    With no -wal file beside it, the database is all in the main file, read
+    `immutable` (no locks, no files made: a read-only connection to a WAL-mode file
+    would leave -wal and -shm files behind); else, or if that read fails (a writer
+    changed the file meanwhile), over a read-only connection.
     """
     try:
-        with open(path, "rb") as f:
-            header = f.read(100)
+        if path.stat().st_size == 0:
+            return
     except FileNotFoundError:
         return
     except OSError as exc:
         raise UserError(f"cannot open the loopwise database {path}: {exc}") from None
-    if not header:
-        return
-    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
-        raise _not_ours(path, "it is not an SQLite file")
     uri = path.absolute().as_uri()
-    # In WAL mode (header byte 18 is 2) a read-only connection still creates the -wal and
-    # -shm files, and leaves them; with no -wal file the database is all in the main
-    # file, which `immutable` reads as a plain file.
-    wal_file = path.with_name(path.name + "-wal")
-    immutable = header[18] == 2 and not wal_file.exists()
-    try:
-        conn = sqlite3.connect(uri + ("?immutable=1" if immutable else "?mode=ro"), uri=True,
-                               timeout=BUSY_TIMEOUT_MS / 1000)
+    modes = ["mode=ro"]
+    if not path.with_name(path.name + "-wal").exists():
+        modes.insert(0, "immutable=1")
+    for mode in modes:
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise _not_ours(path, str(exc)) from None
+            conn = sqlite3.connect(f"{uri}?{mode}", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+            finally:
+                conn.close()
+            break
+        except sqlite3.Error as exc:
+            if mode == modes[-1]:
+                raise _not_ours(path, str(exc)) from None
     why = _foreign(version, names)
     if why:
         raise _not_ours(path, why)
