@@ -21,7 +21,6 @@ import anyio
 from ._breaker import BreakerChange, CircuitOpenError
 from ._errors import ToolRetry
 from ._events import ErrorInfo
-from ._isolation import ProcessTimeoutError
 from ._runvars import cancel_scope, wait_within
 from ._tool_policy import Fallback, ToolPolicy
 from ._tools import Tool
@@ -177,6 +176,8 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
             elif policy.isolation == "process" and not cut_by_total:
                 # Its timeout counts from when the function starts in its process (the process's
                 # start-up is bounded apart: `_isolation`); a total_timeout given bounds it all.
+                from ._isolation import ProcessTimeoutError
+
                 try:
                     if deadline is None:
                         value = await tool.call(kwargs, ctx, events, timeout=limit)

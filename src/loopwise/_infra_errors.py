@@ -29,10 +29,7 @@ Counted (`is_infrastructure`):
 from __future__ import annotations
 
 import errno
-import socket
-import ssl
 import sys
-import urllib.error
 
 __all__ = ["is_infrastructure"]
 
@@ -81,12 +78,15 @@ def _classes(module: str, names: tuple[str, ...]) -> tuple[type, ...]:
 
 
 def _one(exc: BaseException) -> bool:
-    if isinstance(exc, urllib.error.HTTPError):  # (a URLError, and an OSError, too)
-        return _server_side(exc.code)
-    if isinstance(exc, urllib.error.URLError):
-        reason = exc.reason
-        return isinstance(reason, BaseException) and _one(reason)
-    if isinstance(exc, (TimeoutError, ConnectionError, socket.gaierror, socket.herror, ssl.SSLError)):
+    urllib_error = sys.modules.get("urllib.error")  # (none of these is imported here: if the module is
+    if urllib_error is not None:                     # not imported yet, no exception of it was raised)
+        if isinstance(exc, urllib_error.HTTPError):  # (a URLError, and an OSError, too)
+            return _server_side(exc.code)
+        if isinstance(exc, urllib_error.URLError):
+            reason = exc.reason
+            return isinstance(reason, BaseException) and _one(reason)
+    if isinstance(exc, (TimeoutError, ConnectionError, *_classes("socket", ("gaierror", "herror")),
+                        *_classes("ssl", ("SSLError",)))):
         return True
     if isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS:
         return True

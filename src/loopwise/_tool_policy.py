@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._breaker import CircuitBreaker
-from ._isolation import START_TIMEOUT_S
 from ._errors import UserError
 from ._expect import check_option
 
@@ -211,8 +210,11 @@ class ToolPolicy:
         if self.timeout is None:
             return None
         waits = sum(self.backoff.ceiling(r) for r in range(1, self.retries + 1))
-        # A process's start-up is not in its tool's timeout (`_isolation`): its bound is added.
-        start_up = START_TIMEOUT_S if self.isolation == "process" else 0.0
+        start_up = 0.0
+        if self.isolation == "process":  # its start-up is not in its timeout (`_isolation`): its bound is
+            from ._isolation import START_TIMEOUT_S  # (imported here: pickle and subprocess are not free)
+
+            start_up = START_TIMEOUT_S
         return self.attempts * (self.timeout + start_up) + waits
 
     def fallback_reserve(self) -> float | None:
