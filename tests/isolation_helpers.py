@@ -94,3 +94,24 @@ def start_grandchild_and_sleep(pid_file: str, seconds: float) -> None:
     grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     Path(pid_file).write_text(f"{os.getpid()} {grandchild.pid}")
     time.sleep(seconds)
+
+
+def rendezvous(directory: str, n: int, value: object) -> object:
+    """Return `value` once `n` calls are in this function at once (each leaves a file in `directory`)."""
+    Path(directory, str(os.getpid())).touch()
+    give_up = time.monotonic() + 60
+    while len(os.listdir(directory)) < n:
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"only {len(os.listdir(directory))} of {n} calls ran at once")
+        time.sleep(0.01)
+    return value
+
+
+def return_once_file_exists(path: str, value: object) -> object:
+    """Return `value` once `path` exists (the test's event loop makes it)."""
+    give_up = time.monotonic() + 60
+    while not Path(path).exists():
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+    return value

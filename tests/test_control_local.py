@@ -115,9 +115,8 @@ async def test_a_kill_from_another_process_is_delivered_through_the_marker(tmp_p
         proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, str(db),
                                                     stdout=asyncio.subprocess.PIPE)
         out, _ = await proc.communicate()
-        returned = float(out)
-        await runs.wait(1, timeout=2.0)
-        assert time.time() - returned < 1.0
+        float(out)  # the killer's process recorded it and exited
+        await runs.wait(1, timeout=20.0)  # before any safety query (every 30 s here): the marker brought it
         assert marker_path(db).stat().st_size == 8
 
 
@@ -209,9 +208,7 @@ async def test_a_kill_without_its_marker_write_is_delivered_by_the_safety_query(
         monkeypatch.setattr(_control, "_bump_marker", lambda db: None)
         other = LocalControl(db)
         other.record_kills([_request("unsignalled")])
-        t0 = time.monotonic()
-        await runs.wait(1, timeout=2.0)
-        assert runs.killed["unsignalled"] - t0 < 0.3 + 0.3
+        await runs.wait(1, timeout=20.0)  # no marker was written: the safety query brought it
         other.close()
 
 
@@ -228,9 +225,8 @@ async def test_a_deleted_marker_is_mapped_again(tmp_path, monkeypatch):
             monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
             await asyncio.sleep(0.4)  # the last safety query with the short interval
             other.record_kills([_request("second")])
-            t0 = time.monotonic()
-            await runs.wait(2, timeout=2.0)
-            assert runs.killed["second"] - t0 < 0.25, "the new marker is watched"
+            # Before the next safety query (30 s): the new marker is watched.
+            await runs.wait(2, timeout=20.0)
     finally:
         other.close()
 
@@ -316,9 +312,10 @@ def test_a_run_attached_outside_its_loop_is_polled_for(tmp_path, monkeypatch):
         time.sleep(0.1)
         other.record_kills([_request("loopless")])
         t0 = time.monotonic()
-        while "loopless" not in runs.killed and time.monotonic() - t0 < 2:
+        while "loopless" not in runs.killed and time.monotonic() - t0 < 20:
             time.sleep(0.005)
-        assert runs.killed["loopless"] - t0 < 0.25
+        # No marker, no safety query for 30 s: the watcher's poll for runs without a loop brought it.
+        assert "loopless" in runs.killed
     finally:
         plane.detach("loopless")
         other.close()

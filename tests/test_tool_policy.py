@@ -262,9 +262,9 @@ def test_breaker_opens_and_the_tool_stops_being_called():
 
     @lw.tool(breaker=breaker, fallback="unavailable")
     async def missing_tool() -> str:
-        """Always fails, like the one an agent retried 754 times."""
+        """Always fails: its backend is gone (a business error would not count: test_breaker.py)."""
         calls.append(1)
-        raise RuntimeError("404")
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
 
     store = lw.MemoryStore()
     agent = lw.Agent(ScriptedModel([[ToolCall("missing_tool", {})]] * 8 + ["gave up"]), tools=[missing_tool],
@@ -276,7 +276,7 @@ def test_breaker_opens_and_the_tool_stops_being_called():
     assert [(c.old, c.new) for c in changes] == [("closed", "open")]
     skipped = finished(events)[3:]
     assert all(e.attempts == 0 and e.outcome == "fallback" for e in skipped)
-    assert "circuit open for missing_tool" in skipped[0].content
+    assert "missing_tool was not called: its circuit breaker has been open since" in skipped[0].content
 
 
 def test_breaker_half_open_probe_closes_it():

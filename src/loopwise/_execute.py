@@ -182,7 +182,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
             try:
                 change = breaker.before_call(name)
             except CircuitOpenError as exc:
-                failure = _Failure(str(exc), ErrorInfo(type="CircuitOpenError", message=str(exc)))
+                failure = _Failure(exc.detail, ErrorInfo(type="CircuitOpenError", message=str(exc)))
                 break
             if change is not None:
                 events.breaker_changed(change)
@@ -202,6 +202,21 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
         try:
             if limit is None:  # no deadline: no scope (nothing but the caller's scopes could cancel it)
                 value = await (tool.call(kwargs, ctx, events) if direct is None else direct(**kwargs))
+            elif policy.isolation == "process" and not cut_by_total:
+                # Its timeout counts from when the function starts in its process (the process's
+                # start-up is bounded apart: `_isolation`); a total_timeout given bounds it all.
+                from ._isolation import ProcessTimeoutError
+
+                try:
+                    if deadline is None:
+                        value = await tool.call(kwargs, ctx, events, timeout=limit)
+                    else:
+                        with cancel_scope() as scope:
+                            value = await wait_within(scope, max(0.0, deadline - _mono()),
+                                                      tool.call(kwargs, ctx, events, timeout=limit))
+                        timed_out = cut_by_total = scope.cancelled_caught
+                except ProcessTimeoutError:
+                    timed_out = True
             else:  # `move_on_after(limit)`, its timer armed only if the tool waits
                 with cancel_scope() as scope:
                     value = await wait_within(scope, limit, tool.call(kwargs, ctx, events) if direct is None
@@ -239,7 +254,11 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
             error = ErrorInfo(type=type(exc).__name__, message=redact(str(exc)))
             retryable = isinstance(exc, (ToolRetry, *policy.retry_on))
         failure = _Failure(summary, error)
-        if breaker is not None and (change := breaker.on_failure(name)) is not None:
+        # The breaker counts timeouts (exc None), infrastructure errors, and the types the
+        # tool named in retry_on (its "transient"; not the default, which is any exception).
+        if breaker is not None and (change := breaker.on_failure(
+                name, exc, transient=exc is not None and policy.retry_on != (Exception,)
+                and isinstance(exc, policy.retry_on))) is not None:
             events.breaker_changed(change)
         delay = policy.backoff.delay(attempt) if retryable and attempt < last_attempt else None
         if delay is not None and deadline is not None and _mono() + delay >= deadline:

@@ -10,6 +10,13 @@ remains.
 result = await run_in_subprocess(render_report, {"month": "2024-05"}, timeout=30)
 ```
 
+The tool's `timeout` counts from when its function starts in the child (the child
+says so over its pipe), not from when the child was spawned: a fresh interpreter
+and the imports of the tool's module take ~0.1 s on an idle machine and close to a
+second on a busy one, which a 0.5 s timeout must not pay for. The start-up has its
+own bound, `START_TIMEOUT_S` (`ProcessStartError`: "its process did not start
+within 30 s"), and a `total_timeout`, the call's wall-clock bound, counts it.
+
 The price: the call crosses a process boundary. The function must be importable
 by name from a module (not a lambda, closure, nested function, or a function
 defined in the `__main__` script), and its arguments, result and exceptions
@@ -18,9 +25,9 @@ imports of the tool's module), so this is for tools that must truly stop, not
 for every tool.
 
 How: the child is a fresh `python -c <bootstrap>` (never a fork: the parent
-has threads). It reads the parent's `sys.path` and the pickled call from stdin
-and writes one length-prefixed pickled answer to its stdout; the tool's own
-prints go to stderr. This is "spawn" without multiprocessing, whose spawn and
+has threads). It reads the parent's `sys.path` and the pickled call from stdin,
+writes `STARTED` to its stdout just before it calls the function, then one
+length-prefixed pickled answer; the tool's own prints go to stderr. This is "spawn" without multiprocessing, whose spawn and
 forkserver methods re-run the user's `__main__` script in every child (an agent
 script without an `if __name__ == "__main__":` guard would start itself again).
 All waiting happens on the event loop (anyio process streams).
@@ -42,14 +49,21 @@ from typing import Any
 import anyio
 import anyio.abc
 
-__all__ = ["ProcessCrashedError", "run_in_subprocess"]
+__all__ = ["ProcessCrashedError", "ProcessStartError", "ProcessTimeoutError", "run_in_subprocess"]
 
 #: Seconds between SIGTERM and SIGKILL.
 KILL_GRACE = 0.2
 #: Seconds a child that has sent its answer gets to exit on its own before it is stopped.
 EXIT_GRACE = 0.5
+#: Seconds a child may take from its spawn to the start of the function (a Python
+#: interpreter, then the imports of the tool's module): not part of the tool's timeout.
+#: Generous: ~0.1 s on an idle machine, ~1 s at a load of 8 on 2 cores, more for heavy imports.
+START_TIMEOUT_S = 30.0
 
 _HEADER = struct.Struct("!Q")
+#: The byte the child writes when the function starts (an answer's header, a length
+#: below 2**56, begins with a zero byte: a child that fails to load sends that at once).
+STARTED = b"S"
 
 # Runs in the child. Self-contained, so the child imports only what the tool needs.
 _BOOTSTRAP = r"""
@@ -91,6 +105,7 @@ try:
 except BaseException as exc:
     data = dump(("load_error", type(exc).__name__ + ": " + str(exc)))
 else:
+    os.write(out, b"S")  # the function starts now: its timeout counts from here
     try:
         result = fn(**kwargs)
     except BaseException as exc:
@@ -113,6 +128,22 @@ class ProcessCrashedError(RuntimeError):
     def __init__(self, message: str, *, exitcode: int | None) -> None:
         super().__init__(message)
         self.exitcode = exitcode
+
+
+class ProcessStartError(RuntimeError):
+    """The child process did not start the function within its start-up bound; it was killed."""
+
+    def __init__(self, message: str, *, pid: int) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class ProcessTimeoutError(TimeoutError):
+    """The function ran past its timeout in the child process; the process was killed."""
+
+    def __init__(self, message: str, *, pid: int) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 def _label(fn: Callable[..., Any]) -> str:
@@ -170,22 +201,30 @@ def _frame(buffer: bytearray) -> bytes | None:
     return bytes(buffer[_HEADER.size : _HEADER.size + size])
 
 
-async def _exchange(process: anyio.abc.Process, payload: bytes) -> bytes | None:
-    """Send the call; return the answer's frame, or None if the child ended without one."""
-    assert process.stdin is not None and process.stdout is not None
+async def _send(process: anyio.abc.Process, payload: bytes) -> None:
+    assert process.stdin is not None
     try:
         await process.stdin.send(payload)
         await process.stdin.aclose()
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         pass  # the child is gone already; its exit code tells why
-    stdout = process.stdout
-    buffer = bytearray()
 
+
+async def _read_until(process: anyio.abc.Process, buffer: bytearray, enough: Callable[[], bool]) -> None:
+    """Read the child's stdout into `buffer` until `enough()`, its end, or the child's exit.
+
+    Once the child has exited, what it wrote is in the pipe, and EOF follows unless a
+    process it started holds the pipe open: that is not waited for past `EXIT_GRACE`.
+    """
+    stdout = process.stdout
+    assert stdout is not None
+    if enough():
+        return
     async with anyio.create_task_group() as tg:
 
         async def read() -> None:
             try:
-                while _frame(buffer) is None:
+                while not enough():
                     buffer.extend(await stdout.receive())
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
@@ -193,11 +232,8 @@ async def _exchange(process: anyio.abc.Process, payload: bytes) -> bytes | None:
 
         tg.start_soon(read)
         await process.wait()
-        # The child ended: what it wrote is in the pipe, and EOF follows unless a
-        # process it started holds the pipe open. Do not wait for that forever.
         await anyio.sleep(EXIT_GRACE)
         tg.cancel_scope.cancel()
-    return _frame(buffer)
 
 
 def _signal(process: anyio.abc.Process, signum: int) -> None:
@@ -288,6 +324,7 @@ async def run_in_subprocess(
     *,
     timeout: float | None,
     label: str | None = None,
+    start_timeout: float = START_TIMEOUT_S,
 ) -> Any:
     """Run `fn(**kwargs)` in a child process and return its result.
 
@@ -298,22 +335,28 @@ async def run_in_subprocess(
     Args:
         fn: A function defined at module level in an importable module.
         kwargs: Its keyword arguments; picklable.
-        timeout: Seconds before the child is killed and `TimeoutError` raised;
-            None for no limit. Stopping the child adds at most `KILL_GRACE` s.
+        timeout: Seconds the function may run, counted from when it starts in the
+            child, before the child is killed and `ProcessTimeoutError` raised; None
+            for no limit. Stopping the child adds at most `KILL_GRACE` s.
         label: The tool's name, for messages (default: the function's name).
+        start_timeout: Seconds from the spawn to the start of the function.
 
     Raises:
         TypeError: `fn` cannot be sent to a child process, or its arguments or
             result cannot be pickled.
-        TimeoutError: `timeout` expired; the child was killed.
+        ProcessTimeoutError: `timeout` expired; the child was killed.
+        ProcessStartError: the function did not start within `start_timeout`; the
+            child was killed.
         ProcessCrashedError: the child ended without an answer (`os._exit`, a signal).
     """
     label = label or _label(fn)
     payload = _payload(fn, kwargs, label)
     process: anyio.abc.Process | None = None
+    buffer = bytearray()
     frame: bytes | None = None
+    spawned = anyio.current_time()
     try:
-        with anyio.move_on_after(timeout) as scope:
+        with anyio.move_on_after(start_timeout) as starting:
             process = await anyio.open_process(
                 [sys.executable, "-c", _BOOTSTRAP],
                 stdin=subprocess.PIPE,
@@ -323,7 +366,20 @@ async def run_in_subprocess(
                 # started (and a Ctrl-C meant for the parent does not reach it).
                 start_new_session=True,
             )
-            frame = await _exchange(process, payload)
+            await _send(process, payload)
+            await _read_until(process, buffer, lambda: len(buffer) > 0)
+        if starting.cancelled_caught:
+            raise _start_error(label, start_timeout, process)
+        started = buffer[:1] == STARTED
+        if started:
+            del buffer[:1]
+        # Started: the function has its timeout from now. Not started (it could not load the
+        # function, or died): its answer, if any, is on its way, within the start-up bound.
+        limit = timeout if started else max(0.0, spawned + start_timeout - anyio.current_time())
+        assert process is not None
+        with anyio.move_on_after(limit) as running:
+            await _read_until(process, buffer, lambda: _frame(buffer) is not None)
+            frame = _frame(buffer)
             # Answered, or closed its stdout: it is on its way out. Let it exit on its own
             # (and so report its real exit code) before it is stopped.
             with anyio.move_on_after(EXIT_GRACE):
@@ -332,7 +388,18 @@ async def run_in_subprocess(
         if process is not None:
             with anyio.CancelScope(shield=True):
                 await _stop(process)
-    if frame is None and scope.cancelled_caught:
-        raise TimeoutError(f"tool {label!r} did not finish within {timeout:g} s; its process was killed")
-    assert process is not None
+    if frame is None and running.cancelled_caught:
+        if started:
+            raise ProcessTimeoutError(f"tool {label!r} did not finish within {timeout:g} s; its process was killed",
+                                      pid=process.pid)
+        raise _start_error(label, start_timeout, process)
     return _outcome(frame, label, process.returncode)
+
+
+def _start_error(label: str, start_timeout: float, process: anyio.abc.Process | None) -> ProcessStartError:
+    return ProcessStartError(
+        f"tool {label!r} (isolation='process'): its process did not start within {start_timeout:g} s "
+        "(a Python interpreter, then the imports of the tool's module), and was killed; the machine "
+        "may be overloaded, or the module's imports too slow",
+        pid=process.pid if process is not None else 0,
+    )

@@ -178,7 +178,76 @@ def _not_ours(path: Path, why: str) -> UserError:
     )
 
 
+# The table that holds the events, by schema version (a database whose user_version names
+# a schema but lacks its table is another application's that uses user_version too).
+_EVENTS_TABLE = {1: "events", 2: "events", 3: "events", 4: "event_chunks", 5: "event_chunks"}
+
+
+def _foreign(version: int, names: list[str]) -> str | None:
+    """Why a database of this user_version and these schema objects is not ours (None if it is)."""
+    if version == 0:
+        return f"it holds other tables: {', '.join(sorted(names)[:5])}" if names else None
+    table = _EVENTS_TABLE.get(min(version, SCHEMA_VERSION))
+    if table not in names:
+        shown = ", ".join(sorted(names)[:5]) or "nothing"
+        return f"its user_version is {version} but it has no {table} table; it holds {shown}"
+    return None
+
+
+def _check_ours(path: Path) -> None:
+    """Refuse a file that is not a loopwise database before anything writes to it.
+
+    Read only, through SQLite (without this, `PRAGMA journal_mode = WAL` would rewrite
+    another application's database, and SQLite would make journal files beside it,
+    before the schema says it is not ours). Never with a plain `open()`: closing any
+    descriptor of the file drops every POSIX lock this process holds on it, the locks
+    of its other SQLite connections included. A missing or empty file passes: it
+    becomes a new database.
+
+    With no -wal file beside it, the database is all in the main file, read
+    `immutable` (no locks, no files made: a read-only connection to a WAL-mode file
+    would leave -wal and -shm files behind); else, or if that read fails (a writer
+    changed the file meanwhile), over a read-only connection.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"cannot open the loopwise database {path}: {exc}") from None
+    uri = path.absolute().as_uri()
+    modes = ["mode=ro"]
+    if not path.with_name(path.name + "-wal").exists():
+        modes.insert(0, "immutable=1")
+    for mode in modes:
+        try:
+            conn = sqlite3.connect(f"{uri}?{mode}", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+            finally:
+                conn.close()
+            break
+        except sqlite3.Error as exc:
+            if mode == modes[-1]:
+                raise _not_ours(path, str(exc)) from None
+    why = _foreign(version, names)
+    if why:
+        raise _not_ours(path, why)
+    if version > SCHEMA_VERSION:
+        raise _newer(path, version)
+
+
+def _newer(path: Path, version: int) -> UserError:
+    return UserError(
+        f"{path} was written by a newer loopwise (schema {version}, this one knows {SCHEMA_VERSION}); "
+        "upgrade loopwise to read it"
+    )
+
+
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the database to `SCHEMA_VERSION` (`_check_ours` has passed it)."""
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.DatabaseError as exc:
@@ -186,17 +255,13 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     if version == SCHEMA_VERSION:
         return
     if version > SCHEMA_VERSION:
-        raise UserError(
-            f"{path} was written by a newer loopwise (schema {version}, this one knows {SCHEMA_VERSION}); "
-            "upgrade loopwise to read it"
-        )
+        raise _newer(path, version)
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
-        if version == 0:
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-            if tables:
-                raise _not_ours(path, f"it holds other tables: {', '.join(sorted(tables)[:5])}")
+        why = _foreign(version, [r[0] for r in conn.execute("SELECT name FROM sqlite_master")])
+        if why:
+            raise _not_ours(path, why)
         for target in range(version + 1, SCHEMA_VERSION + 1):
             for statement in _MIGRATIONS[target].split(";"):
                 if statement.strip():
@@ -422,6 +487,7 @@ class SQLiteStore(EventStore):
         self.path = Path(path)
         if self.path.is_dir():
             raise UserError(f"{self.path} is a directory; give SQLiteStore a file path")
+        _check_ours(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = _connect(self.path)

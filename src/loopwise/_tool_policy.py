@@ -9,7 +9,7 @@ when the tool cannot, and when to stop calling it.
 | `backoff` | the wait between attempts | 0.2 s, doubling, at most 5 s, full jitter | - |
 | `total_timeout` | all attempts, backoff and the fallback chain together | derived: attempts × timeout + backoff + fallbacks' own | whatever is still running is cancelled; a plain-value fallback still answers, else the model reads the error |
 | `fallback` | what answers after the last failure | none | a value, a `Template`, a tool or callable taking the same arguments, or a list tried in order |
-| `breaker` | calls to a tool that keeps failing | 5 failures in 60 s opens it for 30 s | calls go straight to the fallback, or fail fast |
+| `breaker` | calls to a tool whose infrastructure keeps failing | 5 timeouts, connection errors or transient errors in 60 s open it for 30 s (business errors do not count) | calls go straight to the fallback, or fail fast |
 | `max_result_chars` | what the model reads from one result | 20,000 | the rest is cut, with a note saying so |
 
 `cost_usd` is dollars per attempt. `max_cost_usd()` is the most one call may spend: each
@@ -217,7 +217,12 @@ class ToolPolicy:
         if self.timeout is None:
             return None
         waits = sum(self.backoff.ceiling(r) for r in range(1, self.retries + 1))
-        return self.attempts * self.timeout + waits
+        start_up = 0.0
+        if self.isolation == "process":  # its start-up is not in its timeout (`_isolation`): its bound is
+            from ._isolation import START_TIMEOUT_S  # (imported here: pickle and subprocess are not free)
+
+            start_up = START_TIMEOUT_S
+        return self.attempts * (self.timeout + start_up) + waits
 
     def fallback_reserve(self) -> float | None:
         """Time kept for the callable fallbacks of the chain (values and templates are free)."""

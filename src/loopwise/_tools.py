@@ -148,12 +148,16 @@ class Tool:
         # that nothing else holds, so it needs no copy.
         return model.__dict__
 
-    async def call(self, kwargs: dict[str, Any], ctx: RunContext | None, events: Any = None) -> Any:
+    async def call(self, kwargs: dict[str, Any], ctx: RunContext | None, events: Any = None, *,
+                   timeout: float | None = None) -> Any:
         """One attempt with validated arguments (the policy around it is `_execute`'s).
 
         Async tools run on the event loop and are cancelled on timeout. Sync tools run
         in a daemon worker thread and are abandoned on timeout (`events.thread_abandoned`
-        is told). `isolation="process"` tools run in a child process, killed on timeout.
+        is told). Their caller's cancel scope is their timeout. `isolation="process"`
+        tools run in a child process, killed once `timeout` has passed since the function
+        started in it (`_isolation.ProcessTimeoutError`): the process's start-up is
+        bounded apart.
         """
         if self.context_param is not None:
             kwargs = {**kwargs, self.context_param: ctx}
@@ -162,7 +166,7 @@ class Tool:
         if self.policy.isolation == "process":
             from ._isolation import run_in_subprocess
 
-            return await run_in_subprocess(self.fn, kwargs, timeout=None, label=self.name)
+            return await run_in_subprocess(self.fn, kwargs, timeout=timeout, label=self.name)
         from ._threads import default_pool
 
         fn = self.fn
