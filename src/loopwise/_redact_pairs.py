@@ -9,8 +9,12 @@ separator by a pattern (`pair_pattern`), then the end of its value by a scan
 (`value_span`). The value runs to the end of what the key governs:
 
 - quoted (``"…"``, ``'…'``, backticks, ``&quot;…&quot;``, escaped to any depth): to its
-  closing quote at the same depth. A quote escaped deeper is part of the value; one
-  escaped less closes the string around it, and the value is cut there;
+  closing quote, the first with as many backslashes before it as the opening one had.
+  A quote with more is part of the value (escaped deeper, or escaped by a wrapper that
+  quotes with the other quote: ``repr`` of JSON writes ``\\"``); one with fewer closes
+  the string around the value, and the value is cut there. A value that ends in a
+  backslash of its own is ambiguous: it runs on to the next quote at its depth (more is
+  replaced, never less);
 - an object or a list (``{…}``, ``[…]``): to its closing bracket, the brackets inside its
   strings not counted;
 - unquoted after a quoted key (JSON, YAML, a dict's repr): up to ``,``, ``;``, ``}``,
@@ -73,15 +77,6 @@ def _backslashes_before(text: str, i: int) -> int:
     return k
 
 
-def _closes(k: int, depth: int) -> bool:
-    """Whether a quote after `k` backslashes closes a string opened by one after `depth`.
-
-    At ``depth = 2**d - 1`` the closing quote has `depth` backslashes before it, plus an even
-    number of escaped backslashes of the value's own, each written ``2**d`` times.
-    """
-    return k >= depth and (k - depth) % (2 * (depth + 1)) == 0
-
-
 def _skip_space(text: str, i: int) -> int:
     n = len(text)
     while i < n:
@@ -115,7 +110,7 @@ def _quoted(text: str, start: int, depth: int, quote: str) -> int:
         k = _backslashes_before(text, p)
         if k < depth:  # the string around the value closes first
             return p - k
-        if _closes(k, depth):
+        if k == depth:
             return p - depth
         j = p + len(quote)
 
@@ -136,7 +131,7 @@ def _bracketed(text: str, start: int, key_quote: str | None) -> int:
             k = _backslashes_before(text, p)
             if k < depth:  # the string around the value closes first
                 return p - k
-            if _closes(k, depth):
+            if k == depth:
                 in_string = not in_string
         elif in_string:
             continue

@@ -202,6 +202,9 @@ class Run:
         # RunResult reads it: as logged (redacted).
         self.started: RunStarted = self._emit(new_run_started(  # type: ignore[assignment]
             run_id, 0, _wall(), task, instructions, agent.describe(), agent.limits.to_dict(), list(tags)))
+        # Tags as logged (redacted), for the control plane's leases and kills, and for tools:
+        # what a resumed run reads from the log too.
+        self.tags = tuple(self.started.tags)
 
     # -- the log -------------------------------------------------------------------
 
