@@ -13,7 +13,9 @@ summaries, nudges):
 - secrets, always (unless ``secrets=False``): API keys of OpenAI, Anthropic, Google,
   AWS, GitHub, Slack and Stripe, ``Bearer`` tokens, ``Authorization:`` headers,
   ``api_key=``/``password=``/``token:`` pairs, passwords in URLs, JWTs and PEM private
-  keys (`SECRET_RULES`);
+  keys (`SECRET_RULES`), at every depth of escaping (JSON in a JSON string: a pair's
+  value is found by `_redact_pairs`, and replaced whole), and the values of dict keys
+  named like a secret (``{"password": ...}``);
 - the user's patterns: presets (``"email"``, ``"card"`` with a Luhn check,
   ``"phone"``) and regular expressions;
 - the values of tool arguments declared ``@tool(secret=(...))``, replaced whole
