@@ -297,6 +297,8 @@ def test_the_issue_examples():
         ("password: abc, user: bob", "password: [redacted:password], user: bob"),
         ("mysql --password=abc -h db", "mysql --password=[redacted:password] -h db"),
         ("&quot;password&quot;: &quot;a b&quot;", "&quot;password&quot;: &quot;[redacted:password]&quot;"),
+        # a character that lower-cases to two ("İ"): the case-insensitive pattern reads the text
+        ('İstanbul {"PASSWORD": "two words"}', 'İstanbul {"PASSWORD": "[redacted:password]"}'),
     ],
 )
 def test_pairs_at_depth(text, expected):

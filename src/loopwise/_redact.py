@@ -95,8 +95,9 @@ class _Rule:
     `triggers` are literals one of which is in any text the pattern matches (`itriggers`:
     in the lower-cased text); a text with none of them skips the regular expression,
     which is what keeps the common case cheap. A rule without triggers always searches.
-    A `pair` rule's pattern matches a key and its separator; the value it governs is
-    found by a scan (`_redact_pairs.value_span`) and replaced whole.
+    A pair rule's pattern matches a key and its separator (`lowered`: the same for the
+    lower-cased text); the value it governs is found by a scan (`_redact_pairs.value_span`)
+    and replaced whole.
     """
 
     name: str
@@ -104,13 +105,26 @@ class _Rule:
     check: Callable[[str], bool] | None = None
     triggers: tuple[str, ...] = ()
     itriggers: tuple[str, ...] = ()
-    pair: bool = False
+    #: A pair rule's pattern for the lower-cased text (case-sensitive: several times faster).
+    lowered: re.Pattern[str] | None = None
+    triggers_set: frozenset[str] = dataclasses.field(init=False)
+    itriggers_set: frozenset[str] = dataclasses.field(init=False)
 
-    def sub(self, text: str) -> str:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "triggers_set", frozenset(self.triggers))
+        object.__setattr__(self, "itriggers_set", frozenset(self.itriggers))
+
+    def sub(self, text: str, lower: str | None = None) -> str:
+        """`text` with what this rule matches replaced (`lower`: the text lower-cased, if at hand)."""
         regex, check = self.regex, self.check
         token = f"[redacted:{self.name}]" if self.name else "[redacted]"
-        if self.pair:
-            return self._sub_pairs(text, token)
+        if self.lowered is not None:
+            if lower is None:
+                lower = text.lower()
+            # Lower-casing keeps positions unless a character changes length ("İ"): then the
+            # case-insensitive pattern reads the text itself.
+            matches = self.lowered.finditer(lower) if len(lower) == len(text) else regex.finditer(text)
+            return self._sub_pairs(text, matches, token)
         if "s" not in regex.groupindex:
             def whole(m: re.Match[str]) -> str:
                 found = m.group(0)
@@ -135,11 +149,11 @@ class _Rule:
 
         return regex.sub(replace, text)
 
-    def _sub_pairs(self, text: str, token: str) -> str:
+    def _sub_pairs(self, text: str, matches: Iterable[re.Match[str]], token: str) -> str:
         check = self.check
         parts: list[str] = []
         pos = 0
-        for m in self.regex.finditer(text):
+        for m in matches:
             if m.start() < pos:  # a key inside a value already replaced
                 continue
             start, end, quote = value_span(text, m.end(), m.group("kq"))
@@ -154,11 +168,6 @@ class _Rule:
         parts.append(text[pos:])
         return "".join(parts)
 
-    def applies(self, text: str, lower: str) -> bool:
-        if not self.triggers and not self.itriggers:
-            return True
-        return any(t in text for t in self.triggers) or any(t in lower for t in self.itriggers)
-
 
 def _escaped(text: str, i: int) -> bool:
     """Whether the character at `i` is escaped: an odd number of backslashes before it."""
@@ -169,8 +178,12 @@ def _escaped(text: str, i: int) -> bool:
 
 
 def _rule(name: str, pattern: str, check: Callable[[str], bool] | None = None, *,
-          triggers: tuple[str, ...] = (), itriggers: tuple[str, ...] = (), pair: bool = False) -> _Rule:
-    return _Rule(name, re.compile(pattern), check, triggers, itriggers, pair)
+          triggers: tuple[str, ...] = (), itriggers: tuple[str, ...] = ()) -> _Rule:
+    return _Rule(name, re.compile(pattern), check, triggers, itriggers)
+
+
+def _pair_rule(name: str, keys: str, check: Callable[[str], bool], itriggers: tuple[str, ...]) -> _Rule:
+    return _Rule(name, pair_pattern(keys), check, (), itriggers, pair_pattern(keys, lowered=True))
 
 
 def _not_boolish(value: str) -> bool:
@@ -217,9 +230,8 @@ SECRET_RULES: tuple[_Rule, ...] = (
           itriggers=("bearer",)),
     # key=value, key: value and "key": "value" pairs whose key names a secret, quoted or
     # escaped to any depth: the key is kept, the value it governs replaced whole.
-    _rule("password", pair_pattern(PASSWORD_KEYS).pattern, _not_boolish, itriggers=("pass", "pwd"), pair=True),
-    _rule("credential", pair_pattern(CREDENTIAL_KEYS).pattern, _not_plain, itriggers=("key", "secret", "token"),
-          pair=True),
+    _pair_rule("password", PASSWORD_KEYS, _not_boolish, ("pass", "pwd")),
+    _pair_rule("credential", CREDENTIAL_KEYS, _not_plain, ("key", "secret", "token")),
     _rule("url_password", r"(?i:\b[a-z][a-z0-9+.-]*://[^\s:/@\"']+:)(?!\[redacted)(?P<s>[^\s/@\"']+)(?=@)",
           triggers=("://",)),
 )
@@ -338,13 +350,18 @@ class Redactor:
         """`text` with every secret and pattern replaced (the same object when nothing matched)."""
         if len(text) < self._min_width:
             return text
-        if self._triggered and self._has_trigger(text):
+        if self._triggered:
+            # Which triggers the text holds, once: each rule then runs only if one of its own is there.
+            found = [t for t in self._triggers if t in text]
             lower = text.lower()
-            for rule in self._triggered:
-                if rule.applies(text, lower):
-                    new = rule.sub(text)
-                    if new is not text and new != text:
-                        text, lower = new, new.lower()
+            ifound = [t for t in self._itriggers if t in lower]
+            if found or ifound:
+                for rule in self._triggered:
+                    if (found and not rule.triggers_set.isdisjoint(found)) or (
+                            ifound and not rule.itriggers_set.isdisjoint(ifound)):
+                        new = rule.sub(text, lower)
+                        if new is not text and new != text:
+                            text, lower = new, new.lower()
         for rule in self._always:
             if rule.regex.search(text) is not None:
                 text = rule.sub(text)
@@ -362,17 +379,6 @@ class Redactor:
                 return "[redacted:hook_error]"
             text = out
         return text
-
-    def _has_trigger(self, text: str) -> bool:
-        for t in self._triggers:
-            if t in text:
-                return True
-        if self._itriggers:
-            lower = text.lower()
-            for t in self._itriggers:
-                if t in lower:
-                    return True
-        return False
 
     def for_tools(self, tools: Iterable[Tool]) -> EventRedactor:
         """The redactor of an agent's events: this one, plus the tools' secret arguments."""

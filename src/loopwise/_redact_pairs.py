@@ -53,9 +53,13 @@ def boundary(before: str = r"\w") -> str:
     return rf"(?:(?<![{before}])|{_AFTER_ESCAPE})"
 
 
-def pair_pattern(keys: str) -> re.Pattern[str]:
-    """A key named by `keys`, its closing quote if it is quoted (group ``kq``), and the separator."""
-    return re.compile(rf"(?i:{keys})(?P<kq>{QUOTE})?\s*(?::=|=>|={{1,3}}|:)")
+def pair_pattern(keys: str, *, lowered: bool = False) -> re.Pattern[str]:
+    """A key named by `keys`, its closing quote if it is quoted (group ``kq``), and the separator.
+
+    `lowered`: for a lower-cased text, case-sensitive (`keys` are lower-case).
+    """
+    key = f"(?:{keys})" if lowered else f"(?i:{keys})"
+    return re.compile(rf"{key}(?P<kq>{QUOTE})?\s*(?::=|=>|={{1,3}}|:)")
 
 
 # Where an unquoted value ends. After a quoted key (JSON, YAML, a dict's repr): at a
