@@ -77,7 +77,7 @@ def _value(separators: list[str]) -> st.SearchStrategy[str]:
 
 
 PASSWORD_KEYS = ["password", "PASSWORD", "Password", "passwd", "passphrase", "pwd", "db_password", "DB_PASSWORD",
-                 "userPassword", "smtp-password", "new_passphrase"]
+                 "userPassword", "smtp-password", "new_passphrase", "pass", "db_pass", "passcode"]
 CREDENTIAL_KEYS = ["api_key", "api-key", "apikey", "X-Api-Key", "client_secret", "secret", "SECRET_KEY",
                    "secret_access_key", "aws_secret_access_key", "access_token", "refresh_token", "id_token",
                    "auth_token", "session_token", "token", "private_key", "access_key"]
@@ -296,6 +296,8 @@ def test_the_issue_examples():
         ("user=bob password=two words ip=10.0.0.1", "user=bob password=[redacted:password] ip=10.0.0.1"),
         ("password: abc, user: bob", "password: [redacted:password], user: bob"),
         ("mysql --password=abc -h db", "mysql --password=[redacted:password] -h db"),
+        ('{"user": "bob", "pass": "x1 y2", "bypass": "cache", "compass": "north"}',
+         '{"user": "bob", "pass": "[redacted:password]", "bypass": "cache", "compass": "north"}'),
         ("&quot;password&quot;: &quot;a b&quot;", "&quot;password&quot;: &quot;[redacted:password]&quot;"),
         # a character that lower-cases to two ("İ"): the case-insensitive pattern reads the text
         ('İstanbul {"PASSWORD": "two words"}', 'İstanbul {"PASSWORD": "[redacted:password]"}'),

@@ -36,8 +36,9 @@ from collections.abc import Callable
 
 __all__ = ["PASSWORD_KEYS", "CREDENTIAL_KEYS", "boundary", "key_rule", "pair_pattern", "value_span"]
 
-#: Key names whose value is a password (matched at the end of a key: ``db_password`` too).
-PASSWORD_KEYS = r"password|passwd|passphrase|pwd"
+#: Key names whose value is a password (matched at the end of a key: ``db_password`` too;
+#: ``pass`` as a word of its own: ``db_pass``, not ``bypass``).
+PASSWORD_KEYS = r"password|passwd|passphrase|passcode|pwd|(?<![a-z])pass"
 #: Key names whose value is a credential.
 CREDENTIAL_KEYS = (r"api[_-]?key|secret(?:[_-]?access)?(?:[_-]?key)?|access[_-]?key|private[_-]?key"
                    r"|(?:access|auth|refresh|session|id)[_-]?token|token")
