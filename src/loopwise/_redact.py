@@ -128,7 +128,7 @@ class _Rule:
         if "s" not in regex.groupindex:
             def whole(m: re.Match[str]) -> str:
                 found = m.group(0)
-                if check is not None and not check(found):
+                if not found or (check is not None and not check(found)):
                     return found
                 # Never split an escape of the text around it: a match that starts with the
                 # ``n`` of ``\n`` or ends with a backslash keeps those characters.
