@@ -13,7 +13,9 @@ summaries, nudges):
 - secrets, always (unless ``secrets=False``): API keys of OpenAI, Anthropic, Google,
   AWS, GitHub, Slack and Stripe, ``Bearer`` tokens, ``Authorization:`` headers,
   ``api_key=``/``password=``/``token:`` pairs, passwords in URLs, JWTs and PEM private
-  keys (`SECRET_RULES`);
+  keys (`SECRET_RULES`), at every depth of escaping (JSON in a JSON string: a pair's
+  value is found by `_redact_pairs`, and replaced whole), and the values of dict keys
+  named like a secret (``{"password": ...}``);
 - the user's patterns: presets (``"email"``, ``"card"`` with a Luhn check,
   ``"phone"``) and regular expressions;
 - the values of tool arguments declared ``@tool(secret=(...))``, replaced whole
@@ -38,6 +40,17 @@ from typing import TYPE_CHECKING, Any
 from ._errors import UserError
 from ._events import ErrorInfo, Event
 from ._messages import Message, ToolCall
+from ._redact_pairs import (
+    CREDENTIAL_KEYS,
+    MARKER,
+    PASSWORD_KEYS,
+    QUOTE,
+    boundary,
+    key_rule,
+    keyed_value,
+    pair_pattern,
+    value_span,
+)
 
 if TYPE_CHECKING:
     from ._tools import Tool
@@ -82,6 +95,9 @@ class _Rule:
     `triggers` are literals one of which is in any text the pattern matches (`itriggers`:
     in the lower-cased text); a text with none of them skips the regular expression,
     which is what keeps the common case cheap. A rule without triggers always searches.
+    A pair rule's pattern matches a key and its separator (`lowered`: the same for the
+    lower-cased text); the value it governs is found by a scan (`_redact_pairs.value_span`)
+    and replaced whole.
     """
 
     name: str
@@ -89,14 +105,40 @@ class _Rule:
     check: Callable[[str], bool] | None = None
     triggers: tuple[str, ...] = ()
     itriggers: tuple[str, ...] = ()
+    #: A pair rule's pattern for the lower-cased text (case-sensitive: several times faster).
+    lowered: re.Pattern[str] | None = None
+    triggers_set: frozenset[str] = dataclasses.field(init=False)
+    itriggers_set: frozenset[str] = dataclasses.field(init=False)
 
-    def sub(self, text: str) -> str:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "triggers_set", frozenset(self.triggers))
+        object.__setattr__(self, "itriggers_set", frozenset(self.itriggers))
+
+    def sub(self, text: str, lower: str | None = None) -> str:
+        """`text` with what this rule matches replaced (`lower`: the text lower-cased, if at hand)."""
         regex, check = self.regex, self.check
         token = f"[redacted:{self.name}]" if self.name else "[redacted]"
+        if self.lowered is not None:
+            if lower is None:
+                lower = text.lower()
+            # Lower-casing keeps positions unless a character changes length ("İ"): then the
+            # case-insensitive pattern reads the text itself.
+            matches = self.lowered.finditer(lower) if len(lower) == len(text) else regex.finditer(text)
+            return self._sub_pairs(text, matches, token)
         if "s" not in regex.groupindex:
-            if check is None:
-                return regex.sub(token, text)
-            return regex.sub(lambda m: token if check(m.group(0)) else m.group(0), text)
+            def whole(m: re.Match[str]) -> str:
+                found = m.group(0)
+                if not found or (check is not None and not check(found)):
+                    return found
+                # Never split an escape of the text around it: a match that starts with the
+                # ``n`` of ``\n`` or ends with a backslash keeps those characters.
+                head = 1 if found[0] in "nrtbf" and _escaped(text, m.start()) else 0
+                tail = len(found) - len(found.rstrip("\\"))
+                if head + tail >= len(found):
+                    return found
+                return found[:head] + token + found[len(found) - tail:]
+
+            return regex.sub(whole, text)
 
         def replace(m: re.Match[str]) -> str:
             secret = m.group("s")
@@ -107,10 +149,32 @@ class _Rule:
 
         return regex.sub(replace, text)
 
-    def applies(self, text: str, lower: str) -> bool:
-        if not self.triggers and not self.itriggers:
-            return True
-        return any(t in text for t in self.triggers) or any(t in lower for t in self.itriggers)
+    def _sub_pairs(self, text: str, matches: Iterable[re.Match[str]], token: str) -> str:
+        check = self.check
+        parts: list[str] = []
+        pos = 0
+        for m in matches:
+            if m.start() < pos:  # a key inside a value already replaced
+                continue
+            start, end, quote = value_span(text, m.end(), m.group("kq"))
+            value = text[start:end]
+            if not value or MARKER.fullmatch(value) or (check is not None and not check(value)):
+                continue
+            parts.append(text[pos:start])
+            parts.append(f"{quote}{token}{quote}" if quote else token)
+            pos = end
+        if not parts:
+            return text
+        parts.append(text[pos:])
+        return "".join(parts)
+
+
+def _escaped(text: str, i: int) -> bool:
+    """Whether the character at `i` is escaped: an odd number of backslashes before it."""
+    k = 0
+    while i > k and text[i - k - 1] == "\\":
+        k += 1
+    return k % 2 == 1
 
 
 def _rule(name: str, pattern: str, check: Callable[[str], bool] | None = None, *,
@@ -118,61 +182,79 @@ def _rule(name: str, pattern: str, check: Callable[[str], bool] | None = None, *
     return _Rule(name, re.compile(pattern), check, triggers, itriggers)
 
 
-# The value of a key=value pair: a quoted string whole (it may hold spaces), else up to
-# the next space, quote or separator.
-_VALUE = r"""(?<=")[^"\n]+(?=")|(?<=')[^'\n]+(?=')|[^\s"'&,;}<>]+"""
+def _pair_rule(name: str, keys: str, check: Callable[[str], bool], itriggers: tuple[str, ...]) -> _Rule:
+    return _Rule(name, pair_pattern(keys), check, (), itriggers, pair_pattern(keys, lowered=True))
+
+
+def _not_boolish(value: str) -> bool:
+    return _BOOLISH.fullmatch(value) is None
+
+
+def _not_plain(value: str) -> bool:
+    return _PLAIN.fullmatch(value) is None
+
+
+#: Values of a "password: ..." pair that are not passwords.
+_BOOLISH = re.compile(r"true|false|null|none", re.IGNORECASE)
+# A token starts where no word character is before it, or after an escape (``\nsk-...``).
+_B = boundary()
+# A credential after an Authorization key or a scheme word: up to a space, a quote or a
+# separator, never taking the backslashes of an escaped quote or newline after it.
+_TOKEN_CHAR = r"""(?:[^\s"'`,;}\\]|\\(?!\\*["'`nrt]))"""
+_AUTH_KEY = rf"(?i:{_B}authorization\b(?:{QUOTE})?\s*[:=]\s*(?:{QUOTE})?)"
+_SCHEMES = r"(?:basic|bearer|digest|token|negotiate|apikey)"
 
 # The secrets redacted by default. Each follows the provider's documented key format and
 # anchors on a literal prefix or key word, so ordinary text, ids and hashes do not match.
-_KEY_WORDS = ("pass", "pwd", "key", "secret", "token")
 SECRET_RULES: tuple[_Rule, ...] = (
     _rule("private_key",
           r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|\Z)",
           triggers=("PRIVATE KEY-----",)),
-    _rule("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*", triggers=("eyJ",)),
-    _rule("anthropic_key", r"\bsk-ant-[A-Za-z0-9_-]{20,}", triggers=("sk-ant-",)),
-    _rule("openai_key", r"\bsk-(?:proj-|svcacct-|admin-|None-)?[A-Za-z0-9_-]{20,}", triggers=("sk-",)),
-    _rule("stripe_key", r"\b[rsp]k_(?:live|test)_[A-Za-z0-9]{16,}", triggers=("k_live_", "k_test_")),
-    _rule("google_key", r"\bAIza[0-9A-Za-z_-]{35}", triggers=("AIza",)),
-    _rule("aws_key", r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b", triggers=("AKIA", "ASIA", "ABIA", "ACCA")),
-    _rule("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})",
+    _rule("jwt", rf"{_B}eyJ[A-Za-z0-9_-]{{8,}}\.eyJ[A-Za-z0-9_-]{{8,}}\.[A-Za-z0-9_-]*", triggers=("eyJ",)),
+    _rule("anthropic_key", rf"{_B}sk-ant-[A-Za-z0-9_-]{{20,}}", triggers=("sk-ant-",)),
+    _rule("openai_key", rf"{_B}sk-(?:proj-|svcacct-|admin-|None-)?[A-Za-z0-9_-]{{20,}}", triggers=("sk-",)),
+    _rule("stripe_key", rf"{_B}[rsp]k_(?:live|test)_[A-Za-z0-9]{{16,}}", triggers=("k_live_", "k_test_")),
+    _rule("google_key", rf"{_B}AIza[0-9A-Za-z_-]{{35}}", triggers=("AIza",)),
+    _rule("aws_key", rf"{_B}(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{{16}}\b", triggers=("AKIA", "ASIA", "ABIA", "ACCA")),
+    _rule("github_token", rf"{_B}(?:gh[pousr]_[A-Za-z0-9]{{36,255}}|github_pat_[A-Za-z0-9_]{{22,255}})",
           triggers=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
-    _rule("slack_token", r"\bxox[abposre]-[A-Za-z0-9-]{10,}", triggers=("xox",)),
+    _rule("slack_token", rf"{_B}xox[abposre]-[A-Za-z0-9-]{{10,}}", triggers=("xox",)),
     _rule("slack_webhook", r"hooks\.slack\.com/services/[A-Za-z0-9/_-]{16,}", triggers=("hooks.slack.com/",)),
     # A header: the scheme word is kept, the credential replaced. Without a scheme word,
     # the value must look like a credential ("Authorization: required" is prose).
-    _rule("authorization",
-          r"(?i:\bauthorization\b[\"']?\s*[:=]\s*[\"']?(?:basic|bearer|digest|token|negotiate|apikey)\s+)"
-          r"(?!\[redacted)(?P<s>[^\s\"',;}]+)", itriggers=("authorization",)),
-    _rule("authorization",
-          r"(?i:\bauthorization\b[\"']?\s*[:=]\s*[\"']?)(?!(?i:basic|bearer|digest|token|negotiate|apikey)\s)"
-          r"(?!\[redacted)(?P<s>[^\s\"',;}]{6,})", _looks_like_token, itriggers=("authorization",)),
-    _rule("bearer", r"(?i:\bbearer\s+)(?!\[redacted)(?P<s>[A-Za-z0-9\-._~+/]{16,}=*)", _looks_like_token, itriggers=("bearer",)),
-    # key=value and "key": "value" pairs whose key names a secret: the key is kept.
-    _rule("password", rf"(?i:(?:password|passwd|passphrase|pwd)[\"']?\s*[:=]\s*[\"']?)(?!\[redacted)(?P<s>{_VALUE})",
-          itriggers=("pass", "pwd")),
-    _rule(
-        "credential",
-        r"(?i:(?:api[_-]?key|secret(?:[_-]?access)?(?:[_-]?key)?|access[_-]?key|private[_-]?key"
-        rf"|(?:access|auth|refresh|session|id)[_-]?token|token)[\"']?\s*[:=]\s*[\"']?)(?!\[redacted)(?P<s>{_VALUE})",
-        lambda v: _PLAIN.fullmatch(v) is None, itriggers=("key", "secret", "token"),
-    ),
-    _rule("url_password", r"(?i:\b[a-z][a-z0-9+.-]*://[^\s:/@\"']+:)(?!\[redacted)(?P<s>[^\s/@\"']+)(?=@)", triggers=("://",)),
+    _rule("authorization", rf"{_AUTH_KEY}(?i:{_SCHEMES}\s+)(?!\[redacted)(?P<s>{_TOKEN_CHAR}+)",
+          itriggers=("authorization",)),
+    _rule("authorization", rf"{_AUTH_KEY}(?!(?i:{_SCHEMES})\s)(?!\[redacted)(?P<s>{_TOKEN_CHAR}{{6,}})",
+          _looks_like_token, itriggers=("authorization",)),
+    _rule("bearer", rf"(?i:{_B}bearer\s+)(?!\[redacted)(?P<s>[A-Za-z0-9\-._~+/]{{16,}}=*)", _looks_like_token,
+          itriggers=("bearer",)),
+    # key=value, key: value and "key": "value" pairs whose key names a secret, quoted or
+    # escaped to any depth: the key is kept, the value it governs replaced whole.
+    _pair_rule("password", PASSWORD_KEYS, _not_boolish, ("pass", "pwd")),
+    _pair_rule("credential", CREDENTIAL_KEYS, _not_plain, ("key", "secret", "token")),
+    _rule("url_password", r"(?i:\b[a-z][a-z0-9+.-]*://[^\s:/@\"']+:)(?!\[redacted)(?P<s>[^\s/@\"']+)(?=@)",
+          triggers=("://",)),
 )
 
+#: The check on a value under a dict key that names a secret, by the rule the key names.
+_KEY_CHECKS: dict[str, Callable[[str], bool]] = {"password": _not_boolish, "credential": _not_plain,
+                                                 "authorization": _looks_like_token}
+_SCHEME = re.compile(rf"(?i:{_SCHEMES})\s+")
+
+_CARD_START = boundary(r"\w-")
+_PHONE_START = boundary(r"\w+-")
 #: Patterns a `Redactor` can name in `patterns=`; each replaced with ``[redacted:NAME]``.
 PRESETS: dict[str, _Rule] = {
     "email": _rule("email", r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
                    triggers=("@",)),
     # 13 to 19 digits, in groups separated by single spaces or dashes, passing the Luhn check.
-    "card": _rule("card", r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])", _luhn),
+    "card": _rule("card", rf"{_CARD_START}\d(?:[ -]?\d){{12,18}}(?![\w-])", _luhn),
     # +country, (area), then groups; 9 to 15 digits in all, at least one separator.
-    "phone": _rule("phone", r"(?<![\w+-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}[ .-]\d{2,4}"
+    "phone": _rule("phone", rf"{_PHONE_START}(?:\+\d{{1,3}}[ .-]?)?(?:\(\d{{1,4}}\)[ .-]?)?\d{{2,4}}[ .-]\d{{2,4}}"
                             r"(?:[ .-]?\d{2,4}){0,2}(?![\w-])", _phone_digits),
 }
 
 _IDENTIFIER = re.compile(r"[a-z][a-z0-9_]*")
-#: Event fields never redacted: the identity of the record, not its content.
 #: Event fields never redacted: the identity of the record, and names the runtime or the
 #: provider sets (the model's name, `finish_reason`, a fallback's name, the limits), not content.
 _KEEP_FIELDS = frozenset(("kind", "run_id", "seq", "ts", "call_id", "model", "finish_reason", "fallback", "limits"))
@@ -184,6 +266,8 @@ _MEMO_ENTRIES = 4096
 _MEMO_OBJECTS = 64
 # The string memo's value for a string with nothing to redact (an object no redaction returns).
 _UNCHANGED: Any = object()
+# The key memo's value for a dict key that names no secret and holds none.
+_PLAIN_KEY: Any = object()
 #: How a secret tool argument's value is written in the log.
 SECRET_ARGUMENT = "[redacted:secret]"
 
@@ -266,13 +350,18 @@ class Redactor:
         """`text` with every secret and pattern replaced (the same object when nothing matched)."""
         if len(text) < self._min_width:
             return text
-        if self._triggered and self._has_trigger(text):
+        if self._triggered:
+            # Which triggers the text holds, once: each rule then runs only if one of its own is there.
+            found = [t for t in self._triggers if t in text]
             lower = text.lower()
-            for rule in self._triggered:
-                if rule.applies(text, lower):
-                    new = rule.sub(text)
-                    if new is not text and new != text:
-                        text, lower = new, new.lower()
+            ifound = [t for t in self._itriggers if t in lower]
+            if found or ifound:
+                for rule in self._triggered:
+                    if (found and not rule.triggers_set.isdisjoint(found)) or (
+                            ifound and not rule.itriggers_set.isdisjoint(ifound)):
+                        new = rule.sub(text, lower)
+                        if new is not text and new != text:
+                            text, lower = new, new.lower()
         for rule in self._always:
             if rule.regex.search(text) is not None:
                 text = rule.sub(text)
@@ -290,17 +379,6 @@ class Redactor:
                 return "[redacted:hook_error]"
             text = out
         return text
-
-    def _has_trigger(self, text: str) -> bool:
-        for t in self._triggers:
-            if t in text:
-                return True
-        if self._itriggers:
-            lower = text.lower()
-            for t in self._itriggers:
-                if t in lower:
-                    return True
-        return False
 
     def for_tools(self, tools: Iterable[Tool]) -> EventRedactor:
         """The redactor of an agent's events: this one, plus the tools' secret arguments."""
@@ -368,7 +446,7 @@ class EventRedactor:
     common path is a few look-ups in the memos, with no object made.
     """
 
-    __slots__ = ("_fields", "_memo", "_objects", "_run_secrets", "_text", "redactor", "secret_args")
+    __slots__ = ("_fields", "_keys", "_memo", "_objects", "_run_secrets", "_text", "redactor", "secret_args")
 
     def __init__(self, redactor: Redactor, secret_args: Mapping[str, frozenset[str]]) -> None:
         self.redactor = redactor
@@ -379,6 +457,8 @@ class EventRedactor:
         # ones by value, long ones by identity (the instructions, the agent description).
         self._memo: dict[str, str] = {}
         self._objects: dict[int, tuple[Any, Any]] = {}
+        # Dict keys: what each needs (nearly always nothing: `_PLAIN_KEY`).
+        self._keys: dict[str, Any] = {}
         #: A string, redacted (through the memos): made once, called for every string.
         self._text: Callable[[str], str] = self._make_text()
 
@@ -526,7 +606,10 @@ class EventRedactor:
     def _walk_dict(self, value: dict[str, Any], text: Callable[[str], str]) -> dict[str, Any]:
         out = None
         memo_get = self._memo.get if text is self._text else None
+        keys_get = self._keys.get
         for k, item in value.items():
+            if type(k) is str and (keys_get(k) or self._key(k)) is not _PLAIN_KEY:
+                return self._walk_keyed_dict(value, text)  # a key that names a secret, or holds one
             cls = type(item)
             if cls is str:
                 if memo_get is not None and len(item) <= _MEMO_CHARS and memo_get(item) is _UNCHANGED:
@@ -541,6 +624,34 @@ class EventRedactor:
                     out = dict(value)
                 out[k] = new
         return value if out is None else out
+
+    def _key(self, key: str) -> Any:
+        """What a dict key needs: `_PLAIN_KEY` (nearly always), else (the key redacted, the rule its name is)."""
+        keys = self._keys
+        if len(keys) >= _MEMO_ENTRIES:
+            keys.clear()
+        redactor = self.redactor
+        new = redactor.redact(key)
+        rule = key_rule(key) if redactor.secrets else None
+        how = keys[key] = _PLAIN_KEY if rule is None and (new is key or new == key) else (new, rule)
+        return how
+
+    def _walk_keyed_dict(self, value: dict[str, Any], text: Callable[[str], str]) -> dict[str, Any]:
+        """A dict with a key that names a secret (its value replaced whole) or holds one (the key redacted)."""
+        out: dict[Any, Any] = {}
+        for k, item in value.items():
+            how = (self._keys.get(k) or self._key(k)) if type(k) is str else _PLAIN_KEY
+            if how is not _PLAIN_KEY:
+                k, rule = how
+                if rule is not None:
+                    new = keyed_value(rule, item, _KEY_CHECKS[rule], _SCHEME)
+                    if new is not item:
+                        out[k] = new
+                        continue
+            cls = type(item)
+            out[k] = (text(item) if cls is str else item if item is None or cls in (int, float, bool)
+                      else self._walk(item, text))
+        return out
 
     def _call(self, call: ToolCall, text: Callable[[str], str]) -> ToolCall:
         args = call.arguments

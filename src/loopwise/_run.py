@@ -162,7 +162,6 @@ class Run:
     ) -> None:
         self.agent = agent
         self.run_id = run_id
-        self.tags = tags
         self.deps = deps
         self.store = store
         self.sink = sink
@@ -183,7 +182,6 @@ class Run:
         instructions = agent.system_prompt
         replaced: list[str] = []
         task, instructions, tags = _storable_start(task, instructions, tags, replaced)
-        self.tags = tags
         self.transcript: list[Message] = (
             [new_message("system", instructions), *task] if instructions else list(task)
         )
@@ -209,6 +207,9 @@ class Run:
         if replaced:
             started.replaced = replaced
         self.started: RunStarted = self._emit(started)  # type: ignore[assignment]
+        # Tags as logged (redacted), for the control plane's leases and kills, and for tools:
+        # what a resumed run reads from the log too.
+        self.tags = tuple(self.started.tags)
 
     # -- the log -------------------------------------------------------------------
 
