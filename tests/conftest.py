@@ -26,3 +26,19 @@ def sqlite_store(tmp_path):
 def _isolated_default_db(tmp_path, monkeypatch):
     # A test that forgets store= writes to its own temporary database, never the repo's.
     monkeypatch.setenv("LOOPWISE_DB", str(tmp_path / "default.db"))
+
+
+@pytest.fixture(autouse=True)
+def _close_control_planes_made_here():
+    # A process keeps one control plane per database for its life (`control_for`); the
+    # suite is one process that opens a thousand databases, so each test closes the local
+    # ones it made (their SQLite connections and kill markers), or descriptors pile up.
+    from loopwise import _control
+
+    before = set(_control._controls)
+    yield
+    with _control._controls_lock:
+        made = [key for key in _control._controls if key not in before and key[0] == "local"]
+        planes = [_control._controls.pop(key) for key in made]
+    for plane in planes:
+        plane.close()

@@ -78,7 +78,9 @@ def wait_until_dead(pid: int) -> None:
     except ProcessLookupError:
         return
     try:
-        select.select([fd], [], [], 60)
+        poller = select.poll()  # (not select.select: a descriptor past 1024 is out of its range)
+        poller.register(fd, select.POLLIN)
+        poller.poll(60_000)
     finally:
         os.close(fd)
 

@@ -253,8 +253,9 @@ def test_processes_killed_mid_write_leave_every_run_whole_and_resumable(tmp_path
     try:
         for i, proc in enumerate(procs):
             assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], 60)
-            assert ready and proc.stdout.readline(), f"p{i} never finished a batch"  # it writes now
+            poller = select.poll()  # (not select.select: a descriptor past 1024 is out of its range)
+            poller.register(proc.stdout, select.POLLIN)
+            assert poller.poll(60_000) and proc.stdout.readline(), f"p{i} never finished a batch"  # it writes now
             time.sleep(0.1 * (i + 1))  # then dies in the middle of another
             proc.kill()
     finally:
