@@ -334,15 +334,41 @@ def test_run_accepts_a_file_path(agent_module, tmp_path, capsys):
 def test_runs_lists_recent_runs(db, capsys):
     assert main(["runs", "--db", str(db)]) == 0
     out = capsys.readouterr().out
-    for header in ("run id", "status", "stop", "iter", "cost", "duration", "tags", "started"):
+    for header in ("run id", "state", "iter", "cost", "duration", "started", "agent", "tags"):
         assert header in out
     first, second = out.splitlines()[1:3]
     assert first.startswith("alpha-2") and "max_iterations" in first and "looper" in first  # newest first
-    assert second.startswith("alpha-1") and "done" in second and "nightly" in second and "finished" in second
+    assert second.startswith("alpha-1") and " done " in second and "nightly" in second
 
     assert main(["runs", "--db", str(db), "--limit", "1", "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert row["run_id"] == "alpha-2" and row["stop_reason"] == "max_iterations" and row["iterations"] == 2
+
+
+@pytest.mark.parametrize("columns", [40, 60, 80, 120])
+def test_runs_never_cuts_a_run_id_or_how_it_ended(tmp_path, monkeypatch, capsys, columns):
+    """A run id is copied from this list: at any width it is whole, and so are the stop
+    reason, iterations, cost and duration (two lines a run where one is too narrow)."""
+    path = tmp_path / "runs.db"
+    store = lw.SQLiteStore(path)
+    ids = []
+    for i, reply in enumerate(["all done", None]):
+        model = ScriptedModel([reply] if reply else [ToolCall("nope", {})] * 3)
+        agent = lw.Agent(model, store=store, name="a-rather-long-agent-name",
+                         limits=lw.Limits(max_iterations=2, final_answer_on_limit=False))
+        ids.append(agent.run_sync("go", tags=["nightly-batch", f"n{i}"]).run_id)
+    store.close()
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert main(["runs", "--db", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and max(map(len, out.splitlines())) <= columns
+    for run_id, stop in zip(ids, ["done", "max_iterations"]):
+        assert run_id in out
+        block = out[out.index(run_id):].split("\n")
+        line = block[0] if stop in block[0] else block[1]  # (its own line, or the one under its id)
+        assert stop in line and re.search(r"\d(ms|s)\b", line), line
+    if columns >= 120:  # room for the agent and the tags too
+        assert "agent" in out and "nightly" in out
 
 
 def test_runs_on_an_empty_database(tmp_path, capsys):

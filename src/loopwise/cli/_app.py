@@ -76,30 +76,46 @@ def runs_command(
     if not summaries:
         console.print(f"no runs in {store.path}")
         return 0
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    table.add_column("run id", no_wrap=True, style="cyan")
-    table.add_column("agent", overflow="fold", max_width=16)
-    table.add_column("status", no_wrap=True)
-    table.add_column("stop", no_wrap=True)
-    table.add_column("iter", justify="right", no_wrap=True)
-    table.add_column("cost", justify="right", no_wrap=True)
-    table.add_column("duration", justify="right", no_wrap=True)
-    table.add_column("tags", overflow="fold", max_width=24, style="magenta")
-    table.add_column("started", no_wrap=True)
-    for s in summaries:
-        table.add_row(
-            s.run_id,
-            s.agent,
-            Text(s.status, style={"running": "yellow", "orphaned": "red"}.get(s.status, "dim")),
-            Text(s.stop_reason or "-", style=STOP_STYLES.get(s.stop_reason or "", "")),
-            "-" if s.iterations is None else str(s.iterations),
-            format_cost(s.cost_usd),
-            format_duration(s.duration_s),
-            ", ".join(s.tags),
-            time.strftime("%m-%d %H:%M:%S", time.localtime(s.started_at)),
-        )
-    console.print(table)
+    console.print(_runs_table(summaries, console.width))
     return 0
+
+
+def _runs_table(summaries: list[RunSummary], width: int) -> Table:
+    """The runs, one line each. What a run is (id, how it ended or what it is doing, its
+    iterations, cost, duration, start) is never cut: a run id is copied from here. Its
+    agent and tags come after, folded, where the width leaves room for them; narrower
+    than the essentials, each run takes two lines (its id, then the rest)."""
+    today = time.strftime("%Y-%m-%d")
+    rows = []
+    for s in summaries:
+        started = time.localtime(s.started_at)
+        when = time.strftime("%H:%M:%S" if time.strftime("%Y-%m-%d", started) == today else "%m-%d %H:%M", started)
+        # A finished run is named by its stop reason; any other by what it is (running, orphaned).
+        end = (Text(s.stop_reason, style=STOP_STYLES.get(s.stop_reason, "")) if s.status == "finished" and s.stop_reason
+               else Text(s.status, style={"running": "yellow", "orphaned": "red"}.get(s.status, "dim")))
+        rows.append((s.run_id, end, "-" if s.iterations is None else str(s.iterations), format_cost(s.cost_usd),
+                     format_duration(s.duration_s), when, s.agent, ", ".join(s.tags)))
+    headers = ("run id", "state", "iter", "cost", "duration", "started")
+    essential = [max(len(headers[i]), *(len(str(r[i])) for r in rows)) for i in range(len(headers))]
+    if sum(essential) + 2 * (len(headers) - 1) > width:
+        narrow = Table(box=None, header_style="bold", pad_edge=False, show_header=False)
+        narrow.add_column(overflow="fold")  # (a line too long for the width wraps between its words)
+        for row in rows:
+            narrow.add_row(Text(row[0], style="cyan"))
+            narrow.add_row(Text("  ").append(row[1]).append(f"  {row[2]} iter  {row[3]}  {row[4]}  {row[5]}"))
+        return narrow
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for i, header in enumerate(headers):
+        table.add_column(header, no_wrap=True, min_width=essential[i], justify="right" if 2 <= i <= 4 else "left",
+                         style="cyan" if i == 0 else None)
+    # The agent and the tags only where at least 10 columns are left for each (`--json` has them all).
+    extra = sum(essential) + 2 * len(headers) <= width - 24
+    if extra:
+        table.add_column("agent", overflow="fold", max_width=24)
+        table.add_column("tags", overflow="fold", max_width=24, style="magenta")
+    for row in rows:
+        table.add_row(*row[:6], *(row[6:] if extra else ()))
+    return table
 
 
 def _liveness(store: SQLiteStore, summaries: list[RunSummary]) -> list[RunSummary]:
