@@ -17,6 +17,7 @@ from loopwise._events import (
     ModelCallFinished,
     ModelCallStarted,
     RunFinished,
+    RunResumed,
     RunStarted,
     ToolAttemptFailed,
     ToolCallFinished,
@@ -234,6 +235,57 @@ def test_profile_over_many_runs_keeps_the_five_slowest_iterations():
 def test_phase_times_of_a_run_still_going_counts_to_its_last_event():
     events = [e for e in hand_made_run("h", 0.0) if not isinstance(e, RunFinished)]
     assert phase_times(events).total_s == pytest.approx(12.0)
+
+
+def killed_and_resumed_run(run_id: str, gap: float, finished: bool = True) -> list:
+    """A run killed mid-ACT at t=1.5 (its tool finished, a second one cut), resumed `gap`
+    seconds later; it reruns the cut tool (0.4 s), then THINKs 1 s and is done."""
+    seq = iter(range(100))
+
+    def ev(cls, ts, **kw):
+        return cls(run_id=run_id, seq=next(seq), ts=ts, **kw)
+
+    r = 1.5 + gap  # the resume
+    events = [
+        ev(RunStarted, 0.0, task=[]),
+        ev(IterationStarted, 0.0, iteration=1),
+        ev(ModelCallFinished, 1.0, iteration=1, latency_s=1.0, model="m"),
+        ev(ToolCallStarted, 1.0, iteration=1, call_id="a", name="fast"),
+        ev(ToolCallStarted, 1.0, iteration=1, call_id="b", name="slow"),
+        ev(ToolCallFinished, 1.2, iteration=1, call_id="a", name="fast", outcome="ok", content="", latency_s=0.2),
+        ev(RunFinished, 1.5, stop_reason="killed", duration_s=1.5),
+        ev(RunResumed, r, segment=1, previous_end="killed", iteration=1, by="me"),
+        ev(ToolCallStarted, r + 0.1, iteration=1, call_id="b", name="slow"),
+        ev(ToolCallFinished, r + 0.5, iteration=1, call_id="b", name="slow", outcome="ok", content="",
+           latency_s=0.4),
+        ev(IterationStarted, r + 0.5, iteration=2),
+        ev(ModelCallFinished, r + 1.5, iteration=2, latency_s=1.0, model="m"),
+    ]
+    if finished:
+        events.append(ev(RunFinished, r + 1.5, stop_reason="done", duration_s=3.0))
+    return events
+
+
+@pytest.mark.parametrize("gap", [0.001, 40.0, 86_400.0])
+def test_time_between_segments_of_a_resumed_run_does_not_count(gap):
+    prof = profile([killed_and_resumed_run("k", gap)])
+    assert prof.total_s == 3.0
+    # ACT of iteration 1: 1.0 -> 1.5 (killed), then r -> r + 0.5: 1.0 s however long the gap
+    assert prof.act.count == 1 and prof.act.max_s == pytest.approx(1.0)
+    assert prof.think.total_s == pytest.approx(2.0)
+    assert prof.overhead.total_s == pytest.approx(0.0, abs=1e-6)
+    its = {i.iteration: i for i in prof.iterations}
+    assert its[1].duration_s == pytest.approx(2.0) and its[1].act_s == pytest.approx(1.0)
+    assert its[2].duration_s == pytest.approx(1.0)
+    for s in (prof.think, prof.act, prof.overhead):
+        assert s.total_s <= prof.total_s + 1e-9
+    phases = phase_times(killed_and_resumed_run("k", gap))
+    assert phases.act_s == pytest.approx(1.0) and phases.act_phases == 1
+
+
+def test_a_resumed_run_still_going_counts_its_active_time_only():
+    events = killed_and_resumed_run("k", 500.0, finished=False)
+    assert phase_times(events).total_s == pytest.approx(3.0)
 
 
 def test_render_profile_fits_one_screen():

@@ -15,6 +15,9 @@ further over any number of runs:
   one after another. Whether a call depended on the previous result cannot be read
   from the log, so this is a hint, not a verdict.
 
+A run killed and resumed later has segments: the time between them (from the end of one
+segment to its `run_resumed`) is not the run's, and no wall-clock span here counts it.
+
 Percentiles interpolate linearly between the closest ranks (numpy's default):
 p50 of 1, 2, 3, 4 is 2.5.
 """
@@ -32,6 +35,7 @@ from ._events import (
     ModelCallFinished,
     ModelCallStarted,
     RunFinished,
+    RunResumed,
     ToolAttemptFailed,
     ToolCallFinished,
     ToolCallStarted,
@@ -83,6 +87,30 @@ class Phases:
         return max(self.total_s - self.think_s - self.act_s, 0.0)
 
 
+def inactive_gaps(events: Sequence[Event]) -> list[tuple[float, float]]:
+    """The wall-clock intervals in which a resumed run was not running: from the last event
+    of a segment (its `run_finished`, or whatever a crash left last) to the `run_resumed`
+    that starts the next one."""
+    gaps = []
+    for before, event in zip(events, events[1:], strict=False):
+        if isinstance(event, RunResumed) and event.ts > before.ts:
+            gaps.append((before.ts, event.ts))
+    return gaps
+
+
+def active_time(start: float, end: float, gaps: Sequence[tuple[float, float]]) -> float:
+    """Seconds from `start` to `end` in which the run was running (`gaps` left out)."""
+    inactive = sum(max(min(end, g_end) - max(start, g_start), 0.0) for g_start, g_end in gaps)
+    return max(end - start - inactive, 0.0)
+
+
+def act_times(events: Sequence[Event]) -> dict[int, float]:
+    """Per iteration that ran tools: its ACT time, first tool start to last tool end, less the
+    time the run was not running (killed, then resumed later)."""
+    gaps = inactive_gaps(events)
+    return {i: active_time(start, end, gaps) for i, (start, end) in act_spans(events).items()}
+
+
 def act_spans(events: Sequence[Event]) -> dict[int, tuple[float, float]]:
     """Per iteration that ran tools: (first tool start, last tool end), wall-clock seconds."""
     spans: dict[int, list[float]] = {}
@@ -97,11 +125,14 @@ def act_spans(events: Sequence[Event]) -> dict[int, tuple[float, float]]:
 
 
 def run_duration(events: Sequence[Event]) -> float:
-    """The run's `duration_s`; for a run still going (no `run_finished`), first to last event."""
+    """The run's `duration_s` (its active time over all its segments); for a run still going
+    (no `run_finished` after its last `run_resumed`), first to last event less the gaps."""
     for event in reversed(events):
         if isinstance(event, RunFinished):
             return event.duration_s
-    return max(events[-1].ts - events[0].ts, 0.0) if events else 0.0
+        if isinstance(event, RunResumed):
+            break
+    return active_time(events[0].ts, events[-1].ts, inactive_gaps(events)) if events else 0.0
 
 
 def phase_times(events: Sequence[Event]) -> Phases:
@@ -115,8 +146,8 @@ def phase_times(events: Sequence[Event]) -> Phases:
         elif isinstance(event, ToolCallFinished):
             tool_calls += 1
             tool_time += event.latency_s
-    spans = act_spans(events)
-    act = sum(end - start for start, end in spans.values())
+    spans = act_times(events)
+    act = sum(spans.values())
     return Phases(model_calls=model_calls, tool_calls=tool_calls, act_phases=len(spans), think_s=think,
                   act_s=act, tool_s=tool_time, total_s=run_duration(events))
 
@@ -280,18 +311,18 @@ def _iteration_times(events: Sequence[Event]) -> list[IterationTime]:
         elif isinstance(event, ToolCallFinished):
             tools.setdefault(event.iteration, []).append((event.name, event.latency_s))
     end = next((e.ts for e in reversed(events) if isinstance(e, RunFinished)), events[-1].ts)
-    spans = act_spans(events)
+    act = act_times(events)
+    gaps = inactive_gaps(events)
     order = sorted(starts)
     out = []
     for n, iteration in enumerate(order):
         stop = starts[order[n + 1]] if n + 1 < len(order) else end
         calls = tools.get(iteration, [])
         slowest = max(calls, key=lambda c: c[1], default=None)
-        span = spans.get(iteration)
         t = think.get(iteration, 0.0)
         out.append(IterationTime(
-            run_id=run_id, iteration=iteration, duration_s=max(stop - starts[iteration], 0.0), think_s=t,
-            act_s=span[1] - span[0] if span else 0.0, critical_path_s=t + (slowest[1] if slowest else 0.0),
+            run_id=run_id, iteration=iteration, duration_s=active_time(starts[iteration], stop, gaps), think_s=t,
+            act_s=act.get(iteration, 0.0), critical_path_s=t + (slowest[1] if slowest else 0.0),
             tool_calls=len(calls), slowest_tool=slowest[0] if slowest else None,
             slowest_tool_s=slowest[1] if slowest else 0.0,
         ))
@@ -351,7 +382,7 @@ def profile(runs: Sequence[Sequence[Event]]) -> Profile:
         phases = phase_times(events)
         total += phases.total_s
         overhead.append(phases.overhead_s)
-        act.extend(end - start for start, end in act_spans(events).values())
+        act.extend(act_times(events).values())
         started_model: dict[tuple[int, str], str] = {}
         for event in events:
             if isinstance(event, ModelCallStarted):
