@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import uuid
 
 import anyio
 import pytest
@@ -296,6 +298,42 @@ def test_render_profile_fits_one_screen():
                      "slowest iterations", "critical path", "h-1", "latency trap"):
         assert fragment in out, fragment
     assert len(out.splitlines()) <= 50
+
+
+def renamed(events: list, run_id: str, names: dict[str, str]) -> list:
+    """`events` as another run's, with its tools and models renamed."""
+    out = []
+    for e in events:
+        changes: dict = {"run_id": run_id}
+        for attr in ("name", "model"):
+            if getattr(e, attr, None) in names:
+                changes[attr] = names[getattr(e, attr)]
+        out.append(dataclasses.replace(e, **changes))
+    return out
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_render_profile_cuts_nothing_at_any_width(width):
+    names = {"x": "check_refund_eligibility", "y": "get_customer_history", "m-a": "simulator:support-desk",
+             "m-b": "openai:gpt-4o-mini-2024-07-18", "fast": "analyze_sentiment", "slow": "generate_reply"}
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    runs = [renamed(hand_made_run("h", 1000.0 * n), ids[n], names) for n in range(2)]
+    runs.append(renamed(killed_and_resumed_run("k", 40.0), ids[2], names))
+    prof = profile(runs)
+    shown = {i.run_id for i in prof.slowest} | {s.run_id for s in prof.sequential}
+    assert len(shown) == 2
+    console = Console(file=io.StringIO(), width=width)
+    render_profile(prof, console)
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "…" not in out and "..." not in out
+    assert max(len(line) for line in out.splitlines()) <= width
+    words = set(out.split())
+    for name in [*names.values(), *shown]:
+        assert name in words or name + ":" in words, name
+    for header in ("count", "p50", "p95", "max", "total", "share", "timeouts", "retries", "fallbacks", "errors",
+                   "duration", "THINK", "ACT", "critical"):
+        assert header in words, header
+    assert {"28.00s", "4.50s", "1.20s"} <= words  # all the runs, the slowest iteration, the longest ACT
 
 
 def test_render_profile_of_no_runs():

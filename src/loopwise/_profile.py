@@ -424,80 +424,8 @@ def profile(runs: Sequence[Sequence[Event]]) -> Profile:
 
 
 def render_profile(prof: Profile, console: Console) -> None:
-    """The profile on one screen: phases, models, tools, slowest iterations, the latency trap."""
-    from rich.table import Table
-    from rich.text import Text
+    """The profile on one screen: phases, models, tools, slowest iterations, the latency trap
+    (`_profile_render`: nothing cut, whatever the width)."""
+    from ._profile_render import render
 
-    from ._render import format_duration as fd
-
-    n = len(prof.run_ids)
-    console.print(Text.assemble(("latency profile", "bold"),
-                                (f"  {n} run{'s' if n != 1 else ''}, {fd(prof.total_s)} in all, "
-                                 f"{len(prof.iterations)} iterations", "dim")))
-    if not n:
-        return
-
-    def stats_table(title: str, first: str) -> Table:
-        table = Table(title=title, title_justify="left", title_style="bold", box=None, header_style="bold",
-                      pad_edge=False)
-        table.add_column(first, no_wrap=True)
-        for col in ("count", "p50", "p95", "max", "total"):
-            table.add_column(col, justify="right", no_wrap=True)
-        return table
-
-    def cells(s: LatencyStats) -> list[str]:
-        return [str(s.count), fd(s.p50_s), fd(s.p95_s), fd(s.max_s), fd(s.total_s)]
-
-    phases = stats_table("where the time goes", "phase")
-    phases.add_column("share", justify="right", no_wrap=True)
-    for label, s in (("THINK", prof.think), ("ACT", prof.act), ("overhead", prof.overhead)):
-        share = f"{100 * s.total_s / prof.total_s:.0f}%" if prof.total_s > 0 else "-"
-        phases.add_row(label, *cells(s), share)
-    console.print()
-    console.print(phases)
-    console.print(Text("THINK: per model call. ACT: per iteration, first tool start to last tool end. "
-                       "Overhead: per run, the rest.", style="dim"))
-
-    if prof.models:
-        models = stats_table("models", "model")
-        for name, s in prof.models.items():
-            models.add_row(Text(name, style="cyan"), *cells(s))
-        console.print()
-        console.print(models)
-
-    if prof.tools:
-        tools = stats_table("tools", "tool")
-        for col in ("timeouts", "retries", "fallbacks", "errors"):
-            tools.add_column(col, justify="right", no_wrap=True)
-        for name, t in prof.tools.items():
-            extra = [Text(str(v), style="yellow" if v else "dim")
-                     for v in (t.timeouts, t.retries, t.fallbacks, t.errors)]
-            tools.add_row(Text(name, style="cyan"), *cells(t.latency), *extra)
-        console.print()
-        console.print(tools)
-
-    slowest = prof.slowest
-    if slowest:
-        table = Table(title="slowest iterations", title_justify="left", title_style="bold", box=None,
-                      header_style="bold", pad_edge=False)
-        table.add_column("run id", no_wrap=True, style="cyan")
-        for col in ("iter", "duration", "THINK", "ACT", "critical path"):
-            table.add_column(col, justify="right", no_wrap=True)
-        table.add_column("slowest tool", no_wrap=True)
-        for it in slowest:
-            tool = f"{it.slowest_tool} {fd(it.slowest_tool_s)}" if it.slowest_tool else "-"
-            table.add_row(it.run_id, str(it.iteration), fd(it.duration_s), fd(it.think_s), fd(it.act_s),
-                          fd(it.critical_path_s), tool)
-        console.print()
-        console.print(table)
-        console.print(Text("critical path: the iteration's THINK plus its slowest tool call.", style="dim"))
-
-    if prof.sequential:
-        console.print()
-        console.print(Text("one tool per iteration", style="bold yellow"))
-        for s in prof.sequential[:5]:
-            console.print(Text.assemble(
-                (s.run_id, "cyan"), (f" iterations {s.first_iteration}-{s.last_iteration} ", ""),
-                (f"({', '.join(s.tools)}): ", "dim"), (s.message, "")))
-        if len(prof.sequential) > 5:
-            console.print(Text(f"... and {len(prof.sequential) - 5} more", style="dim"))
+    render(prof, console)
