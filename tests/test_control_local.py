@@ -439,3 +439,31 @@ def test_an_emptied_marker_file_neither_crashes_the_process_nor_stops_kills(tmp_
                           timeout=60, cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.split() == ["killed", "True"]
+
+
+def _open_files_under(directory: Path) -> list[str]:
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = str(fd.readlink())
+            if target.startswith(str(directory)):
+                found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="reads /proc/self/fd")
+def test_closing_the_store_and_its_control_plane_leaves_no_file_open(tmp_path):
+    """The watcher thread's connection is closed too: while it was open, SQLite kept the
+    descriptors of every connection closed before it (a process that used many databases
+    kept all their files open)."""
+    from loopwise.models import ScriptedModel
+
+    store = lw.SQLiteStore(tmp_path / "x.db")
+    lw.Agent(ScriptedModel(["hi"]), store=store).run_sync("t")
+    plane = _control.control_for(store)
+    store.close()
+    watcher = plane._thread
+    assert watcher is not None and watcher.is_alive()  # it would idle on for IDLE_EXIT_S
+    plane.close()
+    assert not watcher.is_alive()
+    assert _open_files_under(tmp_path) == []

@@ -538,6 +538,7 @@ class LocalControl(ControlPlane):
         self._wake = threading.Event()
         self._idle = True  # the watcher has no run to watch (it waits to end, not to poll)
         self._thread: threading.Thread | None = None
+        self._closing = False  # close(): the watcher ends as soon as it has nothing to watch
         self._last_kill_id = 0
 
     def describe(self) -> str:
@@ -682,7 +683,7 @@ class LocalControl(ControlPlane):
             else:
                 timeout = max(0.0, min(next_query, next_beat) - time.monotonic())
             woken = self._wake.wait(timeout)
-            if idle and not woken:
+            if (idle and not woken) or self._closing:
                 with self._lock:
                     if not self._runs and not self._to_lease and not self._to_release:
                         # Nothing to watch for a while: end the thread (the next run starts one).
@@ -853,6 +854,20 @@ class LocalControl(ControlPlane):
         return None if row is None else KillRequest(*row)
 
     def close(self) -> None:
+        """Close the connections and the marker; the watcher thread ends once it has no run
+        to watch (at once, if none is attached).
+
+        Its connection must close too: while any connection of this process has the
+        database open, SQLite keeps the descriptors of the ones closed before it (their
+        POSIX locks would be lost otherwise), so a process that opened and closed many
+        databases would keep their files open.
+        """
+        with self._lock:
+            self._closing = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)  # (a database locked by another process: at most this)
         with self._conn_lock:
             self._conn.close()
         with self._lock:
