@@ -70,3 +70,38 @@ def test_models_exports():
     }
     for name in loopwise.models.__all__:
         assert hasattr(loopwise.models, name), name
+
+
+def test_events_exports():
+    import loopwise.events
+
+    assert loopwise.events.__all__ == sorted(loopwise.events.__all__)
+    assert set(loopwise.events.__all__) == {
+        "BreakerChanged",
+        "ContextFolded",
+        "ErrorInfo",
+        "Event",
+        "EventSchemaError",
+        "IterationStarted",
+        "KillReceived",
+        "LimitHit",
+        "ModelAttemptFailed",
+        "ModelCallFinished",
+        "ModelCallStarted",
+        "Nudge",
+        "RunFinished",
+        "RunResumed",
+        "RunStarted",
+        "SCHEMA_VERSION",
+        "ThreadAbandoned",
+        "ToolAttemptFailed",
+        "ToolCallFinished",
+        "ToolCallStarted",
+        "ToolFallback",
+        "dumps",
+        "dumps_lines",
+        "loads",
+        "loads_lines",
+    }
+    for name in loopwise.events.__all__:
+        assert hasattr(loopwise.events, name), name

@@ -587,3 +587,19 @@ def load_events(data: str | bytes) -> list[Event]:
 def event_to_dict(event: Event) -> dict[str, Any]:
     """An event as plain JSON-compatible data (for `--json` output and exports)."""
     return _one_adapter().dump_python(event, mode="json")
+
+
+def first_error(exc: ValueError) -> str:
+    """The first thing pydantic (or JSON) found wrong in an event, in one short line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            if first.get("type") == "union_tag_invalid":
+                return f"an event of unknown kind {first.get('ctx', {}).get('tag')!r}"
+            # (the position in a row's array says nothing to a reader: the field path does)
+            where = ".".join(str(part) for part in first.get("loc", ()) if not isinstance(part, int))
+            return f"{where + ': ' if where else ''}{first.get('msg', '')}"[:200]
+        except Exception:  # noqa: BLE001 - the message below does
+            pass
+    return str(exc).splitlines()[0][:200]

@@ -49,6 +49,7 @@ from pathlib import Path
 
 from ._errors import StoreError, UserError, store_error
 from ._events import Event, RunFinished, RunStarted, dump_lines, load_event, load_events
+from ._events import first_error as _first_error
 from ._journal import (
     SEGMENT_MAX,
     TRUNCATE_AT,
@@ -429,22 +430,6 @@ _PRUNE_CANDIDATES = """
                          AND l.seq = (SELECT MAX(m.seq) FROM event_chunks m WHERE m.run_id = s.run_id)
      WHERE s.seq = 0 AND l.last_ts < ?
 """
-
-
-def _first_error(exc: ValueError) -> str:
-    """The first thing pydantic (or JSON) found wrong, in one short line."""
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        try:
-            first = errors()[0]
-            if first.get("type") == "union_tag_invalid":
-                return f"an event of unknown kind {first.get('ctx', {}).get('tag')!r}"
-            # (the position in a row's array says nothing to a reader: the field path does)
-            where = ".".join(str(part) for part in first.get("loc", ()) if not isinstance(part, int))
-            return f"{where + ': ' if where else ''}{first.get('msg', '')}"[:200]
-        except Exception:  # noqa: BLE001 - the message below does
-            pass
-    return str(exc).splitlines()[0][:200]
 
 
 def _consecutive(events: list[Event]) -> list[list[Event]]:
