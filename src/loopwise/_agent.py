@@ -101,6 +101,13 @@ class Agent:
         model_policy: Timeout per attempt, retries and backoff of every model call
             (default: `ModelPolicy()`: 60 s, 2 retries on 408/409/429/5xx, timeouts and
             connection errors, honouring Retry-After).
+        context: What the model is shown of the transcript at each call (REFINE):
+            `SlidingWindow(keep_last=...)` keeps the last iterations and folds or drops
+            older ones (default: `FullContext()`, the whole transcript every time).
+        runaway: Runaway detection (CHECK): a `RunawayDetector` that nudges, then stops
+            with reason ``runaway``, a run that repeats a call, learns nothing new or
+            grows its context too fast (default: `RunawayDetector()`;
+            ``RunawayDetector(enabled=False)`` turns it off).
         control: Where kill requests reach this agent's runs: a ``redis://`` URL, or
             a control plane (default: ``$LOOPWISE_REDIS_URL`` if set, else the store's
             own: the SQLite database, or this process for a `MemoryStore`).
