@@ -38,7 +38,6 @@ __all__ = ["Agent"]
 
 Task = str | Sequence[Message]
 DEFAULT_MAX_TOKENS = 1024
-_NOT_YET: dict[str, str] = {}
 
 # Run ids being executed in this process: a reused id is refused even before its
 # first events are committed.
@@ -101,6 +100,13 @@ class Agent:
         model_policy: Timeout per attempt, retries and backoff of every model call
             (default: `ModelPolicy()`: 60 s, 2 retries on 408/409/429/5xx, timeouts and
             connection errors, honouring Retry-After).
+        context: What the model is shown of the transcript at each call (REFINE):
+            `SlidingWindow(keep_last=...)` keeps the last iterations and folds or drops
+            older ones (default: `FullContext()`, the whole transcript every time).
+        runaway: Runaway detection (CHECK): a `RunawayDetector` that nudges, then stops
+            with reason ``runaway``, a run that repeats a call, learns nothing new or
+            grows its context too fast (default: `RunawayDetector()`;
+            ``RunawayDetector(enabled=False)`` turns it off).
         control: Where kill requests reach this agent's runs: a ``redis://`` URL, or
             a control plane (default: ``$LOOPWISE_REDIS_URL`` if set, else the store's
             own: the SQLite database, or this process for a `MemoryStore`).
@@ -139,14 +145,7 @@ class Agent:
         **unsupported: Any,
     ) -> None:
         if unsupported:
-            names = ", ".join(sorted(unsupported))
-            later = [f"{k} ({_NOT_YET[k]})" for k in sorted(unsupported) if k in _NOT_YET]
-            if later:
-                raise UserError(
-                    f"Agent({names}=...) is not implemented in this version of loopwise: "
-                    f"{', '.join(later)}; remove it rather than rely on a setting that would be ignored"
-                )
-            raise UserError(f"Agent got unknown option(s) {names}")
+            raise UserError(f"Agent got unknown option(s) {', '.join(sorted(unsupported))}")
         # The policy owns retries: models made from strings get no SDK-level retries of
         # their own, which would multiply the attempts the log shows.
         self.model: Model = resolve_model(model, max_retries=0)
@@ -241,7 +240,7 @@ class Agent:
         self._all_priced: bool | None = None
         self._estimators: list[TokenEstimator] = []
 
-    def _budgets(self, run_id: str, shared: Budget | None) -> tuple[Budget, ...]:
+    def _budgets(self, shared: Budget | None) -> tuple[Budget, ...]:
         """The budgets a run draws from: its own (from `limits`), then a shared one.
 
         A dollar limit needs every model's price: an unknown one is refused here,
@@ -363,7 +362,7 @@ class Agent:
                                 "to continue it, or choose another id")
         if budget is not None and not isinstance(budget, Budget):
             raise UserError(f"budget must be a loopwise.Budget, got {type(budget).__name__}")
-        budgets = self._budgets(run_id, budget)
+        budgets = self._budgets(budget)
         # (agent, run_id, task, tags, deps, store, sink, budgets)
         return Run(self, run_id, messages, tags, self.deps if deps is None else deps, store, sink, budgets)
 
@@ -459,7 +458,7 @@ class Agent:
         try:
             events = store.load(run_id)  # what the last holder of the lease wrote, all of it
             previous_end = check_resumable(run_id, events)
-            budgets = self._budgets(run_id, budget)
+            budgets = self._budgets(budget)
             limits = self.limits
             own = budgets[0] if limits.budget_usd is not None or limits.budget_tokens is not None else None
             run = Run(self, run_id=run_id, task=list(started.task), tags=tuple(started.tags),

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from ._errors import ToolRetry, UserError
+from ._errors import LoopwiseError, ToolRetry, UserError
 from ._infra_errors import is_infrastructure
 
 __all__ = ["BreakerState", "CircuitBreaker", "CircuitOpenError"]
@@ -38,7 +38,7 @@ BreakerState = Literal["closed", "open", "half_open"]
 _log = logging.getLogger("loopwise")
 
 
-class CircuitOpenError(Exception):
+class CircuitOpenError(LoopwiseError):
     """Raised instead of calling a tool whose breaker is open.
 
     ``str()`` is the whole sentence, naming the tool; `detail` is the same without the

@@ -52,6 +52,7 @@ _BEATS_PER_TTL = 6
 _IDLE_EXIT_S = 10.0
 
 
+# Internal, not a LoopwiseError: `_budget` raises it as `BudgetExceeded` (see `_errors`).
 class Refused(Exception):
     """A shared budget's answer to a reservation that does not fit (amounts in pico-dollars or tokens)."""
 
@@ -64,6 +65,7 @@ class Refused(Exception):
         self.needed = needed
 
 
+# Internal, not a LoopwiseError: `_budget` raises it as `BudgetUnavailable` (see `_errors`).
 class Unreachable(Exception):
     """The backend did not answer a reservation; `_budget` raises it as `BudgetUnavailable`."""
 

@@ -2,9 +2,10 @@
 
 A run being executed holds a *lease* in the control plane (which process runs it,
 refreshed by a heartbeat) and is *attached* to this process's watcher, which
-delivers kill requests to it. A kill is first stored durably (so a run can read it
-between iterations even if a notification was lost), then delivered: at once to a
-run in this process, by the watcher to runs in other processes.
+delivers kill requests to it. A kill is first stored durably (so a watcher that
+missed a notification still finds it on its next read of the stored kills), then
+delivered: at once to a run in this process, by the watcher to runs in other
+processes. The loop itself never polls for kills.
 
 Backends:
 
@@ -234,7 +235,11 @@ class ControlPlane(ABC):
 
     @abstractmethod
     def pending_kill(self, run_id: str) -> KillRequest | None:
-        """The latest stored kill request of `run_id`, if any (the check between iterations)."""
+        """The latest stored kill request of `run_id`, if any.
+
+        For inspection (and tests): the loop does not poll it; a kill reaches a run
+        through the plane's watcher, which calls the run's `deliver`.
+        """
 
     def record_broadcast(self, tag: str | None, request: KillRequest) -> None:  # noqa: B027 - optional hook
         """Also stop the runs (every one, or those with `tag`) attached before `request.ts`, leased or not.

@@ -1,24 +1,58 @@
 """loopwise's exceptions, in one tree.
 
+Every exception loopwise raises to a caller (or records, by its class name, as the
+error of a tool attempt) is a `LoopwiseError`: `except lw.LoopwiseError` catches them
+all. A class that must also stay what it was (a `TimeoutError`, a `RuntimeError`) says
+so with "also a": it has both bases. Defined in `_errors` unless a module is named.
+
 ```
-ToolRetry                a signal a tool raises to ask for another attempt
 LoopwiseError
-├── UserError            a developer mistake, raised before a run starts
-│                        (bad configuration, unknown run id, reused run id, ...)
-├── StoreError           the event log's database cannot be written: a full disk,
-│                        a read-only directory (names the file, the operation, the error)
-└── ModelError           a model call failed; mapped at the adapter edge
-    ├── ModelHTTPError     the provider answered with an error status
-    ├── ModelTimeoutError  the provider did not answer in time
-    ├── ModelConnectionError  the provider could not be reached
-    └── ModelBehaviorError the model returned something the runtime cannot use
+├── UserError              a developer mistake, raised before a run starts
+│                          (bad configuration, unknown run id, reused run id, ...)
+├── StoreError             the event log's database cannot be written: a full disk,
+│                          a read-only directory (names the file, the operation, the error)
+├── ModelError             a model call failed; mapped at the adapter edge
+│   ├── ModelHTTPError         the provider answered with an error status
+│   ├── ModelTimeoutError      the provider did not answer in time
+│   ├── ModelConnectionError   the provider could not be reached
+│   └── ModelBehaviorError     the model returned something the runtime cannot use
+├── BudgetExceeded         (_budget) a reservation does not fit in a budget
+│   └── BudgetUnavailable      (_budget) a shared budget's backend did not answer
+├── ToolRetry              a signal a tool raises to ask for another attempt
+├── ToolArgumentsError     (_tools) a call's arguments do not fit the tool's schema
+├── UnusableResult         (_execute) a tool returned a value with no text for the model
+├── CircuitOpenError       (_breaker) the tool's breaker is open: it was not called
+├── PoolExhaustedError     (_threads) also a RuntimeError: too many abandoned sync calls
+├── ProcessStartError      (_isolation) also a RuntimeError: its process did not start
+├── ProcessCrashedError    (_isolation) also a RuntimeError: its process died unanswered
+├── ProcessTimeoutError    (_isolation) also a TimeoutError: its process ran past the timeout
+├── MCPServerError         (loopwise.mcp) an MCP server failed
+│   ├── MCPConnectionError     (loopwise.mcp) it could not be started or reached
+│   ├── MCPTimeoutError        (loopwise.mcp) also a TimeoutError: it did not answer in time
+│   └── MCPToolError           (loopwise.mcp) it answered a tool call with an error
+└── OTLPExportError        (_otel) the OTLP collector was unreachable or refused
 ```
 
-A run stopped by a limit, a kill or a model failure is not an exception: it is a
-`RunResult` whose `stop_reason` says why. `ModelError`s end a run as `error`
-(recorded in the log and returned in the result). `UserError` is raised to the
-caller before a run starts; `StoreError` when the store cannot be opened, or cannot
-take a run's end (no result then claims an end the log does not have).
+A run stopped by a limit, a budget, a kill or a model failure is not an exception: it
+is a `RunResult` whose `stop_reason` says why. `ModelError`s end a run as `error`
+(recorded in the log and returned in the result). A tool's failure (its own exception,
+or `ToolArgumentsError`, `UnusableResult`, `CircuitOpenError`, a `Process*Error`,
+`PoolExhaustedError`) is recorded as that attempt's error, by class name, and answered
+by the tool's retries and fallbacks; it does not escape the run. What does escape to the
+caller: `UserError`, raised before a run starts; `StoreError` when the store cannot be
+opened, or cannot take a run's end (no result then claims an end the log does not
+have); the `MCPServerError`s of `loopwise.mcp`'s connection; `OTLPExportError` from an
+export; `CircuitOpenError` from a `CircuitBreaker` used directly.
+
+Internal, not `LoopwiseError`s (each is caught inside loopwise and never reaches a
+caller; a comment at each class says so):
+- `_Stop` (_run): the loop has decided to stop
+- `TooDeep` (_storable): a value nests too deep to store (a task: raised as `UserError`)
+- `Refused` (_budget_shared): a shared budget said no (raised as `BudgetExceeded`)
+- `Unreachable` (_budget_shared): its backend did not answer (raised as `BudgetUnavailable`)
+- `CLIError` (cli._common): printed by `loopwise.cli.main`, with its exit status
+
+tests/test_errors.py checks this docstring against the classes, both ways.
 """
 
 from __future__ import annotations
@@ -89,7 +123,7 @@ class ModelBehaviorError(ModelError):
     """The model (or a test double) returned something the runtime cannot use."""
 
 
-class ToolRetry(Exception):
+class ToolRetry(LoopwiseError):
     """Raise it in a tool to ask for another attempt (within the tool's `retries`).
 
     The message is recorded with the attempt; when no attempt is left, the fallback

@@ -17,6 +17,9 @@ run_started          task, instructions, agent, limits, tags
     nudge                                         (a user message the runtime adds)
     context_folded                                (REFINE summarized or dropped old iterations)
   limit_hit          which limit stopped the run, and why
+  kill_received      a kill request reached the run: who asked, why, when it was stored
+run_resumed          a new segment: `agent.resume` continues the run from its log
+  iteration_started  ...                          (the same events as in the first segment)
 run_finished         stop reason, output, totals
 ```
 """

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 
 from ._breaker import BreakerChange, CircuitOpenError
-from ._errors import ToolRetry
+from ._errors import LoopwiseError, ToolRetry
 from ._events import ErrorInfo
 from ._runvars import cancel_scope, wait_within
 from ._tool_policy import MAX_FALLBACK_DEPTH, Fallback, ToolPolicy
@@ -90,7 +90,7 @@ def tool_content(value: Any) -> str:
                              f"({type(exc).__name__}: {exc})") from None
 
 
-class UnusableResult(Exception):
+class UnusableResult(LoopwiseError):
     """A tool (or fallback) returned a value that cannot be made into text: the call failed."""
 
 

@@ -49,6 +49,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from ._errors import LoopwiseError
+
 __all__ = ["ProcessCrashedError", "ProcessStartError", "ProcessTimeoutError", "run_in_subprocess"]
 
 #: Seconds between SIGTERM and SIGKILL.
@@ -122,7 +124,7 @@ os.close(out)
 """
 
 
-class ProcessCrashedError(RuntimeError):
+class ProcessCrashedError(LoopwiseError, RuntimeError):
     """The child process ended without sending back an answer (os._exit, a signal, ...)."""
 
     def __init__(self, message: str, *, exitcode: int | None) -> None:
@@ -130,7 +132,7 @@ class ProcessCrashedError(RuntimeError):
         self.exitcode = exitcode
 
 
-class ProcessStartError(RuntimeError):
+class ProcessStartError(LoopwiseError, RuntimeError):
     """The child process did not start the function within its start-up bound; it was killed."""
 
     def __init__(self, message: str, *, pid: int) -> None:
@@ -138,7 +140,7 @@ class ProcessStartError(RuntimeError):
         self.pid = pid
 
 
-class ProcessTimeoutError(TimeoutError):
+class ProcessTimeoutError(LoopwiseError, TimeoutError):
     """The function ran past its timeout in the child process; the process was killed."""
 
     def __init__(self, message: str, *, pid: int) -> None:

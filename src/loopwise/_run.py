@@ -102,6 +102,7 @@ LENGTH_NUDGE = (
 FINISH_TIMEOUT_S = 5.0
 
 
+# Internal, not a LoopwiseError: caught in `Run`, never reaches a caller (see `_errors`).
 class _Stop(Exception):
     """Internal: the loop has decided to stop."""
 

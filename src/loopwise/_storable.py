@@ -50,6 +50,8 @@ _SCALARS = frozenset((int, float, bool, type(None)))
 _CONTAINERS = (dict, list, tuple)
 
 
+# Internal, not a LoopwiseError: its callers catch it (a task too deep is raised as a
+# `UserError`), so it never reaches a caller (see `_errors`).
 class TooDeep(ValueError):
     """A value nested deeper than the walk goes (or containing itself)."""
 

@@ -43,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from ._errors import LoopwiseError
+
 __all__ = ["AbandonedThread", "DaemonThreadPool", "PoolExhaustedError", "default_pool"]
 
 T = TypeVar("T")
@@ -62,7 +64,7 @@ class AbandonedThread:
     abandoned_at: float
 
 
-class PoolExhaustedError(RuntimeError):
+class PoolExhaustedError(LoopwiseError, RuntimeError):
     """Too many abandoned sync calls are still running; no thread is started for another."""
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import random
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -299,6 +299,3 @@ def _names(owner: str, option: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) and v for v in value):
         raise UserError(f"tool {owner!r}: {option}= must be a list of names")
     return tuple(value)
-
-
-FallbackSpec = Any | Template | Callable[..., Any] | Sequence[Any]

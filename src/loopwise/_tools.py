@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, overload
 
-from ._errors import UserError
+from ._errors import LoopwiseError, UserError
 from ._messages import ToolSpec
 from ._storable import DEPTH_MESSAGE, TOO_DEEP, plain, too_deep
 from ._tool_policy import ToolPolicy
@@ -53,7 +53,7 @@ class RunContext:
     deps: Any = None
 
 
-class ToolArgumentsError(Exception):
+class ToolArgumentsError(LoopwiseError):
     """The model's arguments for a tool could not be used; the message is for the model."""
 
 

@@ -20,6 +20,8 @@ __all__ = ["CLIError", "DbOption", "db_args", "open_existing_store", "stderr_con
            "write_json"]
 
 
+# Internal, not a LoopwiseError: `loopwise.cli.main` prints it and returns its exit status;
+# it never reaches a caller (see `_errors`).
 class CLIError(Exception):
     """A one-line error for the user; `code` is the exit status (2: bad command line)."""
 
