@@ -30,6 +30,8 @@ LoopwiseError
 │   ├── MCPConnectionError     (loopwise.mcp) it could not be started or reached
 │   ├── MCPTimeoutError        (loopwise.mcp) also a TimeoutError: it did not answer in time
 │   └── MCPToolError           (loopwise.mcp) it answered a tool call with an error
+├── EventSchemaError       (loopwise.events) also a ValueError: not an event this loopwise
+│                          reads (an unknown kind, a bad field, a newer schema's major version)
 └── OTLPExportError        (_otel) the OTLP collector was unreachable or refused
 ```
 
@@ -41,8 +43,8 @@ or `ToolArgumentsError`, `UnusableResult`, `CircuitOpenError`, a `Process*Error`
 by the tool's retries and fallbacks; it does not escape the run. What does escape to the
 caller: `UserError`, raised before a run starts; `StoreError` when the store cannot be
 opened, or cannot take a run's end (no result then claims an end the log does not
-have); the `MCPServerError`s of `loopwise.mcp`'s connection; `OTLPExportError` from an
-export; `CircuitOpenError` from a `CircuitBreaker` used directly.
+have); the `MCPServerError`s of `loopwise.mcp`'s connection; `EventSchemaError` from
+`loopwise.events.loads`; `OTLPExportError` from an export; `CircuitOpenError` from a `CircuitBreaker` used directly.
 
 Internal, not `LoopwiseError`s (each is caught inside loopwise and never reaches a
 caller; a comment at each class says so):
