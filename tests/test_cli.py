@@ -438,23 +438,25 @@ def test_read_commands_default_to_loopwise_db(tmp_path, monkeypatch, capsys, db)
     assert main(["show", "alpha-1", "--json"]) == 0
 
 
-@pytest.mark.parametrize("kind", ["text", "foreign-sqlite", "empty"])
+@pytest.mark.parametrize("kind", ["text", "foreign-sqlite", "foreign-wal", "empty"])
 @pytest.mark.parametrize("command", [["runs"], ["show", "abc"]])
 def test_a_file_that_is_not_a_loopwise_database(tmp_path, capsys, kind, command):
     path = tmp_path / f"{kind}.db"
     if kind == "text":
         path.write_text("hello, I am a text file\n" * 100)
-    elif kind == "foreign-sqlite":
+    elif kind.startswith("foreign"):
         conn = sqlite3.connect(path)
+        if kind == "foreign-wal":
+            conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("CREATE TABLE users (id INTEGER)")
         conn.commit()
         conn.close()
     else:
         path.write_bytes(b"")
-    before = path.read_bytes()
+    before, files = path.read_bytes(), sorted(tmp_path.iterdir())
     assert main([*command, "--db", str(path)]) == 2
     assert_one_line_error(capsys.readouterr().err, str(path), "not a loopwise database")
-    assert path.read_bytes() == before
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == files  # no -wal, -shm, journal
 
 
 def test_run_into_a_foreign_database_is_an_error(agent_module, tmp_path, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import sqlite3
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -100,25 +99,10 @@ def open_existing_store(db: Path | None) -> SQLiteStore:
 
 
 def _check_ours(path: Path) -> None:
-    """Refuse, without writing to it, a file that is not a loopwise database.
-
-    (Opening a `SQLiteStore` on another application's SQLite file would switch it to WAL
-    mode before it finds out; a read command must leave such a file as it is.)
-    """
-    hint = "pass --db PATH of a loopwise database"
+    """Refuse an empty file: a read command never makes a database. (Any other file that is
+    not a loopwise database is refused by `SQLiteStore` itself, read-only, before it writes.)"""
     if path.stat().st_size == 0:
-        raise CLIError(f"{path} is an empty file, not a loopwise database; {hint}")
-    try:
-        conn = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise CLIError(f"{path} is not a loopwise database ({exc}); {hint}") from None
-    if version == 0 and tables:
-        raise CLIError(f"{path} is not a loopwise database (it holds other tables: {', '.join(tables[:5])}); {hint}")
+        raise CLIError(f"{path} is an empty file, not a loopwise database; pass --db PATH of a loopwise database")
 
 
 def resolve_run_id(store: EventStore, run_id: str) -> str:
