@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -15,6 +13,7 @@ from ._errors import UserError
 from ._expect import EXPECT_PROMPT, augment_spec
 from ._events import Event, RunResumed, RunStarted
 from ._budget import Budget
+from ._clock import SYSTEM_CLOCK, Clock
 from ._context import ContextPolicy, FullContext
 from ._control import ControlPlane, control_for, requester
 from ._resume import check_resumable, restore
@@ -45,12 +44,8 @@ _active_run_ids: set[str] = set()
 
 
 def new_run_id() -> str:
-    """A unique, time-ordered run id: 16 hex digits of nanoseconds, 16 random.
-
-    Time order keeps SQLite's inserts at the end of the primary key's b-tree (random
-    ids cost several times more per row) and lists runs in start order.
-    """
-    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+    """A unique, time-ordered run id (`Clock.new_run_id` of the system clock)."""
+    return SYSTEM_CLOCK.new_run_id()
 
 
 def _default_store() -> EventStore:
@@ -121,6 +116,8 @@ class Agent:
             schema gains a reserved, nullable ``loopwise_expect`` property that the
             runtime strips before the tool is called, and the instructions say how to
             fill it. Default False: the loop does no extra work.
+        clock: What runs read the time, ids and random numbers from (default: the
+            system's). Tests pass `loopwise.testing.FakeClock()`.
     """
 
     def __init__(
@@ -142,6 +139,7 @@ class Agent:
         control: ControlPlane | str | None = None,
         redact: Redactor | None = None,
         expectations: bool = False,
+        clock: Clock | None = None,
         **unsupported: Any,
     ) -> None:
         if unsupported:
@@ -218,6 +216,12 @@ class Agent:
         if type(expectations) is not bool:
             raise UserError(f"expectations must be True or False, got {expectations!r}")
         self.expectations = expectations
+        if clock is None:
+            clock = SYSTEM_CLOCK
+        elif not isinstance(clock, Clock):
+            raise UserError(f"clock must be a loopwise.testing.FakeClock (or another Clock), got {type(clock).__name__}")
+        #: Where runs read wall time, monotonic time, ids and random numbers.
+        self.clock: Clock = clock
         #: What the model is told about the tools (with `loopwise_expect` when expectations are on).
         self.tool_specs: list[ToolSpec] = (
             [augment_spec(t.spec) for t in self.tools] if expectations else [t.spec for t in self.tools]
@@ -350,7 +354,7 @@ class Agent:
                 raise UserError(f"each tag must be a non-empty str, got {t!r}")
         store = self.store
         if run_id is None:
-            run_id = new_run_id()
+            run_id = self.clock.new_run_id()
         else:
             if not isinstance(run_id, str) or not run_id:
                 raise UserError(f"run_id must be a non-empty str, got {run_id!r}")
@@ -453,7 +457,7 @@ class Agent:
                 f"run {run_id} is being executed by another process (it has no end, no lease yet, and a live "
                 f"process journaled its last events); stop it with `loopwise kill {run_id}` or wait for it to end"
             )
-        since = time.time()
+        since = self.clock.time()
         control.acquire(run_id, started.tags)
         try:
             events = store.load(run_id)  # what the last holder of the lease wrote, all of it
@@ -470,7 +474,7 @@ class Agent:
             run.active_before = plan.active_s
             run.since = since
             run._emit(RunResumed(
-                run_id=run_id, seq=run.seq, ts=time.time(), segment=plan.segment, previous_end=previous_end,
+                run_id=run_id, seq=run.seq, ts=self.clock.time(), segment=plan.segment, previous_end=previous_end,
                 iteration=run.iteration, by=requester(),
                 interrupted_calls=[{"call_id": c.id, "name": str(c.name), "action": "rerun" if again else "unknown"}
                                    for c, again in plan.interrupted],
