@@ -2,13 +2,15 @@
 
 ```
 model.price given                      → that price (an override, always wins)
-FunctionModel / ScriptedModel /
-SupportDeskSimulator                   → Price(0, 0): test models cost nothing
-OpenAIModel at a known provider's URL  → genai-prices' price of that model there
+else model.default_price(...):
+  FunctionModel / ScriptedModel /
+  SupportDeskSimulator                 → Price(0, 0): test models cost nothing
+  OpenAIModel at a known provider's URL→ genai-prices' price of that model there
                                          (api.openai.com, Azure, Groq, OpenRouter...)
-OpenAIModel at any other URL           → None: a local or unknown server, whose
+  OpenAIModel at any other URL         → None: a local or unknown server, whose
                                          price only its operator knows
-anything else                          → None
+  any other Model (unless it overrides
+  `default_price`)                     → None
 ```
 
 `genai-prices` ships its price data inside the package: nothing is fetched. Its data
@@ -46,22 +48,17 @@ def price_for(model: Model, *, input_tokens: int = 0, at: datetime | None = None
         input_tokens: The prompt's size, for models whose price rises past a threshold.
         at: When the call is made, for prices that change on a date (default: now).
     """
-    price = getattr(model, "price", None)
-    if price is not None:
-        if not isinstance(price, Price):
-            raise UserError(
-                f"{type(model).__name__}.price must be a loopwise.models.Price or None, got {type(price).__name__}"
-            )
-        return price
-    from .models._function import FunctionModel, ScriptedModel
-    from .models._openai import OpenAIModel
-    from .models._simulator import SupportDeskSimulator
-
-    if isinstance(model, (FunctionModel, ScriptedModel, SupportDeskSimulator)):
-        return Price(0, 0)
-    if isinstance(model, OpenAIModel):
-        return lookup_price(model.model, base_url=model.base_url, input_tokens=input_tokens, at=at)
-    return None
+    price = model.price
+    if price is None:
+        price = model.default_price(input_tokens=input_tokens, at=at)
+        what = "default_price()"
+    else:
+        what = "price"
+    if price is not None and not isinstance(price, Price):  # (a subclass's value: checked, not trusted)
+        raise UserError(
+            f"{type(model).__name__}.{what} must be a loopwise.models.Price or None, got {type(price).__name__}"
+        )
+    return price
 
 
 def lookup_price(

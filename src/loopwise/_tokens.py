@@ -370,24 +370,15 @@ class TokenEstimator:
 def for_model(model: Model) -> TokenEstimator:
     """A new `TokenEstimator` for `model`; keep it for the model's calls (caches, calibration).
 
-    A model with a ``token_estimator()`` method provides its own (e.g. a local model
-    that has its tokenizer at hand). An `OpenAIModel` whose model name maps to a
-    tiktoken encoding is counted exactly (whatever server it talks to: the name says
-    which tokenizer). Any other model gets the byte bound with calibration.
+    The model's ``token_estimator()`` makes it (`Model`'s default: the byte bound with
+    calibration; a model may provide its own, e.g. a local model that has its tokenizer
+    at hand). An `OpenAIModel` whose model name maps to a tiktoken encoding is counted
+    exactly (whatever server it talks to: the name says which tokenizer).
     """
-    hook = getattr(model, "token_estimator", None)
-    if callable(hook):
-        estimator = hook()
-        if not isinstance(estimator, TokenEstimator):
-            raise UserError(
-                f"{type(model).__name__}.token_estimator() returned {type(estimator).__name__}, "
-                "not a TokenEstimator"
-            )
-        return estimator
-    from .models._openai import OpenAIModel
-
-    if isinstance(model, OpenAIModel):
-        encoding = encoding_for_model(model.model)
-        if encoding is not None:
-            return TokenEstimator.for_encoding(encoding)
-    return TokenEstimator()
+    estimator = model.token_estimator()
+    if not isinstance(estimator, TokenEstimator):  # (a subclass's value: checked, not trusted)
+        raise UserError(
+            f"{type(model).__name__}.token_estimator() returned {type(estimator).__name__}, "
+            "not a TokenEstimator"
+        )
+    return estimator

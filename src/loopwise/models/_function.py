@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from .._errors import ModelBehaviorError, UserError
@@ -55,6 +56,10 @@ class FunctionModel(Model):
         self.name = name or f"function:{getattr(fn, '__name__', 'fn')}"
         self._is_async = inspect.iscoroutinefunction(fn)
 
+    def default_price(self, *, input_tokens: int = 0, at: datetime | None = None) -> Price:
+        """$0 unless given a `price`: a test double."""
+        return Price(0, 0)
+
     async def request(self, request: ModelRequest) -> ModelResponse:
         if self._is_async:
             value = await self.fn(request)  # type: ignore[misc]
@@ -88,6 +93,10 @@ class ScriptedModel(Model):
         self.price = price
         self.name = name
         self._calls_outside_runs = 0
+
+    def default_price(self, *, input_tokens: int = 0, at: datetime | None = None) -> Price:
+        """$0 unless given a `price`: a test double."""
+        return Price(0, 0)
 
     @staticmethod
     def _normalize(index: int, item: Any) -> ModelResponse:

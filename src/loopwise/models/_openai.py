@@ -22,7 +22,8 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any, Self
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from .._errors import (
     ModelBehaviorError,
@@ -38,6 +39,8 @@ from ._resilience import parse_retry_after
 
 if TYPE_CHECKING:
     import openai
+
+    from .._tokens import TokenEstimator
 
 __all__ = ["OpenAIModel"]
 
@@ -194,11 +197,21 @@ class OpenAIModel(Model):
         elif client is not None and self._owns_client:
             await client.close()
 
-    async def __aenter__(self) -> Self:
-        return self
+    # -- the budgets' hooks ----------------------------------------------------------
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    def default_price(self, *, input_tokens: int = 0, at: datetime | None = None) -> Price | None:
+        """What `genai-prices` knows for this model name at this server (None: unknown)."""
+        from .._prices import lookup_price
+
+        return lookup_price(self.model, base_url=self.base_url, input_tokens=input_tokens, at=at)
+
+    def token_estimator(self) -> TokenEstimator:
+        """Exact counts when the model name maps to a tiktoken encoding (whatever server it
+        talks to: the name says which tokenizer); else the default byte bound."""
+        from .._tokens import TokenEstimator, encoding_for_model
+
+        encoding = encoding_for_model(self.model)
+        return TokenEstimator() if encoding is None else TokenEstimator.for_encoding(encoding)
 
     # -- one call ------------------------------------------------------------------
 
@@ -354,6 +367,7 @@ def _usage(usage: Any) -> Usage | None:
 def _detail(exc: openai.APIStatusError) -> str:
     body = exc.body
     error = body.get("error", body) if isinstance(body, dict) else body
+    detail: str
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         detail = error["message"]
     elif isinstance(error, str) and error:

@@ -57,6 +57,7 @@ import json
 import random
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -286,6 +287,10 @@ class SupportDeskSimulator(Model):
         self.price = price
         self.name = name
         self._unseeded = random.Random()
+
+    def default_price(self, *, input_tokens: int = 0, at: datetime | None = None) -> Price:
+        """$0 unless given a `price`: a simulation."""
+        return Price(0, 0)
 
     def describe(self) -> dict[str, Any]:
         return {
