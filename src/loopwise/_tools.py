@@ -31,7 +31,8 @@ from typing import Any, overload
 from ._errors import LoopwiseError, UserError
 from ._messages import ToolSpec
 from ._storable import DEPTH_MESSAGE, TOO_DEEP, plain, too_deep
-from ._tool_policy import ToolPolicy
+from ._breaker import CircuitBreaker
+from ._tool_policy import DEFAULT_MAX_RESULT_CHARS, DEFAULT_TIMEOUT_S, Backoff, Isolation, ToolPolicy
 
 __all__ = ["RunContext", "Tool", "ToolArgumentsError", "parse_arguments", "tool"]
 
@@ -146,7 +147,8 @@ class Tool:
             raise ToolArgumentsError(f"invalid arguments: {_format_validation_error(exc)}") from None
         # The validated fields, in the signature's order: the dict of a model instance
         # that nothing else holds, so it needs no copy.
-        return model.__dict__
+        fields: dict[str, Any] = model.__dict__
+        return fields
 
     async def call(self, kwargs: dict[str, Any], ctx: RunContext | None, events: Any = None, *,
                    timeout: float | None = None) -> Any:
@@ -262,12 +264,54 @@ _OPTIONS = frozenset(
      "max_result_chars", "isolation", "alternatives", "secret", "breaker", "check")
 )
 
+#: Exception types for `retry_on=`: one, or several.
+RetryOn = type[Exception] | tuple[type[Exception], ...] | list[type[Exception]]
+#: Tool names or argument names: one, or several.
+Names = str | tuple[str, ...] | list[str]
+#: What `check=` is: check(expected, actual) -> bool | None.
+Check = Callable[[Any, Any], bool | None]
 
+
+class _Default:
+    """The default of an option not given: `@tool` passes on only the options given."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_DEFAULT: Any = _Default()
+
+
+# The two overloads spell the options out with their real defaults (what a type checker
+# and an editor show); the implementation takes them with `_DEFAULT`, to tell which were given.
+# tests/test_tools.py checks that the three agree with each other and with `ToolPolicy.build`.
 @overload
-def tool(fn: Callable[..., Any], /) -> Tool: ...
+def tool(
+    fn: Callable[..., Any], /, *, name: str | None = None, description: str | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT_S, total_timeout: float | None = None, retries: int = 0,
+    retry_on: RetryOn | None = None, backoff: Backoff | None = None, fallback: object = None,
+    idempotent: bool = False, cost_usd: float = 0.0, max_result_chars: int | None = DEFAULT_MAX_RESULT_CHARS,
+    isolation: Isolation | None = None, alternatives: Names = (), secret: Names = (),
+    breaker: CircuitBreaker | bool | None = True, check: Check | None = None,
+) -> Tool: ...
 @overload
-def tool(*, name: str | None = None, description: str | None = None, **options: Any) -> Callable[[Callable[..., Any]], Tool]: ...
-def tool(fn: Callable[..., Any] | None = None, /, *, name: str | None = None, description: str | None = None, **options: Any) -> Any:
+def tool(
+    *, name: str | None = None, description: str | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT_S, total_timeout: float | None = None, retries: int = 0,
+    retry_on: RetryOn | None = None, backoff: Backoff | None = None, fallback: object = None,
+    idempotent: bool = False, cost_usd: float = 0.0, max_result_chars: int | None = DEFAULT_MAX_RESULT_CHARS,
+    isolation: Isolation | None = None, alternatives: Names = (), secret: Names = (),
+    breaker: CircuitBreaker | bool | None = True, check: Check | None = None,
+) -> Callable[[Callable[..., Any]], Tool]: ...
+def tool(
+    fn: Callable[..., Any] | None = None, /, *, name: str | None = None, description: str | None = None,
+    timeout: float | None = _DEFAULT, total_timeout: float | None = _DEFAULT, retries: int = _DEFAULT,
+    retry_on: RetryOn | None = _DEFAULT, backoff: Backoff | None = _DEFAULT, fallback: object = _DEFAULT,
+    idempotent: bool = _DEFAULT, cost_usd: float = _DEFAULT, max_result_chars: int | None = _DEFAULT,
+    isolation: Isolation | None = _DEFAULT, alternatives: Names = _DEFAULT, secret: Names = _DEFAULT,
+    breaker: CircuitBreaker | bool | None = _DEFAULT, check: Check | None = _DEFAULT,
+    **unknown: Any,
+) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Make a function (sync or async) a tool. Works bare (`@tool`) or with options.
 
     Args:
@@ -284,7 +328,7 @@ def tool(fn: Callable[..., Any] | None = None, /, *, name: str | None = None, de
             list of these tried in order.
         idempotent: Whether running the call twice is safe (resume re-runs it then).
         cost_usd: Dollars one call costs (counted in the run's cost).
-        max_result_chars: The most characters of one result the model reads.
+        max_result_chars: The most characters of one result the model reads (default 20,000).
         isolation: ``"process"`` runs a sync tool in a child process that is killed
             on timeout, for code that must truly stop.
         alternatives: Names of tools the model may use instead when this one fails.
@@ -294,10 +338,11 @@ def tool(fn: Callable[..., Any] | None = None, /, *, name: str | None = None, de
             decides whether the value the tool returned matched the model's expectation
             (None: cannot tell). Default: the comparison documented in docs/decisions.md.
     """
-    unknown = sorted(k for k in options if k not in _OPTIONS)
-    if unknown:
-        raise UserError(f"@tool got unknown option(s) {', '.join(unknown)}; options: name, description, "
+    if unknown:  # (a type checker reports these; a plain call gets this line)
+        raise UserError(f"@tool got unknown option(s) {', '.join(sorted(unknown))}; options: name, description, "
                         f"{', '.join(sorted(_OPTIONS))}")
+    given = locals()  # (no other local yet: only the parameters)
+    options = {key: given[key] for key in _OPTIONS if given[key] is not _DEFAULT}
     if fn is not None:
         return _make_tool(fn, name=name, description=description, options=options)
     return lambda f: _make_tool(f, name=name, description=description, options=options)
