@@ -308,4 +308,4 @@ def check_option(owner: str, check: Any) -> Callable[[Any, Any], bool | None] | 
         raise UserError(f"tool {owner!r}: check= must take two arguments, (expected, actual)") from None
     except ValueError:
         pass  # a builtin without a signature: trust it
-    return check  # type: ignore[no-any-return]
+    return check

@@ -180,23 +180,23 @@ def to_perfetto(events: Iterable[Event]) -> dict[str, Any]:
 
     # -- tid 1: model calls
     model_lanes = _Lanes(jitter_us=_JITTER_US)
-    for start_s, end_s, f, s in sorted(model_spans, key=lambda m: (m[0], m[1])):
-        model = f.model or (s.model if s is not None else None) or "?"
+    for start_s, end_s, mf, ms in sorted(model_spans, key=lambda m: (m[0], m[1])):
+        model = mf.model or (ms.model if ms is not None else None) or "?"
         args: dict[str, Any] = {
-            "iteration": f.iteration,
+            "iteration": mf.iteration,
             "model": model,
-            "input_tokens": f.usage.input_tokens,
-            "output_tokens": f.usage.output_tokens,
-            "cached_input_tokens": f.usage.cached_input_tokens,
-            "usage_estimated": f.usage_estimated,
-            "cost_usd": f.cost_usd,
-            "finish_reason": f.finish_reason,
-            "latency_s": f.latency_s,
-            "tool_calls": [c.name for c in f.tool_calls],
+            "input_tokens": mf.usage.input_tokens,
+            "output_tokens": mf.usage.output_tokens,
+            "cached_input_tokens": mf.usage.cached_input_tokens,
+            "usage_estimated": mf.usage_estimated,
+            "cost_usd": mf.cost_usd,
+            "finish_reason": mf.finish_reason,
+            "latency_s": mf.latency_s,
+            "tool_calls": [c.name for c in mf.tool_calls],
         }
-        if f.error is not None:
-            args["error"] = f"{f.error.type}: {f.error.message}"
-        span = _Span(f"{f.purpose} {model}", rel(start_s), rel(end_s), args, "model")
+        if mf.error is not None:
+            args["error"] = f"{mf.error.type}: {mf.error.message}"
+        span = _Span(f"{mf.purpose} {model}", rel(start_s), rel(end_s), args, "model")
         lane = model_lanes.place(span)
         span.tid = MODEL_TID if lane == 0 else MODEL_OVERFLOW_TID_BASE + lane
         if lane:
@@ -204,7 +204,7 @@ def to_perfetto(events: Iterable[Event]) -> dict[str, Any]:
         complete(span)
 
     # -- tid 10+: tool calls, each on the lowest-numbered track free at its start
-    tool_spans: list[_Span] = []
+    tool_spans: list[tuple[_Span, tuple[int, str]]] = []  # each with its call's (iteration, call_id)
     for s, f in tool_calls:
         if f is not None:
             start_s = s.ts if s is not None else f.ts - max(f.latency_s, 0.0)
@@ -223,15 +223,15 @@ def to_perfetto(events: Iterable[Event]) -> dict[str, Any]:
                 args["error"] = f"{f.error.type}: {f.error.message}"
         else:
             args["outcome"] = "in_flight" if in_flight else "unfinished"
-        span = _Span(first.name, rel(start_s), rel(end_s), args, "tool", call_id=first.call_id)
-        span.iteration = first.iteration
-        tool_spans.append(span)
+        span = _Span(first.name, rel(start_s), rel(end_s), args, "tool", call_id=first.call_id,
+                     iteration=first.iteration)
+        tool_spans.append((span, (first.iteration, first.call_id)))
     tool_lanes = _Lanes()
     spans_of_call: dict[tuple[int, str], list[_Span]] = defaultdict(list)
-    for span in sorted(tool_spans, key=lambda t: (t.start, t.end)):
+    for span, call in sorted(tool_spans, key=lambda t: (t[0].start, t[0].end)):
         span.tid = TOOL_TID_BASE + tool_lanes.place(span)
         thread_names[span.tid] = f"tool {span.tid - TOOL_TID_BASE + 1}"
-        spans_of_call[(span.iteration, span.call_id)].append(span)  # type: ignore[arg-type]
+        spans_of_call[call].append(span)
         complete(span)
 
     def tid_of_call(iteration: int, call_id: str, ts: float) -> int:

@@ -295,9 +295,9 @@ def _outcome(frame: bytes | None, label: str, exitcode: int | None) -> Any:
     if kind == "ok":
         return message[1]
     if kind == "error":
-        _, exc, tb = message
-        exc.add_note(f"raised in the process of tool {label!r} (isolation='process'):\n{tb.rstrip()}")
-        raise exc
+        _, error, tb = message
+        error.add_note(f"raised in the process of tool {label!r} (isolation='process'):\n{tb.rstrip()}")
+        raise error
     if kind == "error_text":
         _, name, text, tb = message
         error = RuntimeError(

@@ -116,9 +116,9 @@ def render(prof: Profile, console: Console) -> None:
     if prof.sequential:
         console.print()
         console.print(Text("one tool per iteration", style="bold yellow"))
-        for s in prof.sequential[:5]:
+        for streak in prof.sequential[:5]:
             console.print(Text.assemble(
-                (s.run_id, "cyan"), (f" iterations {s.first_iteration}-{s.last_iteration} ", ""),
-                (f"({', '.join(s.tools)}): ", "dim"), (s.message, "")), overflow="fold")
+                (streak.run_id, "cyan"), (f" iterations {streak.first_iteration}-{streak.last_iteration} ", ""),
+                (f"({', '.join(streak.tools)}): ", "dim"), (streak.message, "")), overflow="fold")
         if len(prof.sequential) > 5:
             console.print(Text(f"... and {len(prof.sequential) - 5} more", style="dim"))

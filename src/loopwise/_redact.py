@@ -276,7 +276,7 @@ def _min_width(pattern: re.Pattern[str]) -> int:
     try:
         import re._parser as parser  # type: ignore[import-not-found]
     except ImportError:  # pragma: no cover - Python < 3.11
-        import sre_parse as parser  # type: ignore[no-redef]
+        import sre_parse as parser
     try:
         return int(parser.parse(pattern.pattern, pattern.flags).getwidth()[0])
     except Exception:  # noqa: BLE001 - a pattern sre cannot size: no shortcut
@@ -489,7 +489,7 @@ class EventRedactor:
                 continue
             cls = type(value)
             if name == "arguments" and secret_args:  # tool_call_started: the call's own arguments
-                new = self._arguments(value, secret_args.get(getattr(event, "name", None)), text)
+                new = self._arguments(value, secret_args.get(getattr(event, "name", "")), text)
             elif cls is str:
                 if memo_get is not None and len(value) <= _MEMO_CHARS and memo_get(value) is _UNCHANGED:
                     continue
@@ -506,7 +506,7 @@ class EventRedactor:
                 changes[name] = new
         if changes is None:
             return event
-        return dataclasses.replace(event, **changes)  # type: ignore[type-var]
+        return dataclasses.replace(event, **changes)
 
     @property
     def active(self) -> bool:
@@ -542,7 +542,7 @@ class EventRedactor:
                     # tool's result, each run) comes back as itself, so its event is not copied.
                     out = memo[value] = _UNCHANGED if out is value or out == value else out
                 return value if out is _UNCHANGED else out
-            return same(value, redact)  # type: ignore[no-any-return]
+            return same(value, redact)
 
         return text
 
@@ -567,6 +567,7 @@ class EventRedactor:
             out = None
             for i, item in enumerate(value):
                 item_cls = type(item)
+                new: Any
                 if item_cls is str:
                     new = text(item)
                 elif item_cls is ToolCall:  # a response's calls, a message's calls
@@ -688,7 +689,7 @@ class EventRedactor:
         objects = self._objects
         hit = objects.get(id(args))
         if hit is not None and hit[0] is args:
-            return hit[1]  # type: ignore[no-any-return]
+            return hit[1]
         out = self._walk_dict(args, self._text)
         if len(objects) >= _MEMO_OBJECTS:
             objects.clear()
@@ -704,13 +705,13 @@ class EventRedactor:
 
     def _secret_values(self, event: Event) -> list[str]:
         """The values of secret arguments in the tool calls this event records."""
-        kind = event.kind
-        if kind == "tool_call_started":
-            calls = [ToolCall(event.name, event.arguments)]  # type: ignore[union-attr]
-        elif kind == "model_call_finished":
-            calls = event.tool_calls  # type: ignore[union-attr]
-        elif kind == "run_started":
-            calls = [c for m in event.task for c in m.tool_calls]  # type: ignore[union-attr]
+        calls: Sequence[ToolCall]
+        if event.kind == "tool_call_started":
+            calls = [ToolCall(event.name, {} if event.arguments is None else event.arguments)]
+        elif event.kind == "model_call_finished":
+            calls = event.tool_calls
+        elif event.kind == "run_started":
+            calls = [c for m in event.task for c in m.tool_calls]
         else:
             return []
         found: list[str] = []

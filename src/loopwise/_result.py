@@ -39,9 +39,9 @@ class RunResult:
         finished: RunFinished | None = None
         for event in events:
             if event.kind == "run_started":
-                started = started or event  # type: ignore[assignment]
+                started = started or event
             elif event.kind == "run_finished":
-                finished = event  # type: ignore[assignment]
+                finished = event
         if started is None:
             raise UserError("these events hold no run_started event: they are not a run's log")
         if finished is None:

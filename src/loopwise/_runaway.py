@@ -73,7 +73,10 @@ def _make_canonical_json() -> Callable[[Any], str]:
     a probe, the `JSONEncoder` itself (made once).
     """
     encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
-    from json.encoder import c_make_encoder, encode_basestring
+    from json.encoder import (  # type: ignore[attr-defined]  # (typeshed omits the C encoder; None without _json)
+        c_make_encoder,
+        encode_basestring,
+    )
 
     if c_make_encoder is None:  # pragma: no cover - a Python without the _json accelerator
         return encoder

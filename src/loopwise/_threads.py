@@ -225,7 +225,7 @@ class DaemonThreadPool:
                     _log.exception("on_abandon hook failed for sync tool %r", label)
             raise
         if ok:
-            return value  # type: ignore[no-any-return]
+            return value
         try:
             raise value
         finally:
