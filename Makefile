@@ -30,7 +30,7 @@ demo: install
 ## Install everything the tests need and run the whole test suite.
 test: install-dev
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/mypy
+	$(BIN)/mypy  # src and tests/typing_check.py, as [tool.mypy] in pyproject.toml says
 	$(BIN)/python -m pytest
 
 ## Run the benchmarks (they print tables; they are not tests). instructions.py counts with
