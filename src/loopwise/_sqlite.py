@@ -47,6 +47,7 @@ import weakref
 from collections.abc import Collection
 from pathlib import Path
 
+from ._control_local import LocalControl, _lease, local_control
 from ._errors import StoreError, UserError, store_error
 from ._events import Event, RunFinished, RunStarted, dump_lines, load_event, load_events
 from ._events import first_error as _first_error
@@ -65,7 +66,7 @@ from ._journal import (
 )
 from ._store import EventStore, PruneResult, RunSummary, check_prune_args, running_here
 
-__all__ = ["SQLiteStore", "default_db_path"]
+__all__ = ["SQLiteStore", "default_db_path", "default_store"]
 
 _log = logging.getLogger("loopwise")
 
@@ -161,6 +162,18 @@ _MIGRATIONS: dict[int, str] = {
 def default_db_path() -> Path:
     """`$LOOPWISE_DB`, or `.loopwise/loopwise.db` in the current directory."""
     return Path(os.environ.get("LOOPWISE_DB") or Path(".loopwise") / "loopwise.db")
+
+
+def default_store() -> SQLiteStore:
+    """The store of runs given no store: an `SQLiteStore` at `default_db_path`, one per path and process."""
+    path = default_db_path().absolute()
+    store = _default_stores.get(path)
+    if store is None:
+        store = _default_stores[path] = SQLiteStore(path)
+    return store
+
+
+_default_stores: dict[Path, SQLiteStore] = {}
 
 
 def _connect(path: Path, *, check_same_thread: bool = True, cached_statements: int = 128) -> sqlite3.Connection:
@@ -526,6 +539,10 @@ class SQLiteStore(EventStore):
 
     def describe(self) -> str:
         return str(self.path)
+
+    def control_plane(self) -> LocalControl:
+        """`LocalControl`: leases and kills in tables of this database (every process on this machine)."""
+        return local_control(self.path)
 
     # -- writing -----------------------------------------------------------------------
 
@@ -907,8 +924,6 @@ class SQLiteStore(EventStore):
         """Of `run_ids` (runs without an end), those a live process holds a lease on."""
         if not run_ids or not _table_exists(conn, "lw_leases"):
             return set()
-        from ._control import _lease
-
         rows = conn.execute(
             "SELECT run_id, owner, host, pid, tags, acquired, heartbeat FROM lw_leases "
             "WHERE run_id IN (SELECT value FROM json_each(?))", (json.dumps(run_ids),)

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
 
+from ._control_plane import ControlPlane, MemoryControl, local_runs
 from ._errors import UserError
 from ._events import STOP_REASONS, Event, RunFinished, RunStarted
 
@@ -63,8 +64,6 @@ def check_prune_args(before: object, statuses: object, tags: object) -> tuple[fl
 
 def running_here() -> set[str]:
     """Run ids being executed in this process (their last events may not be written yet)."""
-    from ._control import local_runs
-
     return {r.run_id for r in local_runs()}
 
 
@@ -138,6 +137,19 @@ class EventStore(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (flush pending writes)."""
 
+    def control_plane(self) -> ControlPlane | None:
+        """The control plane that kills of this store's runs go through, or None if it has none.
+
+        Each store says where its runs' leases and kill requests live: an `SQLiteStore`,
+        in tables beside its events (`LocalControl`: every process on this machine); a
+        `MemoryStore`, in this process (`MemoryControl`). The default, None, declares
+        none: a kill from another process (`loopwise.kill`, `loopwise kill`) then raises
+        `UserError` rather than silently reaching nobody; `Agent(control="redis://...")`
+        or `$LOOPWISE_REDIS_URL` give such a store's runs a plane. Called once per
+        process and store by `Agent` and `kill`; return the same plane each time.
+        """
+        return None
+
     def written_elsewhere(self, run_id: str) -> bool:
         """Whether another process that is still alive wrote `run_id`'s latest events.
 
@@ -158,6 +170,7 @@ class MemoryStore(EventStore):
 
     def __init__(self) -> None:
         self._runs: dict[str, list[Event]] = {}
+        self._control = MemoryControl()
 
     def write(self, events: list[Event]) -> None:
         runs = self._runs
@@ -176,6 +189,10 @@ class MemoryStore(EventStore):
 
     def has_run(self, run_id: str) -> bool:
         return run_id in self._runs
+
+    def control_plane(self) -> ControlPlane:
+        """`MemoryControl`: kills reach this store's runs from this process only (as its events)."""
+        return self._control
 
     def list_runs(self, *, limit: int = 20) -> list[RunSummary]:
         summaries = []
