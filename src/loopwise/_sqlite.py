@@ -64,7 +64,16 @@ from ._journal import (
     segment_path,
     writer_lives,
 )
-from ._store import EventStore, PruneResult, RunSummary, check_prune_args, running_here
+from ._store import (
+    EventStore,
+    PruneResult,
+    RunPage,
+    RunSummary,
+    check_list_args,
+    check_prune_args,
+    encode_cursor,
+    running_here,
+)
 
 __all__ = ["SQLiteStore", "default_db_path", "default_store"]
 
@@ -418,20 +427,33 @@ _PRUNE_CHUNK = 200
 # Every run whose last event is before the cutoff: its id, its last event's kind and
 # stop reason, its tags (JSON), and its number of events (seqs have no gaps).
 # The latest runs: each one's first event and its latest end (an end is always the last
-# event of its row), by the partial index over first rows. A row that is not JSON (an
+# event of its row), by the partial index over first rows, newest first (start time, then
+# run id: `list_runs`'s cursor names a place in that order). A row that is not JSON (an
 # edit) comes back whole, for `list_runs` to leave out: SQLite's JSON functions would
-# fail the whole query on it.
+# fail the whole query on it (hence the CASEs, which SQLite evaluates lazily).
+# `{where}`: conditions on the first row `s`; `{having}`: on the end `finished`.
 _LIST_RUNS = """
-    SELECT CASE WHEN json_valid(s.data) THEN json_extract(s.data, '$[0]') ELSE s.data END,
-           (SELECT CASE WHEN json_valid(f.data) THEN json_extract(f.data, '$[#-1]') ELSE f.data END
-              FROM event_chunks f
-             WHERE f.run_id = s.run_id AND f.last_kind = 'run_finished'
-             ORDER BY f.seq DESC LIMIT 1)
-      FROM event_chunks s
-     WHERE s.seq = 0
-     ORDER BY s.ts DESC
+    SELECT started, finished, ts, run_id FROM (
+        SELECT CASE WHEN json_valid(s.data) THEN json_extract(s.data, '$[0]') ELSE s.data END AS started,
+               (SELECT CASE WHEN json_valid(f.data) THEN json_extract(f.data, '$[#-1]') ELSE f.data END
+                  FROM event_chunks f
+                 WHERE f.run_id = s.run_id AND f.last_kind = 'run_finished'
+                 ORDER BY f.seq DESC LIMIT 1) AS finished,
+               s.ts AS ts, s.run_id AS run_id
+          FROM event_chunks s
+         WHERE s.seq = 0{where}
+    )
+     WHERE 1{having}
+     ORDER BY ts DESC, run_id DESC
      LIMIT ?
 """
+_LIST_SINCE = " AND s.ts >= ?"
+_LIST_BEFORE = " AND s.ts <= ? AND (s.ts < ? OR s.run_id < ?)"
+_LIST_TAG = (" AND CASE WHEN json_valid(s.data) THEN EXISTS (SELECT 1 FROM json_each(s.data, '$[0].tags') "
+             "WHERE value = ?) ELSE 0 END")
+_LIST_RUNNING = " AND finished IS NULL"
+_LIST_FINISHED = " AND finished IS NOT NULL"
+_LIST_STOP_REASON = " AND CASE WHEN json_valid(finished) THEN json_extract(finished, '$.stop_reason') END = ?"
 
 _PRUNE_CANDIDATES = """
     SELECT s.run_id, l.last_kind,
@@ -842,10 +864,35 @@ class SQLiteStore(EventStore):
         self._recover()
         return bool(self._journaled(run_id)) or bool(self._read(query, (run_id,), sync=False))
 
-    def list_runs(self, *, limit: int = 20) -> list[RunSummary]:
-        rows = self._read(_LIST_RUNS, (limit,))
+    def list_runs(self, *, status: str | None = None, stop_reason: str | None = None, tag: str | None = None,
+                  since: float | None = None, limit: int = 20, cursor: str | None = None) -> RunPage:
+        q = check_list_args(status, stop_reason, tag, since, limit, cursor)
+        where, having, args = "", "", []
+        if q.since is not None:
+            where += _LIST_SINCE
+            args.append(q.since)
+        if q.before is not None:
+            where += _LIST_BEFORE
+            args += [q.before[0], q.before[0], q.before[1]]
+        if q.tag is not None:
+            where += _LIST_TAG
+            args.append(q.tag)
+        if q.status == "running":
+            having += _LIST_RUNNING
+        elif q.status == "finished" or q.stop_reason is not None:
+            having += _LIST_FINISHED
+        if q.stop_reason is not None:
+            having += _LIST_STOP_REASON
+            args.append(q.stop_reason)
+        rows = self._read(_LIST_RUNS.format(where=where, having=having), (*args, q.limit + 1))
+        page = RunPage(self._summaries(rows[:q.limit]))
+        if len(rows) > q.limit:  # (from the rows, not the summaries: a row left out is passed all the same)
+            page.next_cursor = encode_cursor(rows[q.limit - 1][2], rows[q.limit - 1][3])
+        return page
+
+    def _summaries(self, rows: list[tuple]) -> list[RunSummary]:
         summaries = []
-        for started_json, finished_json in rows:
+        for started_json, finished_json, _, _ in rows:
             try:
                 started = load_event(started_json)
                 finished = load_event(finished_json) if finished_json else None

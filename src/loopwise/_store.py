@@ -10,6 +10,8 @@ retention.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Collection
@@ -19,7 +21,7 @@ from ._control_plane import ControlPlane, MemoryControl, local_runs
 from ._errors import UserError
 from ._events import STOP_REASONS, Event, RunFinished, RunStarted
 
-__all__ = ["EventStore", "MemoryStore", "PruneResult", "RunSummary"]
+__all__ = ["EventStore", "MemoryStore", "PruneResult", "RunPage", "RunSummary"]
 
 #: What `prune(statuses=...)` accepts: a stop reason, or a run without an end.
 PRUNE_STATUSES: tuple[str, ...] = (*STOP_REASONS, "unfinished")
@@ -65,6 +67,90 @@ def check_prune_args(before: object, statuses: object, tags: object) -> tuple[fl
 def running_here() -> set[str]:
     """Run ids being executed in this process (their last events may not be written yet)."""
     return {r.run_id for r in local_runs()}
+
+
+#: What `list_runs(status=...)` accepts: as the log says (`RunSummary.status`).
+LIST_STATUSES: tuple[str, ...] = ("running", "finished")
+
+
+@dataclass(slots=True, frozen=True)
+class RunQuery:
+    """`list_runs`'s arguments, checked (`check_list_args`)."""
+
+    status: str | None
+    stop_reason: str | None
+    tag: str | None
+    since: float | None
+    limit: int
+    #: Only runs older than this (started_at, run_id), from the cursor.
+    before: tuple[float, str] | None
+
+    def matches(self, s: RunSummary) -> bool:
+        return ((self.status is None or s.status == self.status)
+                and (self.stop_reason is None or s.stop_reason == self.stop_reason)
+                and (self.tag is None or self.tag in s.tags)
+                and (self.since is None or s.started_at >= self.since)
+                and (self.before is None or (s.started_at, s.run_id) < self.before))
+
+
+def check_list_args(status: object, stop_reason: object, tag: object, since: object, limit: object,
+                    cursor: object) -> RunQuery:
+    """`list_runs`'s arguments, checked. Raises `UserError` (one line) for a bad one."""
+    if status is not None and status not in LIST_STATUSES:
+        raise UserError(f"list_runs(status={status!r}): choose among {', '.join(LIST_STATUSES)} (a run has "
+                        "ended, or not yet; `stop_reason=` picks how it ended)")
+    if stop_reason is not None and stop_reason not in STOP_REASONS:
+        raise UserError(f"list_runs(stop_reason={stop_reason!r}): choose among {', '.join(STOP_REASONS)}")
+    if tag is not None and (not isinstance(tag, str) or not tag):
+        raise UserError(f"list_runs(tag=...) must be a non-empty str, got {tag!r}")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, (int, float))
+                              or not math.isfinite(since)):
+        raise UserError(f"list_runs(since=...) must be a time in seconds since the epoch, got {since!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise UserError(f"list_runs(limit=...) must be an int >= 1, got {limit!r}")
+    return RunQuery(status, stop_reason, tag, None if since is None else float(since), limit,  # type: ignore[arg-type]
+                    None if cursor is None else _decode_cursor(cursor))
+
+
+# A cursor: where the previous page ended, (started_at, run_id), as opaque text. Runs are
+# ordered by that pair, newest first; it names one run, so a page never repeats a run of
+# an earlier page, and runs that start meanwhile (newer) never push older ones off a page.
+_CURSOR_VERSION = 1
+
+
+def encode_cursor(started_at: float, run_id: str) -> str:
+    raw = json.dumps([_CURSOR_VERSION, started_at, run_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: object) -> tuple[float, str]:
+    bad = UserError(f"list_runs(cursor={cursor!r:.60}) is not a cursor list_runs returned (its next_cursor)")
+    if not isinstance(cursor, str) or not cursor:
+        raise bad
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except ValueError:
+        raise bad from None
+    if (not isinstance(value, list) or len(value) != 3 or value[0] != _CURSOR_VERSION
+            or isinstance(value[1], bool) or not isinstance(value[1], (int, float)) or not isinstance(value[2], str)):
+        raise bad
+    return float(value[1]), value[2]
+
+
+class RunPage(list["RunSummary"]):
+    """A page of `list_runs`: a list of `RunSummary`, newest first, and where the next page starts."""
+
+    #: Pass as `list_runs(cursor=...)` (with the same filters) for the next page; None: this was the last.
+    next_cursor: str | None = None
+
+    @classmethod
+    def of(cls, summaries: list[RunSummary], limit: int) -> RunPage:
+        """The first `limit` of `summaries` (fetched `limit + 1`: one more says there is a next page)."""
+        page = cls(summaries[:limit])
+        if len(summaries) > limit:
+            last = page[-1]
+            page.next_cursor = encode_cursor(last.started_at, last.run_id)
+        return page
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -114,8 +200,25 @@ class EventStore(ABC):
         """Whether any event of `run_id` is stored."""
 
     @abstractmethod
-    def list_runs(self, *, limit: int = 20) -> list[RunSummary]:
-        """The most recently started runs, newest first."""
+    def list_runs(self, *, status: str | None = None, stop_reason: str | None = None, tag: str | None = None,
+                  since: float | None = None, limit: int = 20, cursor: str | None = None) -> list[RunSummary]:
+        """The most recently started runs that match, newest first: a `RunPage`.
+
+        Args:
+            status: ``"running"`` (no end in the log yet: running, or its process died;
+                `loopwise runs` tells those apart by leases) or ``"finished"``.
+            stop_reason: Only runs that ended so (``"error"``, ``"killed"``, ...).
+            tag: Only runs with this tag.
+            since: Only runs started at or after this time (seconds since the epoch).
+            limit: At most this many runs.
+            cursor: The `next_cursor` of the previous page: the runs started before
+                that page's last run (ordered by start time, then run id). Paging with
+                the same filters visits every run present at the first page once: runs
+                that start meanwhile are newer and never shift a page.
+
+        Raises:
+            UserError: a bad argument (one line).
+        """
 
     def prune(self, *, before: float, statuses: Collection[str] | None = None, tags: Collection[str] = (),
               dry_run: bool = False) -> PruneResult:
@@ -194,16 +297,20 @@ class MemoryStore(EventStore):
         """`MemoryControl`: kills reach this store's runs from this process only (as its events)."""
         return self._control
 
-    def list_runs(self, *, limit: int = 20) -> list[RunSummary]:
+    def list_runs(self, *, status: str | None = None, stop_reason: str | None = None, tag: str | None = None,
+                  since: float | None = None, limit: int = 20, cursor: str | None = None) -> RunPage:
+        query = check_list_args(status, stop_reason, tag, since, limit, cursor)
         summaries = []
-        for events in self._runs.values():
+        for events in list(self._runs.values()):
             started = events[0]
             if not isinstance(started, RunStarted):
                 continue
             finished = next((e for e in reversed(events) if isinstance(e, RunFinished)), None)
-            summaries.append(RunSummary.from_events(started, finished))
-        summaries.sort(key=lambda s: s.started_at, reverse=True)
-        return summaries[:limit]
+            summary = RunSummary.from_events(started, finished)
+            if query.matches(summary):
+                summaries.append(summary)
+        summaries.sort(key=lambda s: (s.started_at, s.run_id), reverse=True)
+        return RunPage.of(summaries, query.limit)
 
     def prune(self, *, before: float, statuses: Collection[str] | None = None, tags: Collection[str] = (),
               dry_run: bool = False) -> PruneResult:
