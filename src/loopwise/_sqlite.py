@@ -44,7 +44,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 
 from ._control_local import LocalControl, _lease, local_control
@@ -64,6 +64,7 @@ from ._journal import (
     segment_path,
     writer_lives,
 )
+from ._sqlite_tail import tail as _tail
 from ._store import (
     EventStore,
     PruneResult,
@@ -839,6 +840,10 @@ class SQLiteStore(EventStore):
         if not by_seq:
             raise self._unknown(run_id)
         return [by_seq[seq] for seq in sorted(by_seq)]
+
+    def tail(self, run_id: str, after_seq: int = -1) -> AsyncIterator[Event]:
+        """`EventStore.tail`: follows a run written by any process on this machine (`_sqlite_tail`)."""
+        return _tail(self, run_id, after_seq)
 
     def written_elsewhere(self, run_id: str) -> bool:
         """Whether another live process wrote `run_id`'s latest events.

@@ -4,17 +4,19 @@ A store keeps each run's events in order. `write` is called by the loop with the
 events since its last call; it returns `None` when the events are already durable,
 or an awaitable that completes when they are (the SQLite store journals them with
 one append and returns `None`, then copies them into SQLite within milliseconds). Every view
-reads runs back with `load` and `list_runs`; `prune` deletes whole runs past their
-retention.
+reads runs back with `load` and `list_runs`, or follows a live one with `tail`;
+`prune` deletes whole runs past their retention. `control_plane` says where kills of
+the store's runs go.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 from ._control_plane import ControlPlane, MemoryControl, local_runs
@@ -62,6 +64,42 @@ def check_prune_args(before: object, statuses: object, tags: object) -> tuple[fl
     if isinstance(tags, str) or not isinstance(tags, Collection) or not all(isinstance(t, str) for t in tags):
         raise UserError(f"prune(tags=...) must be a list of tags (str), got {tags!r}")
     return float(before), wanted, frozenset(tags)
+
+
+#: The default `EventStore.tail` (a store with no way to be woken) reads the run again this often.
+TAIL_POLL_S = 0.5
+
+
+def check_after_seq(after_seq: object) -> int:
+    if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < -1:
+        raise UserError(f"tail(after_seq=...) must be an int >= -1 (the seq of the last event seen), got {after_seq!r}")
+    return after_seq
+
+
+async def follow(read: Callable[[int], Awaitable[list[Event]]], arm: Callable[[], Awaitable[None]],
+                 after_seq: int) -> AsyncIterator[Event]:
+    """`tail`'s loop, for any store: `read(seq)` gives the run's stored events after `seq`,
+    in order; `arm()`, called before each read, is awaited after it: it completes once
+    something may have been written since it was called (so no write between the read and
+    the wait is missed). Ends after a `run_finished` that is the last event read."""
+    last = after_seq
+    while True:
+        woken = arm()
+        try:
+            events = await read(last)
+            for event in events:
+                if event.seq <= last:
+                    continue
+                last = event.seq
+                yield event
+            if events and isinstance(events[-1], RunFinished) and events[-1].seq == last:
+                return
+            await woken
+        finally:
+            if asyncio.iscoroutine(woken):
+                woken.close()  # (if never awaited: it was never started)
+            elif isinstance(woken, asyncio.Future):
+                woken.cancel()
 
 
 def running_here() -> set[str]:
@@ -220,6 +258,33 @@ class EventStore(ABC):
             UserError: a bad argument (one line).
         """
 
+    def tail(self, run_id: str, after_seq: int = -1) -> AsyncIterator[Event]:
+        """Follow a run: its events with a seq above `after_seq` as they are written, in order.
+
+        An async iterator (``async for event in store.tail(run_id): ...``) that ends after
+        the run's end: a `run_finished` that is the last event stored when it is read. A
+        run that ended ``killed`` or ``error`` may be resumed later, maybe never: its
+        tail ends at that end all the same, and ``tail(run_id, after_seq=end.seq)``
+        follows the resumed segment (from ``run_resumed``, ended by its own
+        ``run_finished``); a tail started after a resume began follows it to its end.
+        A run whose process died has no end: its tail waits (cancel it, or give it a
+        timeout). Cancelling the iterator, or leaving its loop, releases what it holds.
+
+        The SQLite store follows runs written by any process on the machine (woken by
+        SQLite's change counter), the in-memory store is woken by its writes; this
+        default reads the run again every `TAIL_POLL_S`.
+
+        Raises:
+            UserError: an unknown run id, or a bad `after_seq` (at the first step).
+        """
+        after = check_after_seq(after_seq)
+
+        async def read(seq: int) -> list[Event]:
+            events = await asyncio.to_thread(self.load, run_id)
+            return [e for e in events if e.seq > seq]
+
+        return follow(read, lambda: asyncio.sleep(TAIL_POLL_S), after)
+
     def prune(self, *, before: float, statuses: Collection[str] | None = None, tags: Collection[str] = (),
               dry_run: bool = False) -> PruneResult:
         """Delete whole runs whose last event is older than `before` (seconds since the epoch).
@@ -274,6 +339,8 @@ class MemoryStore(EventStore):
     def __init__(self) -> None:
         self._runs: dict[str, list[Event]] = {}
         self._control = MemoryControl()
+        # `tail`s waiting for a write: each future is resolved (in its loop) by the next one.
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     def write(self, events: list[Event]) -> None:
         runs = self._runs
@@ -282,7 +349,37 @@ class MemoryStore(EventStore):
             if log is None:
                 log = runs[event.run_id] = []
             log.append(event)
+        if self._waiters:
+            self._wake()
         return None
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # its loop closed: nobody waits
+                pass
+
+    def tail(self, run_id: str, after_seq: int = -1) -> AsyncIterator[Event]:
+        """`EventStore.tail`, woken by each write to this store (from any thread)."""
+        after = check_after_seq(after_seq)
+
+        async def read(seq: int) -> list[Event]:
+            log = self._runs.get(run_id)
+            if log is None:
+                raise self._unknown(run_id)
+            # (a run's seqs are its events' places in the log: start there, check all the same)
+            start = seq + 1 if 0 <= seq < len(log) and log[seq].seq == seq else 0
+            return [e for e in log[start:] if e.seq > seq]
+
+        def arm() -> asyncio.Future[None]:
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            self._waiters.append((loop, future))
+            return future
+
+        return follow(read, arm, after)
 
     def load(self, run_id: str) -> list[Event]:
         try:
@@ -337,5 +434,10 @@ class MemoryStore(EventStore):
 
     def describe(self) -> str:
         return "the in-memory store"
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
