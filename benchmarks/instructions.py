@@ -62,7 +62,10 @@ except ImportError:  # (a tree from before the control plane's split)
 from loopwise._watchdog import start_watchdog
 _local_plane.POLL_S = 3600.0
 if sys.argv[1] == "sqlite":
-    from loopwise import _sqlite
+    try:
+        from loopwise import _sqlite_write as _sqlite
+    except ImportError:  # (a tree from before the store's split)
+        from loopwise import _sqlite
     _sqlite.GATHER_S = _sqlite.JANITOR_S = 3600.0
 
 async def main(kind, warmup, runs):

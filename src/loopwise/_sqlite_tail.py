@@ -9,7 +9,7 @@ while nothing changes, up to `POLL_MAX_S`), and reads the run's new rows, in a
 thread, only after a commit. Nothing is added to the write path: the writers do not
 know that anyone follows.
 
-Events reach SQLite within `_sqlite.GATHER_S` of being journaled (see `_sqlite`), so a
+Events reach SQLite within `_sqlite_write.GATHER_S` of being journaled (see `_sqlite`), so a
 tail sees them that much, plus one poll, after they are durable.
 """
 
