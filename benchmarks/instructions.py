@@ -55,11 +55,17 @@ import loopwise as lw
 # pushed out of the count. The SQLite store copies its journal into SQLite on timers
 # too (every GATHER_S on the loop, the janitor after JANITOR_S): instead, a copy every
 # COPY_EVERY runs, what the 20 ms timer makes of (a)'s runs on the CPU.
-from loopwise import _control
+try:
+    from loopwise import _control_local as _local_plane
+except ImportError:  # (a tree from before the control plane's split)
+    from loopwise import _control as _local_plane
 from loopwise._watchdog import start_watchdog
-_control.POLL_S = 3600.0
+_local_plane.POLL_S = 3600.0
 if sys.argv[1] == "sqlite":
-    from loopwise import _sqlite
+    try:
+        from loopwise import _sqlite_write as _sqlite
+    except ImportError:  # (a tree from before the store's split)
+        from loopwise import _sqlite
     _sqlite.GATHER_S = _sqlite.JANITOR_S = 3600.0
 
 async def main(kind, warmup, runs):

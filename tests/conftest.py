@@ -33,12 +33,12 @@ def _close_control_planes_made_here():
     # A process keeps one control plane per database for its life (`control_for`); the
     # suite is one process that opens a thousand databases, so each test closes the local
     # ones it made (their SQLite connections and kill markers), or descriptors pile up.
-    from loopwise import _control
+    from loopwise import _control_plane
 
-    before = set(_control._controls)
+    before = set(_control_plane._controls)
     yield
-    with _control._controls_lock:
-        made = [key for key in _control._controls if key not in before and key[0] == "local"]
-        planes = [_control._controls.pop(key) for key in made]
+    with _control_plane._controls_lock:
+        made = [key for key in _control_plane._controls if key not in before and key[0] == "local"]
+        planes = [_control_plane._controls.pop(key) for key in made]
     for plane in planes:
         plane.close()

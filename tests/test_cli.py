@@ -371,6 +371,39 @@ def test_runs_never_cuts_a_run_id_or_how_it_ended(tmp_path, monkeypatch, capsys,
         assert "agent" in out and "nightly" in out
 
 
+def test_runs_filters(tmp_path, capsys):
+    import time
+
+    from loopwise._events import RunFinished, RunStarted
+    from loopwise._messages import new_message
+
+    path = tmp_path / "filters.db"
+    store = lw.SQLiteStore(path)
+    now = time.time()
+    for run_id, age, tags, end in [("old-done", 90_000, ["nightly"], "done"), ("new-error", 60, ["nightly"], "error"),
+                                   ("new-done", 30, [], "done"), ("dead", 20, ["nightly"], None)]:
+        events: list = [RunStarted(run_id=run_id, seq=0, ts=now - age, task=[new_message("user", "t")], tags=tags)]
+        if end:
+            events.append(RunFinished(run_id=run_id, seq=1, ts=now - age + 1, stop_reason=end))
+        store.write(events)
+    store.close()
+
+    def ids(*args: str) -> list[str]:
+        assert main(["runs", "--db", str(path), "--json", *args]) == 0
+        return [r["run_id"] for r in json.loads(capsys.readouterr().out)]
+
+    assert ids() == ["dead", "new-done", "new-error", "old-done"]
+    assert ids("--status", "orphaned") == ["dead"]  # no end, no live lease: its process is gone
+    assert ids("--status", "running") == []
+    assert ids("--status", "finished", "--limit", "2") == ["new-done", "new-error"]
+    assert ids("--stop-reason", "done") == ["new-done", "old-done"]
+    assert ids("--tag", "nightly", "--since", "1h") == ["dead", "new-error"]
+    assert main(["runs", "--db", str(path), "--status", "crashed"]) == 2
+    assert "--status 'crashed': choose among running, orphaned, finished" in capsys.readouterr().err
+    assert main(["runs", "--db", str(path), "--since", "yesterday"]) == 2
+    assert "--since 'yesterday' is not a duration" in capsys.readouterr().err
+
+
 def test_runs_on_an_empty_database(tmp_path, capsys):
     path = tmp_path / "empty-but-ours.db"
     lw.SQLiteStore(path).close()

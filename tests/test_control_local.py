@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise import _control
-from loopwise._control import KillRequest, LiveRun, LocalControl, marker_path
+from loopwise import _control, _control_local, _control_plane
+from loopwise._control_local import LocalControl
+from loopwise._control_marker import marker_path
+from loopwise._control_plane import KillRequest, LiveRun
 
 
 def _db(tmp_path: Path) -> Path:
@@ -80,7 +82,7 @@ async def _until(predicate, timeout: float) -> None:
 
 
 async def test_a_poll_that_finds_nothing_reads_no_database(tmp_path, monkeypatch):
-    monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
+    monkeypatch.setattr(_control_local, "QUERY_EVERY_S", 30.0)
     plane = LocalControl(_db(tmp_path))
     queries = []
     real = plane._poll_kills
@@ -105,11 +107,12 @@ async def test_a_poll_that_finds_nothing_reads_no_database(tmp_path, monkeypatch
 
 async def test_a_kill_from_another_process_is_delivered_through_the_marker(tmp_path, monkeypatch):
     # No safety-net query for the length of the test: only the marker can bring the kill.
-    monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
+    monkeypatch.setattr(_control_local, "QUERY_EVERY_S", 30.0)
     db = _db(tmp_path)
     async with _attached(db, ["target"]) as (_, runs):
         await asyncio.sleep(0.1)
-        code = ("import sys, time; from loopwise._control import LocalControl, KillRequest; "
+        code = ("import sys, time; from loopwise._control_local import LocalControl; "
+                "from loopwise._control_plane import KillRequest; "
                 "p = LocalControl(sys.argv[1]); p.record_kills([KillRequest('target', 'r', 'b', time.time())]); "
                 "print(time.time())")
         proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, str(db),
@@ -122,7 +125,7 @@ async def test_a_kill_from_another_process_is_delivered_through_the_marker(tmp_p
 
 _KILLER = """
 import sys, time
-from loopwise._control import LocalControl, KillRequest
+from loopwise._control_local import LocalControl; from loopwise._control_plane import KillRequest
 plane = LocalControl(sys.argv[1])
 for run_id in sys.argv[2:]:
     plane.record_kills([KillRequest(run_id, "race", "killer", time.time())])
@@ -134,7 +137,7 @@ async def test_many_kills_racing_with_the_poll_are_all_delivered(tmp_path, monke
     # watcher reads it and queries. With no safety-net query, every kill must still
     # arrive through the marker: a kill stored after the watcher's query changes the
     # marker after the watcher read it.
-    monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
+    monkeypatch.setattr(_control_local, "QUERY_EVERY_S", 30.0)
     db = _db(tmp_path)
     ids = [f"run-{i:03d}" for i in range(300)]
     async with _attached(db, ids) as (_, runs):
@@ -149,7 +152,7 @@ async def test_many_kills_racing_with_the_poll_are_all_delivered(tmp_path, monke
 async def test_a_kill_stored_right_after_the_query_is_not_missed(tmp_path, monkeypatch):
     # The worst moment, made certain: a kill committed (and its marker written) just after
     # the watcher's query read lw_kills. The query did not see it; the marker must.
-    monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
+    monkeypatch.setattr(_control_local, "QUERY_EVERY_S", 30.0)
     db = _db(tmp_path)
     plane = LocalControl(db)
     other = LocalControl(db)
@@ -178,7 +181,7 @@ async def test_a_kill_stored_right_after_the_query_is_not_missed(tmp_path, monke
 
 
 async def test_kills_racing_with_the_poll_from_threads(tmp_path, monkeypatch):
-    monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
+    monkeypatch.setattr(_control_local, "QUERY_EVERY_S", 30.0)
     db = _db(tmp_path)
     ids = [f"t-{i:03d}" for i in range(200)]
     killers = [LocalControl(db) for _ in range(4)]
@@ -201,11 +204,11 @@ async def test_kills_racing_with_the_poll_from_threads(tmp_path, monkeypatch):
 
 async def test_a_kill_without_its_marker_write_is_delivered_by_the_safety_query(tmp_path, monkeypatch):
     # A killer that cannot write the marker (its permissions, an older loopwise).
-    monkeypatch.setattr(_control, "QUERY_EVERY_S", 0.3)
+    monkeypatch.setattr(_control_local, "QUERY_EVERY_S", 0.3)
     db = _db(tmp_path)
     async with _attached(db, ["unsignalled"]) as (_, runs):
         await asyncio.sleep(0.1)
-        monkeypatch.setattr(_control, "_bump_marker", lambda db: None)
+        monkeypatch.setattr(_control_local, "_bump_marker", lambda db: None)
         other = LocalControl(db)
         other.record_kills([_request("unsignalled")])
         await runs.wait(1, timeout=20.0)  # no marker was written: the safety query brought it
@@ -213,7 +216,7 @@ async def test_a_kill_without_its_marker_write_is_delivered_by_the_safety_query(
 
 
 async def test_a_deleted_marker_is_mapped_again(tmp_path, monkeypatch):
-    monkeypatch.setattr(_control, "QUERY_EVERY_S", 0.3)
+    monkeypatch.setattr(_control_local, "QUERY_EVERY_S", 0.3)
     db = _db(tmp_path)
     other = LocalControl(db)
     try:
@@ -222,7 +225,7 @@ async def test_a_deleted_marker_is_mapped_again(tmp_path, monkeypatch):
             marker_path(db).unlink()  # the watcher's mapping is of a file no killer writes any more
             other.record_kills([_request("first")])  # (writes a new marker)
             await runs.wait(1, timeout=2.0)  # by the safety query, which maps the new marker
-            monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
+            monkeypatch.setattr(_control_local, "QUERY_EVERY_S", 30.0)
             await asyncio.sleep(0.4)  # the last safety query with the short interval
             other.record_kills([_request("second")])
             # Before the next safety query (30 s): the new marker is watched.
@@ -245,7 +248,7 @@ async def test_a_run_shorter_than_a_poll_takes_no_lease_a_longer_one_does(tmp_pa
         plane.attach(runs.make("long", loop, tags=("nightly",)))
         await _until(lambda: "long" in plane.leases(), timeout=1.0)
         lease = plane.leases()["long"]
-        assert lease.live() and lease.tags == ("nightly",) and lease.owner == _control._owner()
+        assert lease.live() and lease.tags == ("nightly",) and lease.owner == _control_plane._owner()
         plane.detach("long")
         await _until(lambda: plane.leases() == {}, timeout=1.0)
     finally:
@@ -255,7 +258,7 @@ async def test_a_run_shorter_than_a_poll_takes_no_lease_a_longer_one_does(tmp_pa
 async def test_a_blocked_loop_still_gets_its_runs_leased(tmp_path, monkeypatch):
     # The loop's timer cannot turn while a sync call holds the loop: the watcher's own
     # turn (every QUERY_EVERY_S) leases the run, well within LEASE_GRACE_S.
-    monkeypatch.setattr(_control, "QUERY_EVERY_S", 0.3)
+    monkeypatch.setattr(_control_local, "QUERY_EVERY_S", 0.3)
     async with _attached(_db(tmp_path), ["stuck"]) as (plane, _):
         deadline = time.monotonic() + 1.5
         while "stuck" not in plane._written and time.monotonic() < deadline:
@@ -265,7 +268,7 @@ async def test_a_blocked_loop_still_gets_its_runs_leased(tmp_path, monkeypatch):
 
 
 async def test_leases_are_renewed(tmp_path, monkeypatch):
-    monkeypatch.setattr(_control, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(_control_local, "HEARTBEAT_S", 0.1)
     async with _attached(_db(tmp_path), ["beating"]) as (plane, _):
         await _until(lambda: "beating" in plane.leases(), timeout=1.0)
         first = plane.leases()["beating"].heartbeat
@@ -286,12 +289,12 @@ def test_a_late_release_does_not_remove_a_lease_taken_again(tmp_path, monkeypatc
         plane.acquire("again", ["t"])  # our own lease, being released: not refused
         second = plane.leases()["again"].acquired
         assert second > first
-        conn = _control._connect(plane.path)
+        conn = _control_local._connect(plane.path)
         plane._write_leases(conn)  # the late release
         conn.close()
         assert plane.leases()["again"].acquired == second
         plane.detach("again")
-        conn = _control._connect(plane.path)
+        conn = _control_local._connect(plane.path)
         plane._write_leases(conn)
         conn.close()
         assert plane.leases() == {}
@@ -301,8 +304,8 @@ def test_a_late_release_does_not_remove_a_lease_taken_again(tmp_path, monkeypatc
 
 def test_a_run_attached_outside_its_loop_is_polled_for(tmp_path, monkeypatch):
     # No event loop to run a timer: the watcher reads lw_kills every poll for it.
-    monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
-    monkeypatch.setattr(_control, "_bump_marker", lambda db: None)
+    monkeypatch.setattr(_control_local, "QUERY_EVERY_S", 30.0)
+    monkeypatch.setattr(_control_local, "_bump_marker", lambda db: None)
     db = _db(tmp_path)
     plane = LocalControl(db)
     other = LocalControl(db)
@@ -323,7 +326,7 @@ def test_a_run_attached_outside_its_loop_is_polled_for(tmp_path, monkeypatch):
 
 
 def test_runs_on_several_loops_and_closed_loops_are_let_go(tmp_path, monkeypatch):
-    monkeypatch.setattr(_control, "QUERY_EVERY_S", 30.0)
+    monkeypatch.setattr(_control_local, "QUERY_EVERY_S", 30.0)
     db = _db(tmp_path)
     plane = LocalControl(db)
     other = LocalControl(db)
@@ -396,7 +399,7 @@ async def test_kills_of_all_or_a_tag_reach_attached_runs_in_a_database_made_befo
             # ...and after this one, made a second ago but read only now.
             other.record_broadcast("nightly", KillRequest("", "old", "tester", time.time() - 1.0))
             other.record_kills([_request("c")])  # (a marker bump behind it, read with it)
-            await asyncio.sleep(_control.POLL_S * 5)
+            await asyncio.sleep(_control_local.POLL_S * 5)
             assert set(runs.killed) == {"a", "b", "c"}
             for run_id in ("a", "b", "c", "late"):
                 plane.detach(run_id)
@@ -408,7 +411,9 @@ TRUNCATING_CHILD = """
 import asyncio, os, sys, time
 from pathlib import Path
 import loopwise as lw
-from loopwise._control import KillRequest, LocalControl, marker_path
+from loopwise._control_local import LocalControl
+from loopwise._control_marker import marker_path
+from loopwise._control_plane import KillRequest
 from loopwise.models import ScriptedModel, ToolCall
 
 db = Path(sys.argv[1])

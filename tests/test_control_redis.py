@@ -23,8 +23,8 @@ import pytest
 import redis
 
 import loopwise as lw
-from loopwise import _control, _control_redis
-from loopwise._control import HOST, KillRequest, LiveRun, _owner, local_runs, requester
+from loopwise import _control, _control_plane, _control_redis
+from loopwise._control_plane import HOST, KillRequest, LiveRun, _owner, local_runs, requester
 from loopwise._control_redis import RedisControl
 from loopwise.cli import main
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ToolCall
@@ -107,10 +107,10 @@ def planes() -> Iterator[Callable[..., RedisControl]]:
 @pytest.fixture
 def cached_controls() -> Iterator[None]:
     """Close the control planes that `control_for` cached for URLs during the test."""
-    before = set(_control._controls)
+    before = set(_control_plane._controls)
     yield
-    for key in set(_control._controls) - before:
-        _control._controls.pop(key).close()
+    for key in set(_control_plane._controls) - before:
+        _control_plane._controls.pop(key).close()
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "the condition") -> None:
@@ -138,7 +138,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 CHILD = r"""
 import json, os, sys, threading, time
 import loopwise as lw
-from loopwise._control import LiveRun, KillRequest
+from loopwise._control_plane import LiveRun, KillRequest
 from loopwise._control_redis import RedisControl
 
 mode, url = sys.argv[1], sys.argv[2]
@@ -232,7 +232,7 @@ def kill_from_child(tmp_path: Path, url: str, **what) -> dict:
 
 def test_attach_writes_leases_the_heartbeat_renews_them_detach_releases_them(server, raw, runs, planes,
                                                                              monkeypatch):
-    monkeypatch.setattr(_control, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(_control_plane, "HEARTBEAT_S", 0.1)
     plane = planes(server.url)
     t0 = time.time()
     for i in range(3):
@@ -287,7 +287,7 @@ def test_prefixes_keep_deployments_apart(server, raw, runs, planes, tmp_path):
 
 
 def test_a_live_lease_of_another_owner_is_not_overwritten(server, raw, runs, planes, monkeypatch, caplog):
-    monkeypatch.setattr(_control, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(_control_plane, "HEARTBEAT_S", 0.05)
     plane = planes(server.url)
     runs.attach(plane, "taken")
     wait_until(lambda: "taken" in plane.leases(), what="the lease")
@@ -333,7 +333,7 @@ def test_acquire_is_refused_while_the_lease_is_live_and_granted_once_it_is_not(s
     _put_lease(raw, "remote", host="elsewhere", pid=1, heartbeat=time.time())
     with pytest.raises(lw.UserError, match="being executed by elsewhere pid 1"):
         plane.acquire("remote", [])
-    _put_lease(raw, "remote", host="elsewhere", pid=1, heartbeat=time.time() - _control.LEASE_TTL_S - 1)
+    _put_lease(raw, "remote", host="elsewhere", pid=1, heartbeat=time.time() - _control_plane.LEASE_TTL_S - 1)
     plane.acquire("remote", [])
     assert plane.leases()["remote"].host == HOST
 

@@ -38,14 +38,14 @@ def sqlite(path):
 def _close_stores():
     """The stores a test opened, and their control planes (cached per file): closed, so ~40
     tests leave no connections or files open for the rest of the suite."""
-    from loopwise import _control
+    from loopwise import _control_plane
 
     yield
     while _opened:
         store = _opened.pop()
         store.close()
-        with _control._controls_lock:
-            plane = _control._controls.pop(("local", str(store.path.resolve())), None)
+        with _control_plane._controls_lock:
+            plane = _control_plane._controls.pop(("local", str(store.path.resolve())), None)
         if plane is not None:
             plane.close()
 

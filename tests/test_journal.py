@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise import _journal, _sqlite
+from loopwise import _journal, _sqlite_write
 from loopwise._events import RunStarted, dump_events
 from loopwise._journal import journal_files
 from loopwise.models import ScriptedModel, ToolCall
@@ -230,8 +230,8 @@ def test_two_processes_recovering_at_once_copy_each_event_once(tmp_path):
 
 
 def test_segments_rotate_and_are_deleted_once_in_sqlite(tmp_path, monkeypatch):
-    monkeypatch.setattr(_sqlite, "SEGMENT_MAX", 2000)
-    monkeypatch.setattr(_sqlite, "TRUNCATE_AT", 1000)
+    monkeypatch.setattr(_sqlite_write, "SEGMENT_MAX", 2000)
+    monkeypatch.setattr(_sqlite_write, "TRUNCATE_AT", 1000)
     db = tmp_path / "j.db"
     store = lw.SQLiteStore(db)
     seen: set[Path] = set()

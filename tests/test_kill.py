@@ -21,7 +21,9 @@ import anyio
 import pytest
 
 import loopwise as lw
-from loopwise._control import LocalControl, control_for, local_runs
+from loopwise._control import control_for
+from loopwise._control_local import LocalControl
+from loopwise._control_plane import local_runs
 from loopwise._journal import journal_events
 from loopwise.cli import main
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ScriptedModel, ToolCall
@@ -422,16 +424,16 @@ YOUNG_CHILD = """
 import asyncio, sys
 from pathlib import Path
 import loopwise as lw
-from loopwise import _control
+from loopwise import _control_local
 from loopwise.models import ScriptedModel, ToolCall
 
 # Its runs never get a lease: they stay as young as a run a poll old, for as long as the test needs.
-_control.LocalControl._turn = lambda self, now: False
+_control_local.LocalControl._turn = lambda self, now: False
 
 db, flag = sys.argv[1], Path(sys.argv[2])
 if sys.argv[3:] == ["empty-journal"]:  # its journal emptied after every copy (as a busy process's is)
-    from loopwise import _sqlite
-    _sqlite.TRUNCATE_AT = 1
+    from loopwise import _sqlite, _sqlite_write
+    _sqlite_write.TRUNCATE_AT = 1
 
 @lw.tool
 async def nap() -> str:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loopwise as lw
-from loopwise import _sqlite
+from loopwise import _sqlite, _sqlite_write
 from loopwise._events import dump_events, dump_lines
 from loopwise._journal import chunk_rows, json_array, writer_lives
 from loopwise.models import ScriptedModel, ToolCall
@@ -63,11 +63,11 @@ def test_concurrent_runs_copied_together_make_a_row_each(tmp_path, monkeypatch, 
 
     (Also when a copy's rows go in several statements: a few rows, or a few bytes, each.)
     """
-    monkeypatch.setattr(_sqlite, "GATHER_S", 5.0)  # every batch waits for the one copy `list_runs` makes
-    monkeypatch.setattr(_sqlite, "JANITOR_S", 5.0)
+    monkeypatch.setattr(_sqlite_write, "GATHER_S", 5.0)  # every batch waits for the one copy `list_runs` makes
+    monkeypatch.setattr(_sqlite_write, "JANITOR_S", 5.0)
     if per_insert is not None:
-        monkeypatch.setattr(_sqlite, "_ROWS_PER_INSERT", per_insert[0])
-        monkeypatch.setattr(_sqlite, "_BYTES_PER_INSERT", per_insert[1])
+        monkeypatch.setattr(_sqlite_write, "_ROWS_PER_INSERT", per_insert[0])
+        monkeypatch.setattr(_sqlite_write, "_BYTES_PER_INSERT", per_insert[1])
     db = tmp_path / "c.db"
     store = lw.SQLiteStore(db)
     try:
@@ -148,7 +148,7 @@ def test_recovery_adds_only_what_sqlite_lacks_however_often_it_runs(tmp_path, in
     if in_sqlite:
         prefix = events[:in_sqlite]
         conn = sqlite3.connect(db, isolation_level=None)
-        _sqlite._insert(conn, chunk_rows([(_sqlite_meta(prefix), dump_lines(prefix))]), "1-dead")
+        _sqlite_write._insert(conn, chunk_rows([(_sqlite_meta(prefix), dump_lines(prefix))]), "1-dead")
         conn.close()
     for attempt in range(2):  # the second: a crash between the copy and the unlink left it again
         journal = _dead_journal(db, dump_lines(events) + b'{"run_id": "crashed", "seq"', attempt)  # a torn line
@@ -264,8 +264,8 @@ def test_any_interleaving_of_batches_copies_and_a_crash_keeps_every_event_once(t
 
 def test_a_store_keeps_a_journal_file_locked_while_open_even_when_all_is_copied(tmp_path, monkeypatch):
     """How other processes tell the writer of a run's rows lives: its journal's lock, held until close."""
-    monkeypatch.setattr(_sqlite, "SEGMENT_MAX", 1)  # every batch seals its segment
-    monkeypatch.setattr(_sqlite, "TRUNCATE_AT", 1)  # and the live one is emptied at every copy
+    monkeypatch.setattr(_sqlite_write, "SEGMENT_MAX", 1)  # every batch seals its segment
+    monkeypatch.setattr(_sqlite_write, "TRUNCATE_AT", 1)  # and the live one is emptied at every copy
     db = tmp_path / "w.db"
     store = lw.SQLiteStore(db)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise import _sqlite
+from loopwise import _sqlite, _sqlite_schema, _sqlite_write
 from loopwise._events import IterationStarted, RunStarted
 from loopwise.models import ScriptedModel, ToolCall
 
@@ -66,7 +66,7 @@ def test_the_event_loop_copies_its_runs_while_they_run(db, store, monkeypatch):
     Twice, in two event loops one after the other (the first closed with a copy
     scheduled), with the janitor out of the way: each loop copies its own runs.
     """
-    monkeypatch.setattr(_sqlite, "JANITOR_S", 60.0)
+    monkeypatch.setattr(_sqlite_write, "JANITOR_S", 60.0)
 
     async def main(run_id: str) -> int:
         release = asyncio.Event()
@@ -105,12 +105,12 @@ def test_a_locked_database_never_holds_up_the_event_loop(tmp_path):
                 started = time.monotonic()
                 for i in range(20):
                     await _agent(store).run("go", run_id=f"locked-{i}")
-                    await asyncio.sleep(_sqlite.GATHER_S / 2)  # let the loop's copies come (and fail)
+                    await asyncio.sleep(_sqlite_write.GATHER_S / 2)  # let the loop's copies come (and fail)
                 return time.monotonic() - started
 
             elapsed = asyncio.run(main())
             # Waiting on the busy timeout even once would take 10 s.
-            assert elapsed < _sqlite.BUSY_TIMEOUT_MS / 1000 / 2
+            assert elapsed < _sqlite_write.BUSY_TIMEOUT_MS / 1000 / 2
             assert _sqlite_rows(db, "locked-0") == 0
             assert len(store.load("locked-19")) == EVENTS  # read from the journal meanwhile
         # The lock is gone: the janitor copies what the (closed) loops left.
@@ -124,7 +124,7 @@ def test_the_janitor_copies_what_a_closed_event_loop_left(db, store):
     """`run_sync` closes its loop right after the run's last write: the janitor copies it, unasked."""
     _agent(store).run_sync("go", run_id="sync-1")
     waited = _wait_for_rows(db, "sync-1", EVENTS)
-    assert waited < _sqlite.JANITOR_S + 5  # generous: the machine may be busy
+    assert waited < _sqlite_write.JANITOR_S + 5  # generous: the machine may be busy
 
 
 def test_writes_from_a_thread_without_an_event_loop_are_copied(db, store):
@@ -150,7 +150,7 @@ def test_reads_in_this_process_copy_what_is_pending_first(db, store):
 
 def test_the_janitor_checkpoints_the_wal(db, store, monkeypatch):
     """The copies never checkpoint (it would hold the event loop up); the janitor does, off the loop."""
-    monkeypatch.setattr(_sqlite, "CHECKPOINT_BYTES", 1)
+    monkeypatch.setattr(_sqlite_write, "CHECKPOINT_BYTES", 1)
     size_before = db.stat().st_size
     for i in range(20):
         _agent(store).run_sync("go", run_id=f"cp-{i}")
@@ -167,7 +167,7 @@ def test_a_version_2_database_is_migrated_with_its_events(tmp_path):
     conn = sqlite3.connect(db)
     conn.execute("PRAGMA journal_mode = WAL")
     for version in (1, 2):
-        conn.executescript(_sqlite._MIGRATIONS[version])
+        conn.executescript(_sqlite_schema._MIGRATIONS[version])
     conn.execute("PRAGMA user_version = 2")
     conn.commit()
     conn.close()

@@ -191,7 +191,7 @@ def test_default_store_is_loopwise_db_or_env(tmp_path, monkeypatch):
 
 
 def test_a_version_1_database_is_migrated_in_place(tmp_path):
-    from loopwise._sqlite import _MIGRATIONS
+    from loopwise._sqlite_schema import _MIGRATIONS
 
     path = tmp_path / "v1.db"
     conn = sqlite3.connect(path)
@@ -208,10 +208,12 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
     # lw_* belong to the control plane (leases and kill requests), created beside the log.
     assert {i for i in indexes if not i.startswith("lw_")} == {"event_chunks_started"}
-    from loopwise._sqlite import _LIST_RUNS
+    from loopwise._sqlite_read import _LIST_RUNS
 
-    plan = " ".join(r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + _LIST_RUNS, (5,)))
-    assert "event_chunks_started" in plan and "TEMP B-TREE" not in plan  # (no sort of every run)
+    plan = " ".join(r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + _LIST_RUNS.format(where="", having=""), (5,)))
+    # No sort of every run: the index gives the order, and only runs started at the same
+    # instant are sorted (by run id, the cursor's tie-break): the "RIGHT PART" of the ORDER BY.
+    assert "event_chunks_started" in plan and "TEMP B-TREE FOR ORDER BY" not in plan, plan
     conn.close()
     store = lw.SQLiteStore(path)
     assert store.list_runs()[0].run_id == result.run_id

@@ -15,7 +15,8 @@ from ._events import Event, RunResumed, RunStarted
 from ._budget import Budget
 from ._clock import SYSTEM_CLOCK, Clock
 from ._context import ContextPolicy, FullContext
-from ._control import ControlPlane, control_for, requester
+from ._control import plane_for_runs
+from ._control_plane import ControlPlane, requester
 from ._resume import check_resumable, restore
 from ._limits import Limits
 from ._prices import price_for, worst_price
@@ -49,16 +50,9 @@ def new_run_id() -> str:
 
 
 def _default_store() -> EventStore:
-    from ._sqlite import SQLiteStore, default_db_path
+    from ._sqlite import default_store
 
-    path = default_db_path().absolute()
-    store = _default_stores.get(path)
-    if store is None:
-        store = _default_stores[path] = SQLiteStore(path)
-    return store
-
-
-_default_stores: dict[Any, EventStore] = {}
+    return default_store()
 
 
 def _task_messages(task: Task) -> list[Message]:
@@ -306,7 +300,7 @@ class Agent:
         """Where kills reach this agent's runs: `control`, `$LOOPWISE_REDIS_URL`, or the store's own."""
         store = self.store
         if self._control_plane is None or self._control_store is not store:
-            self._control_plane = control_for(store, self._control)
+            self._control_plane = plane_for_runs(store, self._control)
             self._control_store = store
         return self._control_plane
 

@@ -189,7 +189,7 @@ class Budget:
             if not name:
                 raise UserError("a Budget with a backend is shared by its name: Budget(usd=..., name='batch-42', "
                                 "backend=...)")
-            from ._budget_shared import ledger_for
+            from ._budget_backends import ledger_for
 
             self._ledger = ledger_for(name, backend, self._limit_p, tokens)
 

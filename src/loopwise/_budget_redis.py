@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from . import _budget_shared
 from ._budget_shared import Keeper, Ledger, Refused, _log
-from ._control import _owner
+from ._control_plane import _owner
 from ._control_redis import _redact
 from ._errors import UserError
 

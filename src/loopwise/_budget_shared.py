@@ -17,7 +17,7 @@ thread per backend that refreshes its open reservations every `RESERVATION_TTL_S
 written (a settle during an outage). A reservation not refreshed for
 `RESERVATION_TTL_S` — its process was SIGKILLed, or lost its backend — goes back to
 the pool at the next reservation or read of that budget (on SQLite at once when its
-process is gone, as leases are judged: `_control.Lease.live`).
+process is gone, as leases are judged: `_control_plane.Lease.live`).
 
 When the backend cannot be reached, a reservation fails with `BudgetUnavailable` (a
 `BudgetExceeded`: the call is not made, the loop treats it as a refusal): a shared
@@ -35,12 +35,9 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-from ._errors import UserError
 
-__all__ = ["RESERVATION_TTL_S", "Keeper", "Ledger", "Refused", "Unreachable", "ledger_for"]
+__all__ = ["RESERVATION_TTL_S", "Keeper", "Ledger", "Refused", "Unreachable"]
 
 _log = logging.getLogger("loopwise")
 
@@ -216,26 +213,3 @@ class Keeper:
         elif error is None and self._failing:
             self._failing = False
             _log.warning("loopwise shared budgets: %s is back", self._what)
-
-
-def ledger_for(name: str, backend: Any, limit_p: int | None, limit_t: int | None) -> Ledger:
-    """The ledger of budget `name` in `backend`: a redis:// URL, an SQLite path, or an `SQLiteStore`."""
-    from ._sqlite import SQLiteStore
-
-    if isinstance(backend, str) and backend.startswith(("redis://", "rediss://", "unix://")):
-        try:
-            from ._budget_redis import RedisLedger
-        except ImportError as exc:
-            if getattr(exc, "name", "") == "redis":
-                raise UserError("a Budget shared on Redis needs the redis package: pip install 'loopwise[redis]'"
-                                ) from None
-            raise
-        return RedisLedger(backend, name, limit_p, limit_t)
-    if isinstance(backend, SQLiteStore):
-        backend = backend.path
-    if isinstance(backend, (str, os.PathLike)) and str(backend) and "://" not in str(backend):
-        from ._budget_sqlite import SQLiteLedger
-
-        return SQLiteLedger(Path(backend), name, limit_p, limit_t)
-    raise UserError(f"Budget(backend={backend!r}) must be a redis:// URL (any machine), or the path of the "
-                    "loopwise SQLite database or an lw.SQLiteStore (this machine)")

@@ -9,7 +9,7 @@ lw_budget_holds  (name, token) -> owner, pid, usd_p, tokens, expires: one open r
 ```
 
 Each reservation is one ``BEGIN IMMEDIATE`` transaction: holds whose owner is dead
-are deleted first (judged as leases are, `_control.Lease.live`: its process is gone,
+are deleted first (judged as leases are, `_control_plane.Lease.live`: its process is gone,
 or it stopped refreshing them for `RESERVATION_TTL_S`), then ``spent + reserved +
 needed <= limit`` is checked, with ``reserved`` the sum of the holds, and the new hold
 inserted. The keeper pushes ``expires`` of this process's holds forward (one
@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from . import _budget_shared
 from ._budget_shared import Keeper, Ledger, Refused, _log
-from ._control import HOST, Lease, _owner
+from ._control_plane import HOST, Lease, _owner
 from ._errors import UserError
 
 __all__ = ["SQLiteLedger"]

@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from . import _control
-from ._control import HOST, ControlPlane, KillRequest, Lease, LiveRun, _log, _owner
+from . import _control_plane
+from ._control_plane import HOST, ControlPlane, KillRequest, Lease, LiveRun, _log, _owner
 from ._errors import UserError
 
 try:
@@ -323,7 +323,7 @@ class RedisControl(ControlPlane):
                 delay = _BACKOFF_S[0]
                 self._up("writer")
                 if beat:
-                    next_beat = now + _control.HEARTBEAT_S
+                    next_beat = now + _control_plane.HEARTBEAT_S
                 if check:
                     next_check = now + RECHECK_S
                 with self._lock:
@@ -349,7 +349,7 @@ class RedisControl(ControlPlane):
             drop(keys=[self._leases_key], args=[owner, *release[i:i + _CHUNK]], client=pipe)
         ids = list(write)
         for i in range(0, len(ids), _CHUNK):
-            args: list[Any] = [owner, now, _control.LEASE_TTL_S]
+            args: list[Any] = [owner, now, _control_plane.LEASE_TTL_S]
             for run_id in ids[i:i + _CHUNK]:
                 args += [run_id, _lease_json(run_id, write[run_id].tags, acquired.get(run_id, now), now)]
             put(keys=[self._leases_key], args=args, client=pipe)
@@ -453,7 +453,7 @@ class RedisControl(ControlPlane):
                     raise UserError(
                         f"run {run_id} is being executed by {lease.host} pid {lease.pid} (its lease was renewed "
                         f"{now - lease.heartbeat:.0f} s ago); stop it with `loopwise kill {run_id}` or wait for "
-                        f"it to end (a dead process's lease expires after {_control.LEASE_TTL_S:g} s)"
+                        f"it to end (a dead process's lease expires after {_control_plane.LEASE_TTL_S:g} s)"
                     )
             value = _lease_json(run_id, tags, now, now)
             taken = self._call(lambda raw=raw, value=value: self._cas(keys=[self._leases_key],

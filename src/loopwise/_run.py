@@ -53,7 +53,7 @@ from ._events import (
     new_tool_call_finished,
     new_tool_call_started,
 )
-from ._control import call_in_loop
+from ._control_plane import call_in_loop
 from ._execute import Spend, execute
 from ._expect import NO_VALUE, judge, split_expectation
 from ._logging import LOGGED_KINDS, log_event
@@ -67,7 +67,7 @@ from .models._resilience import AttemptRecord, call_with_policy
 
 if TYPE_CHECKING:
     from ._agent import Agent
-    from ._control import KillRequest
+    from ._control_plane import KillRequest
     from ._resume import Resumption
     from ._store import EventStore
 

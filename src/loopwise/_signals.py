@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from ._control import KillRequest, local_runs, requester
+from ._control_plane import KillRequest, local_runs, requester
 from ._errors import UserError
 
 __all__ = ["install_signal_handlers", "shutdown_requested"]

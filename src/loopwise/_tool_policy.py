@@ -26,6 +26,7 @@ import math
 import random
 import string
 from collections.abc import Callable
+from abc import ABC
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -91,6 +92,10 @@ class Backoff:
         return (rng or random).uniform(0, ceiling) if self.jitter else ceiling
 
 
+class ToolLike(ABC):  # noqa: B024 - a marker: `_tools.Tool` registers as one
+    """What a fallback names as a tool: `_tools.Tool` registers itself (this module is below it)."""
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Fallback:
     """One step of a fallback chain."""
@@ -101,12 +106,10 @@ class Fallback:
 
     @classmethod
     def of(cls, spec: Any, owner: str) -> Fallback:
-        from ._tools import Tool
-
         if isinstance(spec, Template):
             return cls(kind="template", label="a template", target=spec)
-        if isinstance(spec, Tool):
-            return cls(kind="tool", label=spec.name, target=spec)
+        if isinstance(spec, ToolLike):
+            return cls(kind="tool", label=spec.name, target=spec)  # type: ignore[attr-defined]
         if callable(spec) and not isinstance(spec, type):
             return cls(kind="callable", label=getattr(spec, "__name__", type(spec).__name__), target=spec)
         try:

@@ -32,7 +32,7 @@ from ._errors import LoopwiseError, UserError
 from ._messages import ToolSpec
 from ._storable import DEPTH_MESSAGE, TOO_DEEP, plain, too_deep
 from ._breaker import CircuitBreaker
-from ._tool_policy import DEFAULT_MAX_RESULT_CHARS, DEFAULT_TIMEOUT_S, Backoff, Isolation, ToolPolicy
+from ._tool_policy import DEFAULT_MAX_RESULT_CHARS, DEFAULT_TIMEOUT_S, Backoff, Isolation, ToolLike, ToolPolicy
 
 __all__ = ["RunContext", "Tool", "ToolArgumentsError", "parse_arguments", "tool"]
 
@@ -180,6 +180,9 @@ class Tool:
                 events.thread_abandoned(name, getattr(info, "thread_name", str(info)))
 
         return await default_pool().run(lambda: fn(**kwargs), label=self.name, on_abandon=on_abandon)
+
+
+ToolLike.register(Tool)
 
 
 def _make_tool(fn: Callable[..., Any], *, name: str | None, description: str | None,

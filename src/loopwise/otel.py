@@ -37,7 +37,7 @@ def _load(run_id: str, store: EventStore | None) -> list[Event]:
     if not isinstance(run_id, str) or not run_id:
         raise UserError(f"run_id must be a non-empty str, got {run_id!r}")
     if store is None:
-        from ._agent import _default_store
+        from ._sqlite import default_store as _default_store
 
         store = _default_store()
     elif not isinstance(store, EventStore):

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._control import control_for
-from .._events import event_to_dict
+from .._events import STOP_REASONS, event_to_dict
 from .._resume import RESUMABLE
 from .._sqlite import SQLiteStore, default_db_path
 from .._store import RunSummary
@@ -22,7 +22,7 @@ from ._control import kill_command, resume_command
 from ._help import Command, Group
 from ._export import export_command
 from ._profile import profile_command
-from ._prune import prune_command
+from ._prune import parse_duration, prune_command
 from ._run import run_command
 
 __all__ = ["app"]
@@ -56,17 +56,36 @@ def _root(db: DbOption = None) -> None:
 # -- runs ----------------------------------------------------------------------------
 
 
+# `--status`: what the table's state column says of a run that is not finished.
+_STATES = ("running", "orphaned", "finished")
+
+
 @app.command("runs", cls=Command)
 def runs_command(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, metavar="N", help="How many runs to list.")] = 20,
+    status: Annotated[str | None, typer.Option(
+        "--status", metavar="STATE", show_default=False,
+        help="Only runs in this state: running, orphaned (its process died unfinished) or finished.")] = None,
+    stop_reason: Annotated[str | None, typer.Option(
+        "--stop-reason", metavar="REASON", show_default=False,
+        help=f"Only runs that ended so: {', '.join(STOP_REASONS)}.")] = None,
+    tag: Annotated[str | None, typer.Option("--tag", metavar="TAG", show_default=False,
+                                            help="Only runs with this tag.")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="DURATION", show_default=False,
+        help="Only runs started within this long: 90m, 12h, 30d, 2w.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the runs as a JSON list.")] = False,
     db: DbOption = None,
 ) -> int:
     """The most recently started runs, newest first."""
+    if status is not None and status not in _STATES:
+        raise CLIError(f"--status {status!r}: choose among {', '.join(_STATES)} (how a run ended: --stop-reason)")
+    if stop_reason is not None and stop_reason not in STOP_REASONS:
+        raise CLIError(f"--stop-reason {stop_reason!r}: choose among {', '.join(STOP_REASONS)}")
+    started_after = None if since is None else time.time() - parse_duration(since, "--since")
     store = open_existing_store(db)
     try:
-        summaries = store.list_runs(limit=limit)
-        summaries = _liveness(store, summaries)
+        summaries = _matching(store, limit, status, stop_reason=stop_reason, tag=tag, since=started_after)
     finally:
         store.close()
     if as_json:
@@ -116,6 +135,25 @@ def _runs_table(summaries: list[RunSummary], width: int) -> Table:
     for row in rows:
         table.add_row(*row[:6], *(row[6:] if extra else ()))
     return table
+
+
+def _matching(store: SQLiteStore, limit: int, state: str | None, **filters: object) -> list[RunSummary]:
+    """Up to `limit` runs in `state` (as the table shows it: leases tell running from orphaned)
+    and matching `filters` (`list_runs`'s), a page of the log at a time."""
+    # What the log can filter on first: an orphaned run has no end; a finished one has one
+    # (a run being resumed has one too, and is running).
+    logged = {"orphaned": "running", "finished": "finished"}.get(state or "")
+    found: list[RunSummary] = []
+    cursor = None
+    while True:
+        page = store.list_runs(status=logged, limit=limit if state is None else max(limit, 200), cursor=cursor,
+                               **filters)  # type: ignore[arg-type]
+        for s in _liveness(store, page):
+            if (state is None or s.status == state) and filters["stop_reason"] in (None, s.stop_reason):
+                found.append(s)
+        if len(found) >= limit or page.next_cursor is None:
+            return found[:limit]
+        cursor = page.next_cursor
 
 
 def _liveness(store: SQLiteStore, summaries: list[RunSummary]) -> list[RunSummary]:

@@ -6,17 +6,21 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from .._errors import UserError
+from .._signals import install_signal_handlers, shutdown_requested
 from .._sqlite import SQLiteStore, default_db_path
 from .._store import EventStore
 
-__all__ = ["CLIError", "DbOption", "db_args", "open_existing_store", "stderr_console", "stdout_console",
-           "write_json"]
+__all__ = ["CLIError", "DbOption", "db_args", "open_existing_store", "shutdown_handlers", "stderr_console",
+           "stdout_console", "write_json"]
 
 
 # Internal, not a LoopwiseError: `loopwise.cli.main` prints it and returns its exit status;
@@ -125,3 +129,22 @@ def resolve_run_id(store: EventStore, run_id: str) -> str:
         shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
         raise CLIError(f"the run id prefix {run_id!r} matches several runs ({shown}); give more of the id")
     raise store._unknown(run_id)
+
+
+@contextmanager
+def shutdown_handlers() -> Iterator[None]:
+    """SIGTERM / SIGINT stop the command's runs as killed, then it exits 128 + the signal."""
+    try:
+        uninstall = install_signal_handlers()
+    except UserError:  # not the main thread (an embedding app): leave its signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        name = shutdown_requested()
+        uninstall()
+    if name is not None:
+        print(f"stopped by {name}: the runs under way were written to the log as killed", file=sys.stderr)
+        raise typer.Exit(143 if name == "SIGTERM" else 130)
+

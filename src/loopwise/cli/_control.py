@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import os
-import sys
-from contextlib import contextmanager
-from collections.abc import Iterator
 from typing import Annotated
 
 import anyio
 import typer
 
 from .._control import control_for, kill, run_status
-from .._errors import UserError
 from .._render import render_run
 from .._sqlite import default_db_path
 from .._store import EventStore, MemoryStore
-from .._signals import install_signal_handlers, shutdown_requested
-from ._common import CLIError, DbOption, open_existing_store, resolve_run_id, stdout_console
+from ._common import (
+    CLIError,
+    DbOption,
+    open_existing_store,
+    resolve_run_id,
+    shutdown_handlers,
+    stdout_console,
+)
 from ._run import _agent_store, load_agent
 
-__all__ = ["kill_command", "resume_command", "shutdown_handlers"]
+__all__ = ["kill_command", "resume_command"]
 
 RedisOption = Annotated[
     str | None,
@@ -91,22 +93,3 @@ def resume_command(
             result = anyio.run(go)
         render_run(store.load(run_id), stdout_console())
     return 1 if result.stop_reason == "error" else 0
-
-
-@contextmanager
-def shutdown_handlers() -> Iterator[None]:
-    """SIGTERM / SIGINT stop the command's runs as killed, then it exits 128 + the signal."""
-    try:
-        uninstall = install_signal_handlers()
-    except UserError:  # not the main thread (an embedding app): leave its signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        name = shutdown_requested()
-        uninstall()
-    if name is not None:
-        print(f"stopped by {name}: the runs under way were written to the log as killed", file=sys.stderr)
-        raise typer.Exit(143 if name == "SIGTERM" else 130)
-

@@ -25,11 +25,11 @@ _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*")
 _SHOW_IDS = 20
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, option: str = "--older-than") -> float:
     """Seconds in ``90m``, ``12h``, ``30d``, ``2w`` (or ``45s``). Raises `CLIError`."""
     m = _DURATION.fullmatch(text)
     if m is None:
-        raise CLIError(f"--older-than {text!r} is not a duration; write a number and a unit, "
+        raise CLIError(f"{option} {text!r} is not a duration; write a number and a unit, "
                        "such as 90m, 12h, 30d or 2w (units: s, m, h, d, w)")
     return float(m.group(1)) * _UNITS[m.group(2)]
 

@@ -32,13 +32,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .._agent import Agent, _default_stores
+from .._agent import Agent
 from .._errors import UserError
 from .._render import format_cost, format_duration, render_run
 from .._result import RunResult
-from .._sqlite import SQLiteStore, default_db_path
+from .._sqlite import SQLiteStore, _default_stores, default_db_path
 from .._store import MemoryStore
-from ._common import CLIError, DbOption, db_args, stderr_console, stdout_console
+from ._common import CLIError, DbOption, db_args, shutdown_handlers, stderr_console, stdout_console
 
 __all__ = ["load_agent", "read_input", "run_command"]
 
@@ -325,8 +325,6 @@ def _run_one(agent: Agent, task: str, tags: list[str], out: IO[str] | None) -> i
     async def one() -> RunResult:
         return await agent.run(task, tags=tags)
 
-    from ._control import shutdown_handlers
-
     with shutdown_handlers():
         result = anyio.run(one)
     console = stdout_console()
@@ -400,8 +398,6 @@ def _run_batch(agent: Agent, items: list[_Item], concurrency: int, out: IO[str] 
 
     t0 = time.perf_counter()
     interrupted = False
-    from ._control import shutdown_handlers
-
     stopped: typer.Exit | None = None
     try:
         with progress, shutdown_handlers():
