@@ -27,17 +27,47 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ._errors import UserError
-from .models._base import Price
+from ._messages import Usage
 
 if TYPE_CHECKING:
     from .models._base import Model
 
-__all__ = ["lookup_price", "price_for", "worst_price"]
+__all__ = ["Price", "lookup_price", "price_for", "worst_price"]
+
+
+@dataclass(slots=True, frozen=True)
+class Price:
+    """Dollars per million tokens. `Price(0, 0)` for a self-hosted server."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+    cached_input_per_mtok: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"):
+            value = getattr(self, name)
+            # (NaN or infinity would make costs NaN or inf, which no budget can weigh)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise UserError(f"Price.{name} must be a finite number >= 0, got {value!r}")
+
+    def cost(self, usage: Usage) -> float:
+        """The dollar cost of `usage` at this price (cached input priced as such)."""
+        cached = min(usage.cached_input_tokens, usage.input_tokens)
+        cached_rate = (
+            self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        )
+        return (
+            (usage.input_tokens - cached) * self.input_per_mtok
+            + cached * cached_rate
+            + usage.output_tokens * self.output_per_mtok
+        ) / 1_000_000
 
 
 def price_for(model: Model, *, input_tokens: int = 0, at: datetime | None = None) -> Price | None:

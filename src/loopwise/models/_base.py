@@ -8,49 +8,18 @@ Besides `request`, a model may override three hooks, each with a default here:
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Self
 
 from .._messages import Message, ToolCall, ToolSpec, Usage
+from .._prices import Price
 
 if TYPE_CHECKING:
     from .._tokens import TokenEstimator
 
 __all__ = ["Model", "ModelRequest", "ModelResponse", "Price"]
-
-
-@dataclass(slots=True, frozen=True)
-class Price:
-    """Dollars per million tokens. `Price(0, 0)` for a self-hosted server."""
-
-    input_per_mtok: float
-    output_per_mtok: float
-    cached_input_per_mtok: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"):
-            value = getattr(self, name)
-            # (NaN or infinity would make costs NaN or inf, which no budget can weigh)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value < 0):
-                from .._errors import UserError
-
-                raise UserError(f"Price.{name} must be a finite number >= 0, got {value!r}")
-
-    def cost(self, usage: Usage) -> float:
-        """The dollar cost of `usage` at this price (cached input priced as such)."""
-        cached = min(usage.cached_input_tokens, usage.input_tokens)
-        cached_rate = (
-            self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
-        )
-        return (
-            (usage.input_tokens - cached) * self.input_per_mtok
-            + cached * cached_rate
-            + usage.output_tokens * self.output_per_mtok
-        ) / 1_000_000
 
 
 @dataclass(slots=True, frozen=True)
