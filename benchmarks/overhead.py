@@ -27,6 +27,12 @@ concurrent runs do not interfere.
     `call_with_policy` (the default `ModelPolicy`, as the loop makes it, less the
     reporter of failed attempts) vs a bare `await model.request(request)`; the median
     of several interleaved batches.
+(e) Scaling, M = 50 ms, T = 20 ms, SQLite on: CPU per run at 100, 1000 and 5000 runs in
+    flight (`--scale`), each level over batches totalling `--scale-runs` runs; against
+    the first level's. With each: wall over the critical path, the cyclic collector's
+    work in the batches (collections of each generation, its time per run, through
+    `gc.callbacks`) and the objects it tracks per run in flight (`gc.get_objects()` at
+    the peak of an untimed batch, less before it, over the runs).
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ TARGET_WALL_RATIO = 1.5
 TARGET_KB_PER_RUN = 20.0
 TARGET_IMPORT_S = 0.3
 TARGET_TOOL_WRAPPER_US = 20.0
+#: (e): CPU per run at the highest level ÷ at the lowest; (b)-shape wall ÷ critical path at 1000.
+TARGET_SCALE_RATIO = 1.25
+TARGET_WALL_RATIO_1000 = 2.0
 
 TASK = "I've been waiting 3 weeks for my refund on order ORD-1042 and nobody answers. Customer C-881."
 
@@ -416,6 +425,100 @@ def measure_wrappers(calls: int, batches: int) -> tuple[PerCall, PerCall]:
     return asyncio.run(_wrappers(calls, batches))
 
 
+class _GcWatch:
+    """The cyclic collector's collections per generation and its CPU time, while entered."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.thread_time()
+        else:
+            self.seconds += time.thread_time() - self._t0
+            self.collections[info["generation"]] += 1
+
+    def __enter__(self) -> Self:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+@dataclass
+class Level:
+    concurrency: int
+    batches: list[Concurrent]
+    gc: _GcWatch
+    tracked_per_run: float
+
+    @property
+    def runs(self) -> int:
+        return sum(b.runs for b in self.batches)
+
+    @property
+    def us_per_run(self) -> float:
+        return sum(b.cpu.process_s for b in self.batches) / self.runs * 1e6
+
+    @property
+    def loop_us_per_run(self) -> float:
+        return sum(b.cpu.loop_s for b in self.batches) / self.runs * 1e6
+
+    @property
+    def ratio(self) -> float:
+        return sorted(b.ratio for b in self.batches)[len(self.batches) // 2]
+
+
+async def _tracked_per_run(agent: lw.Agent, runs: int, every_s: float) -> float:
+    """Objects the cyclic collector tracks per run in flight: the peak of a batch, less before it."""
+    gc.collect()
+    before = len(gc.get_objects())
+    peak = before
+    batch = asyncio.gather(*(agent.run(TASK) for _ in range(runs)))
+    while not batch.done():
+        await asyncio.sleep(every_s)
+        peak = max(peak, len(gc.get_objects()))
+    await batch
+    return (peak - before) / runs
+
+
+async def _level(agent: lw.Agent, warm_agent: lw.Agent, concurrency: int, total: int,
+                 model_s: float, tool_s: float) -> Level:
+    for result in await asyncio.gather(*(warm_agent.run(TASK) for _ in range(50))):
+        check(result)
+    tracked = await _tracked_per_run(agent, concurrency, max(model_s, tool_s) / 4 or 0.005)
+    batches = []
+    watch = _GcWatch()
+    for _ in range(max(1, -(-total // concurrency))):
+        gc.collect()  # (not counted: the watch hears only the batch's own collections)
+        with watch:
+            wall0, cpu0, loop0 = time.perf_counter(), time.process_time(), time.thread_time()
+            results = await asyncio.gather(*(agent.run(TASK) for _ in range(concurrency)))
+            loop1, cpu1, wall1 = time.thread_time(), time.process_time(), time.perf_counter()
+            for result in results:
+                check(result)
+            batches.append(Concurrent(concurrency, wall1 - wall0, 3 * model_s + 2 * tool_s,
+                                      Cpu(concurrency, wall1 - wall0, cpu1 - cpu0, loop1 - loop0), 0, 0, ""))
+    return Level(concurrency, batches, watch, tracked)
+
+
+def measure_scaling(levels: list[int], total: int, model_s: float, tool_s: float) -> list[Level]:
+    """(e): each level in a fresh store (the same process, one after the other)."""
+    out = []
+    for concurrency in levels:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = lw.SQLiteStore(Path(tmp) / "bench.db")
+            try:
+                out.append(asyncio.run(_level(make_agent(store, model_s, tool_s), make_agent(store, 0, 0),
+                                              concurrency, total, model_s, tool_s)))
+            finally:
+                store.close()
+    return out
+
+
 # -- the report --------------------------------------------------------------------
 
 
@@ -462,7 +565,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tool-ms", type=float, default=20.0, help="T in (b) (default 20)")
     parser.add_argument("--calls", type=int, default=5000, help="calls per batch in (d) (default 5000)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 200 runs, 200 concurrent, 1 repeat")
-    parser.add_argument("--only", choices=["a", "b", "c", "d"], action="append", help="run only these parts")
+    parser.add_argument("--scale", default="100,1000,5000",
+                        help="(e): concurrency levels, comma-separated (default 100,1000,5000)")
+    parser.add_argument("--scale-runs", type=int, default=5000,
+                        help="(e): runs measured at each level, in batches of the level (default 5000)")
+    parser.add_argument("--only", choices=["a", "b", "c", "d", "e"], action="append",
+                        help="run only these parts (default a to d; e, the scaling table, only when named)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)  # one (b) batch, as JSON
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -472,6 +580,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.runs, args.warmup, args.repeat, args.concurrency, args.calls, args.repeat_b = 200, 50, 1, 200, 1000, 1
     parts = set(args.only or "abcd")
+    try:
+        levels = [int(level) for level in args.scale.split(",")]
+    except ValueError:
+        raise SystemExit(f"--scale {args.scale!r}: give concurrency levels as integers, e.g. 100,1000,5000") from None
     model_s, tool_s = args.model_ms / 1000, args.tool_ms / 1000
 
     rows: list[tuple[str, str, str, str]] = []
@@ -544,6 +656,26 @@ def main(argv: list[str] | None = None) -> None:
                      f"{args.calls}: tool {tool_call.wrapped_us:.1f} µs through execute vs "
                      f"{tool_call.bare_us:.1f} µs bare; model {model_call.wrapped_us:.1f} µs through "
                      f"call_with_policy vs {model_call.bare_us:.1f} µs bare")
+    if "e" in parts:
+        scaled = measure_scaling(levels, args.scale_runs, model_s, tool_s)
+        first = scaled[0]
+        for level in scaled:
+            vs = level.us_per_run / first.us_per_run
+            last = level is scaled[-1] and len(scaled) > 1
+            rows.append((f"(e) CPU/run at {level.concurrency} concurrent (process, loop thread)",
+                         f"{level.us_per_run:.0f} µs, {level.loop_us_per_run:.0f} µs ({vs:.2f}×)",
+                         f"≤ {TARGET_SCALE_RATIO}×" if last else "", _verdict(vs <= TARGET_SCALE_RATIO) if last else ""))
+            rows.append((f"(e) wall ÷ critical path at {level.concurrency}", f"{level.ratio:.2f}×",
+                         f"≤ {TARGET_WALL_RATIO_1000}×" if level.concurrency == 1000 else "",
+                         _verdict(level.ratio <= TARGET_WALL_RATIO_1000) if level.concurrency == 1000 else ""))
+            g = level.gc
+            rows.append((f"(e) gc at {level.concurrency}: tracked objects per run in flight; "
+                         "collections gen 0/1/2; gc CPU per run",
+                         f"{level.tracked_per_run:.0f}; {g.collections[0]}/{g.collections[1]}/{g.collections[2]}; "
+                         f"{g.seconds / level.runs * 1e6:.0f} µs", "", ""))
+        notes.append(f"(e) M = {args.model_ms:g} ms, T = {args.tool_ms:g} ms, SQLite; at each level, batches of "
+                     f"that many concurrent runs totalling ≥ {args.scale_runs} runs (CPU summed over them, wall "
+                     f"ratio the median batch's); ratios against {first.concurrency}")
     notes.append(f"Python {sys.version.split()[0]} on {os.cpu_count()} CPUs; "
                  f"loopwise {lw.__version__}; gc enabled")
     report(rows, notes, "loopwise overhead")

@@ -1,26 +1,34 @@
-"""The run a piece of code is executing in, as a context variable; and its cancel scopes.
+"""Hot-path tricks, quarantined: each one beside the plain Python it stands for.
 
-The loop sets `current_run` for the duration of a run; test models read it to replay
-their script per run (`ScriptedModel`) without the model interface carrying run state.
+The rest of loopwise calls the names this module exports and never knows which version
+it got. A trick lives here only while a benchmark shows it buys something worth its
+complexity (numbers and commands: benchmarks/README.md, "Hot-path tricks"); the plain
+versions are the reference, and the tests run the core test files under them too and
+compare the event logs of the same runs under both (tests/test_hotpath.py).
 
-`cancel_scope` and `task_group` make the same anyio objects as `anyio.CancelScope` and
-`anyio.create_task_group`. On asyncio they skip anyio's look-up of the running async
-library (a few frames deep; `anyio.move_on_after` makes two): every run, model call and
-tool call makes a scope. `wait_within` gives a call its timeout, as `move_on_after`
-would, arming the event loop's timer only once the call waits, and a far deadline only
-once it comes near.
+| trick | fast version | plain version |
+|---|---|---|
+| `constructors` | event constructors generated with `exec` from the class's fields, storing them positionally | the dataclass's `__init__`, by keyword |
+| `scopes` | `cancel_scope`/`task_group` make anyio's asyncio classes directly | `anyio.CancelScope(deadline=...)`, `anyio.create_task_group()` |
+| `arm_on_wait` | `wait_within` drives the call's first step by hand and sets its deadline only if it waits | the deadline set at once: `move_on_after` |
+| `sweeper` | a far deadline waits in a dict, armed by a per-loop sweeper once within `ARM_HORIZON_S` | set on the scope when the call first waits |
+| `tool_tasks` | a response's tool calls in bare asyncio tasks (`Run._call_tools_at_once`) | an anyio task group |
+
+Select the plain versions with the environment variable `LOOPWISE_PLAIN`, read once, at
+import: `1` (or `all`) for all of them, or a comma-separated list of the names above
+(`LOOPWISE_PLAIN=scopes,sweeper`). A name not in the table is an error at import.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from asyncio import _get_running_loop
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from dataclasses import fields
 from types import CoroutineType
-from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -33,24 +41,71 @@ try:  # what sniffio (anyio's way to tell the library) checks before it looks fo
 except ImportError:  # pragma: no cover - anyio without sniffio assumes asyncio, as here
     _library_var = _library_thread = None  # type: ignore[assignment]
 
-__all__ = ["CurrentRun", "cancel_scope", "current_run", "task_group", "wait_within"]
+__all__ = ["PLAIN", "TRICKS", "asyncio_loop", "cancel_scope", "positional", "task_group", "wait_within"]
+
+TRICKS = ("constructors", "scopes", "arm_on_wait", "sweeper", "tool_tasks")
 
 
-@dataclass(slots=True)
-class CurrentRun:
-    run_id: str
-    #: Model calls started so far in this run (THINK, summaries and best-effort answers).
-    model_calls: int = 0
+def plain_from(value: str | None) -> frozenset[str]:
+    """The tricks `LOOPWISE_PLAIN=value` replaces by their plain versions."""
+    value = (value or "").strip()
+    if value in ("", "0"):
+        return frozenset()
+    if value in ("1", "all"):
+        return frozenset(TRICKS)
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    if unknown := sorted(names.difference(TRICKS)):
+        from ._errors import UserError
+
+        raise UserError(f"LOOPWISE_PLAIN={value!r} names no trick {', '.join(unknown)}: "
+                        f"use 1 (all of them) or a comma-separated list of {', '.join(TRICKS)}")
+    return frozenset(names)
 
 
-current_run: ContextVar[CurrentRun | None] = ContextVar("loopwise_current_run", default=None)
+#: The tricks replaced by their plain versions in this process.
+PLAIN: frozenset[str] = plain_from(os.environ.get("LOOPWISE_PLAIN"))
+
+
+# --- constructors: the events every run makes ----------------------------------------
+
+_E = TypeVar("_E")
+
+
+def positional(cls: type[_E]) -> Callable[..., _E]:
+    """A positional constructor of the event class `cls`: its fields in order, less `kind` and `replaced`.
+
+    It makes what ``cls(run_id=..., seq=..., ...)`` makes, with `replaced` None. Fast:
+    generated from the fields, as `dataclass` makes `__init__`, storing each value
+    without CPython's one-by-one matching of keyword arguments (the events' classes are
+    keyword-only). Plain: the class's own `__init__`, by keyword.
+    """
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    if (names[0] != "kind" or names[-1] != "replaced" or not all(f.init for f in fields(cls))  # type: ignore[arg-type]
+            or hasattr(cls, "__post_init__")):
+        raise TypeError(f"{cls.__name__}: an event's __init__ that does more than store its fields")
+    names = names[1:-1]  # (`replaced` is None: the loop sets it on the rare event that needs it)
+    name = f"new_{cls.__name__}"
+    if "constructors" in PLAIN:
+        def new(*values: Any) -> _E:
+            return cls(**dict(zip(names, values, strict=True)))
+
+        new.__name__ = new.__qualname__ = name
+        return new
+    source = (f"def {name}({', '.join(names)}):\n    e = _new(_cls)\n    e.kind = _kind\n"
+              + "".join(f"    e.{n} = {n}\n" for n in names) + "    e.replaced = None\n    return e\n")
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_kind": fields(cls)[0].default}  # type: ignore[arg-type]
+    exec(source, namespace)  # noqa: S102 - source made above from the class's own field names
+    return namespace[name]  # type: ignore[no-any-return]
+
+
+# --- scopes: anyio's cancel scopes and task groups, without its library look-up ---------
 
 # The asyncio backend's own classes, learnt from the first of each made on asyncio.
 _asyncio_scope: Any = None
 _asyncio_group: Any = None
 
 
-def _asyncio_loop() -> AbstractEventLoop | None:
+def _running_asyncio_loop() -> AbstractEventLoop | None:
     """The running asyncio loop when anyio would pick its asyncio backend here, else None."""
     if _library_thread is not None:
         name = _library_thread.name
@@ -59,6 +114,10 @@ def _asyncio_loop() -> AbstractEventLoop | None:
         if name is not None and name != "asyncio":
             return None  # trio, or another library named explicitly: anyio decides
     return _get_running_loop()
+
+
+def _no_loop() -> None:
+    return None
 
 
 def _learn_scope_class() -> Any:
@@ -73,19 +132,39 @@ def _learn_group_class() -> Any:
     return _asyncio_group
 
 
-def cancel_scope(deadline: float = math.inf) -> anyio.CancelScope:
+def _fast_cancel_scope(deadline: float = math.inf) -> anyio.CancelScope:
     """`anyio.CancelScope(deadline=deadline)`; `deadline` on the clock of `anyio.current_time()`."""
-    if _asyncio_loop() is None:
+    if _running_asyncio_loop() is None:
         return anyio.CancelScope(deadline=deadline)
     return (_asyncio_scope or _learn_scope_class())(deadline=deadline)  # type: ignore[no-any-return]
 
 
-def task_group() -> anyio.abc.TaskGroup:
+def _fast_task_group() -> anyio.abc.TaskGroup:
     """`anyio.create_task_group()`."""
-    if _asyncio_loop() is None:
+    if _running_asyncio_loop() is None:
         return anyio.create_task_group()
     return (_asyncio_group or _learn_group_class())()  # type: ignore[no-any-return]
 
+
+def _plain_cancel_scope(deadline: float = math.inf) -> anyio.CancelScope:
+    """`anyio.CancelScope(deadline=deadline)`; `deadline` on the clock of `anyio.current_time()`."""
+    return anyio.CancelScope(deadline=deadline)
+
+
+cancel_scope: Callable[..., anyio.CancelScope]
+task_group: Callable[[], anyio.abc.TaskGroup]
+if "scopes" in PLAIN:
+    cancel_scope, task_group = _plain_cancel_scope, anyio.create_task_group
+else:
+    cancel_scope, task_group = _fast_cancel_scope, _fast_task_group
+
+#: The running asyncio loop, for `Run` to start a response's tool calls in bare tasks on
+#: it; None where they go in a task group (another async library, or `tool_tasks` plain).
+asyncio_loop: Callable[[], AbstractEventLoop | None] = (
+    _no_loop if "tool_tasks" in PLAIN else _running_asyncio_loop)
+
+
+# --- arm_on_wait and sweeper: a call's timeout, armed only if it waits, and only when near --
 
 #: A call's deadline further away than this when the call first waits is not armed then
 #: but by its event loop's sweeper, once it comes this close. Most calls end long before
@@ -98,7 +177,18 @@ ARM_HORIZON_S = 1.0
 SWEEP_EVERY_S = 0.5
 
 
-def wait_within(scope: anyio.CancelScope, delay: float, coro: Any) -> Any:
+def _deadline_in(delay: float) -> float:
+    loop = _running_asyncio_loop()
+    return (loop.time() if loop is not None else anyio.current_time()) + delay  # (anyio's clock)
+
+
+def _plain_wait_within(scope: anyio.CancelScope, delay: float, coro: Any) -> Any:
+    """`coro` to await inside `scope` (entered without a deadline), given one `delay` s from now."""
+    scope.deadline = _deadline_in(delay)
+    return coro
+
+
+def _fast_wait_within(scope: anyio.CancelScope, delay: float, coro: Any) -> Any:
     """`coro` to await inside `scope` (entered without a deadline), given one `delay` s from now.
 
     What `with move_on_after(delay): await coro` does, with the scope made once by the
@@ -110,12 +200,17 @@ def wait_within(scope: anyio.CancelScope, delay: float, coro: Any) -> Any:
     upkeep). A call that runs past its deadline before it first waits is cancelled at
     that first wait, as with the timer.
     """
-    loop = _asyncio_loop()
+    loop = _running_asyncio_loop()
     deadline = (loop.time() if loop is not None else anyio.current_time()) + delay  # (anyio's clock)
     if type(coro) is not CoroutineType:  # another awaitable: no first step to take apart
         scope.deadline = deadline
         return coro
-    return _ArmOnWait(scope, deadline, coro, None if loop is None else _sweeper(loop))
+    sweeper = None if loop is None or "sweeper" in PLAIN else _sweeper(loop)
+    return _ArmOnWait(scope, deadline, coro, sweeper)
+
+
+wait_within: Callable[[anyio.CancelScope, float, Any], Any] = (
+    _plain_wait_within if "arm_on_wait" in PLAIN else _fast_wait_within)
 
 
 class _Sweeper:
