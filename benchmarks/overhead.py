@@ -425,6 +425,47 @@ def measure_wrappers(calls: int, batches: int) -> tuple[PerCall, PerCall]:
     return asyncio.run(_wrappers(calls, batches))
 
 
+async def _waiting_calls(at_once: int, wait_s: float, batches: int) -> PerCall:
+    """(d) for calls that wait: `at_once` tool calls at a time, each sleeping `wait_s`, through
+    `execute` and bare; event-loop thread CPU per call, the median of interleaved batches."""
+
+    @lw.tool
+    async def get_tier(customer_id: str) -> str:
+        """The customer's tier."""
+        await asyncio.sleep(wait_s)
+        return "gold"
+
+    kwargs = get_tier.validate({"customer_id": "C-881"})
+    ctx = lw.RunContext(run_id="bench", call_id="call-1", iteration=1)
+    events = _NoEvents()
+    fn = get_tier.fn
+
+    async def bare() -> object:
+        return await fn(**kwargs)
+
+    async def wrapped() -> object:
+        return await execute(get_tier, kwargs, ctx, events)
+
+    async def batch(call: Callable[[], Awaitable[object]]) -> float:
+        t0 = time.thread_time()
+        await asyncio.gather(*(call() for _ in range(at_once)))
+        return (time.thread_time() - t0) / at_once * 1e6
+
+    await batch(bare)
+    await batch(wrapped)  # warm-up
+    bare_us, wrapped_us = [], []
+    for _ in range(batches):
+        gc.collect()
+        bare_us.append(await batch(bare))
+        gc.collect()
+        wrapped_us.append(await batch(wrapped))
+    return PerCall(sorted(bare_us)[batches // 2], sorted(wrapped_us)[batches // 2])
+
+
+def measure_waiting_calls(at_once: int, wait_s: float, batches: int) -> PerCall:
+    return asyncio.run(_waiting_calls(at_once, wait_s, batches))
+
+
 class _GcWatch:
     """The cyclic collector's collections per generation and its CPU time, while entered."""
 
@@ -652,6 +693,14 @@ def main(argv: list[str] | None = None) -> None:
              f"≤ {TARGET_TOOL_WRAPPER_US:.0f} µs", _verdict(tool_call.added_us <= TARGET_TOOL_WRAPPER_US)),
             ("(d) model call: added by call_with_policy", f"{model_call.added_us:.1f} µs", "", ""),
         ]
+        at_once = 3000 if not args.quick else 300
+        waiting = measure_waiting_calls(at_once, 0.02, batches)
+        rows += [
+            (f"(d) tool call that waits 20 ms, {at_once} at once: added by the wrappers", f"{waiting.added_us:.1f} µs",
+             "", ""),
+        ]
+        notes.append(f"(d) waiting calls: {waiting.wrapped_us:.1f} µs through execute vs {waiting.bare_us:.1f} µs "
+                     f"bare per call (asyncio.gather of {at_once}, median of {batches} interleaved batches)")
         notes.append(f"(d) event-loop thread CPU per call, median of {batches} interleaved batches of "
                      f"{args.calls}: tool {tool_call.wrapped_us:.1f} µs through execute vs "
                      f"{tool_call.bare_us:.1f} µs bare; model {model_call.wrapped_us:.1f} µs through "

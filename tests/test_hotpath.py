@@ -43,7 +43,7 @@ def test_loopwise_plain_names_the_tricks_replaced(value, plain):
 
 def test_an_unknown_trick_is_a_clear_error():
     with pytest.raises(UserError, match=r"LOOPWISE_PLAIN='scopes,fastest' names no trick fastest: use 1 .*"
-                                        r"comma-separated list of constructors, scopes"):
+                                        r"comma-separated list of constructors, message, scopes"):
         _hotpath.plain_from("scopes,fastest")
 
 

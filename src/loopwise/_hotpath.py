@@ -9,6 +9,7 @@ compare the event logs of the same runs under both (tests/test_hotpath.py).
 | trick | fast version | plain version |
 |---|---|---|
 | `constructors` | event constructors generated with `exec` from the class's fields, storing them positionally | the dataclass's `__init__`, by keyword |
+| `message` | the runtime's own `Message`s made with `object.__new__`, skipping `__post_init__`'s checks | `Message(...)` |
 | `scopes` | `cancel_scope`/`task_group` make anyio's asyncio classes directly | `anyio.CancelScope(deadline=...)`, `anyio.create_task_group()` |
 | `arm_on_wait` | `wait_within` drives the call's first step by hand and sets its deadline only if it waits | the deadline set at once: `move_on_after` |
 | `sweeper` | a far deadline waits in a dict, armed by a per-loop sweeper once within `ARM_HORIZON_S` | set on the scope when the call first waits |
@@ -41,9 +42,10 @@ try:  # what sniffio (anyio's way to tell the library) checks before it looks fo
 except ImportError:  # pragma: no cover - anyio without sniffio assumes asyncio, as here
     _library_var = _library_thread = None  # type: ignore[assignment]
 
-__all__ = ["PLAIN", "TRICKS", "asyncio_loop", "cancel_scope", "positional", "task_group", "wait_within"]
+__all__ = ["PLAIN", "TRICKS", "asyncio_loop", "cancel_scope", "message_constructor", "positional", "task_group",
+           "wait_within"]
 
-TRICKS = ("constructors", "scopes", "arm_on_wait", "sweeper", "tool_tasks")
+TRICKS = ("constructors", "message", "scopes", "arm_on_wait", "sweeper", "tool_tasks")
 
 
 def plain_from(value: str | None) -> frozenset[str]:
@@ -96,6 +98,36 @@ def positional(cls: type[_E]) -> Callable[..., _E]:
     namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_kind": fields(cls)[0].default}  # type: ignore[arg-type]
     exec(source, namespace)  # noqa: S102 - source made above from the class's own field names
     return namespace[name]  # type: ignore[no-any-return]
+
+
+# --- message: the runtime's own messages, without `Message.__post_init__`'s checks -------
+
+_M = TypeVar("_M")
+
+
+def message_constructor(cls: type[_M]) -> Callable[..., _M]:
+    """`cls(role, content, tool_calls=(), tool_call_id=None)`, for messages the runtime makes.
+
+    Their role is valid and their calls a tuple, so the fast version skips the frozen
+    dataclass's `__init__` and `__post_init__` (its checks, and a `object.__setattr__`
+    call per field through the class's frozen machinery). Plain: `cls` itself.
+    """
+    if tuple(f.name for f in fields(cls)) != ("role", "content", "tool_calls", "tool_call_id"):  # type: ignore[arg-type]
+        raise TypeError(f"{cls.__name__}: not the message class this constructor stores the fields of")
+    if "message" in PLAIN:
+        return cls
+    new, store = object.__new__, object.__setattr__
+
+    def new_message(role: str, content: str | None, tool_calls: tuple[Any, ...] = (),
+                    tool_call_id: str | None = None) -> _M:
+        message = new(cls)
+        store(message, "role", role)
+        store(message, "content", content)
+        store(message, "tool_calls", tool_calls)
+        store(message, "tool_call_id", tool_call_id)
+        return message
+
+    return new_message
 
 
 # --- scopes: anyio's cancel scopes and task groups, without its library look-up ---------
