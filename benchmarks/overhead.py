@@ -471,14 +471,18 @@ class _GcWatch:
 
     def __init__(self) -> None:
         self.collections = [0, 0, 0]
-        self.seconds = 0.0
+        self.seconds_by_generation = [0.0, 0.0, 0.0]
         self._t0 = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.seconds_by_generation)
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._t0 = time.thread_time()
         else:
-            self.seconds += time.thread_time() - self._t0
+            self.seconds_by_generation[info["generation"]] += time.thread_time() - self._t0
             self.collections[info["generation"]] += 1
 
     def __enter__(self) -> Self:
@@ -533,16 +537,19 @@ async def _level(agent: lw.Agent, warm_agent: lw.Agent, concurrency: int, total:
     tracked = await _tracked_per_run(agent, concurrency, max(model_s, tool_s) / 4 or 0.005)
     batches = []
     watch = _GcWatch()
+    # One collection before the first batch, none between them: a full collection resets the
+    # collector's count towards the next one, so collecting before each batch of 100 would
+    # hide every full collection that a process running batch after batch makes.
+    gc.collect()
     for _ in range(max(1, -(-total // concurrency))):
-        gc.collect()  # (not counted: the watch hears only the batch's own collections)
         with watch:
             wall0, cpu0, loop0 = time.perf_counter(), time.process_time(), time.thread_time()
             results = await asyncio.gather(*(agent.run(TASK) for _ in range(concurrency)))
             loop1, cpu1, wall1 = time.thread_time(), time.process_time(), time.perf_counter()
-            for result in results:
-                check(result)
-            batches.append(Concurrent(concurrency, wall1 - wall0, 3 * model_s + 2 * tool_s,
-                                      Cpu(concurrency, wall1 - wall0, cpu1 - cpu0, loop1 - loop0), 0, 0, ""))
+        for result in results:
+            check(result)
+        batches.append(Concurrent(concurrency, wall1 - wall0, 3 * model_s + 2 * tool_s,
+                                  Cpu(concurrency, wall1 - wall0, cpu1 - cpu0, loop1 - loop0), 0, 0, ""))
     return Level(concurrency, batches, watch, tracked)
 
 
@@ -718,10 +725,11 @@ def main(argv: list[str] | None = None) -> None:
                          f"≤ {TARGET_WALL_RATIO_1000}×" if level.concurrency == 1000 else "",
                          _verdict(level.ratio <= TARGET_WALL_RATIO_1000) if level.concurrency == 1000 else ""))
             g = level.gc
+            per_gen = "/".join(f"{s / level.runs * 1e6:.0f}" for s in g.seconds_by_generation)
             rows.append((f"(e) gc at {level.concurrency}: tracked objects per run in flight; "
-                         "collections gen 0/1/2; gc CPU per run",
+                         "collections gen 0/1/2; gc CPU per run (gen 0/1/2)",
                          f"{level.tracked_per_run:.0f}; {g.collections[0]}/{g.collections[1]}/{g.collections[2]}; "
-                         f"{g.seconds / level.runs * 1e6:.0f} µs", "", ""))
+                         f"{g.seconds / level.runs * 1e6:.0f} µs ({per_gen})", "", ""))
         notes.append(f"(e) M = {args.model_ms:g} ms, T = {args.tool_ms:g} ms, SQLite; at each level, batches of "
                      f"that many concurrent runs totalling ≥ {args.scale_runs} runs (CPU summed over them, wall "
                      f"ratio the median batch's); ratios against {first.concurrency}")
