@@ -28,6 +28,14 @@ def test_overhead_prints_every_row():
         assert row in out, out
 
 
+def test_overhead_prints_the_scaling_table():
+    out = _run("benchmarks/overhead.py", "--only", "e", "--scale", "5,20", "--scale-runs", "20", "--model-ms", "5",
+               "--tool-ms", "2")
+    for row in ("(e) CPU/run at 5 concurrent", "(e) CPU/run at 20 concurrent", "(e) wall ÷ critical path at 20",
+                "(e) gc at 20"):
+        assert row in out, out
+
+
 def test_context_prints_its_tables():
     out = _run("benchmarks/context.py", "--iterations", "6", "--keep-last", "2")
     for text in ("naive append", "window k=2", "THINK input", "naive / this"):
