@@ -86,14 +86,46 @@ async def main(kind, warmup, runs):
 asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 """
 
+# The other workload (`--workload waiting`): batches of AT_ONCE tool calls at once through the
+# runtime's `execute` (the default policy: a 30 s timeout), each waiting 20 ms; a "run" is
+# one batch. What a call's timeout costs when the call waits (`_hotpath`'s sweeper).
+_WAITING = """
+import asyncio, sys
+import loopwise as lw
+from loopwise._execute import execute
+
+AT_ONCE = 1000
+
+class NoEvents:
+    def attempt_failed(self, *a): pass
+    def fallback_tried(self, *a): pass
+    def breaker_changed(self, *a): pass
+    def thread_abandoned(self, *a): pass
+
+@lw.tool
+async def get_tier(customer_id: str) -> str:
+    \"\"\"The customer's tier.\"\"\"
+    await asyncio.sleep(0.02)
+    return "gold"
+
+async def main(kind, warmup, runs):
+    kwargs = get_tier.validate({{"customer_id": "C-881"}})
+    ctx = lw.RunContext(run_id="bench", call_id="call-1", iteration=1)
+    events = NoEvents()
+    for _ in range(warmup + runs):
+        await asyncio.gather(*(execute(get_tier, kwargs, ctx, events) for _ in range(AT_ONCE)))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
 _COLLECTED = re.compile(r"Collected : (\d+)")
 #: With the SQLite store, the runs between two copies into SQLite: what a copy every 20 ms
 #: (`GATHER_S`) makes of (a)'s sequential runs at ~300 us each.
 COPY_EVERY = 60
 
 
-def _start(src: Path, kind: str, warmup: int, runs: int, script: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
+def _start(src: Path, kind: str, warmup: int, runs: int, script: Path, plain: str = "") -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0", "LOOPWISE_PLAIN": plain}
     return subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
          sys.executable, str(script), kind, str(warmup), str(runs)],
@@ -109,10 +141,10 @@ def _collected(process: subprocess.Popen[str]) -> int:
     return int(match.group(1))
 
 
-def count(src: Path, kind: str, warmup: int, runs: int, script: Path) -> float:
+def count(src: Path, kind: str, warmup: int, runs: int, script: Path, plain: str = "") -> float:
     """Instructions per run: (total with 2N runs - total with N runs) / N."""
-    once = _start(src, kind, warmup, runs, script)
-    twice = _start(src, kind, warmup, 2 * runs, script)
+    once = _start(src, kind, warmup, runs, script, plain)
+    twice = _start(src, kind, warmup, 2 * runs, script, plain)
     return (_collected(twice) - _collected(once)) / runs
 
 
@@ -124,6 +156,12 @@ def main() -> None:
                         help="the event store (default memory; see the caveat for sqlite)")
     parser.add_argument("--runs", type=int, default=240, help="N: the runs counted (default 240)")
     parser.add_argument("--warmup", type=int, default=60, help="runs before counting (default 60)")
+    parser.add_argument("--plain", action="append",
+                        help="a LOOPWISE_PLAIN value to count each tree under (repeatable; '' is the fast "
+                             "versions; default: only ''): the hot-path tricks against their plain versions")
+    parser.add_argument("--workload", choices=["run", "waiting"], default="run",
+                        help="run: overhead.py's (a) run (default); waiting: a batch of 1000 tool calls at once "
+                             "through execute, each waiting 20 ms, counted as one 'run'")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed; on Debian or Ubuntu: apt-get install valgrind")
@@ -133,18 +171,22 @@ def main() -> None:
     for src in sources:
         if not (src / "loopwise" / "__init__.py").is_file():
             raise SystemExit(f"--src {src}: no loopwise package there (give a tree's src/ directory)")
-    table = Table(title=f"instructions per run, overhead.py (a) workload, {args.store} store")
+    what = "overhead.py (a) workload" if args.workload == "run" else "1000 waiting tool calls"
+    table = Table(title=f"instructions per run, {what}, {args.store} store")
     table.add_column("src")
+    table.add_column("LOOPWISE_PLAIN")
     table.add_column("instructions/run", justify="right")
     table.add_column("vs first", justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "workload.py"
-        script.write_text(_WORKLOAD.format(bench=str(HERE), copy_every=COPY_EVERY))
+        source = _WORKLOAD if args.workload == "run" else _WAITING
+        script.write_text(source.format(bench=str(HERE), copy_every=COPY_EVERY))
         first = None
         for src in sources:
-            per_run = count(src.resolve(), args.store, args.warmup, args.runs, script)
-            first = per_run if first is None else first
-            table.add_row(str(src), f"{per_run:,.0f}", f"{(per_run / first - 1) * 100:+.1f}%")
+            for plain in args.plain or [""]:
+                per_run = count(src.resolve(), args.store, args.warmup, args.runs, script, plain)
+                first = per_run if first is None else first
+                table.add_row(str(src), plain or "-", f"{per_run:,.0f}", f"{(per_run / first - 1) * 100:+.2f}%")
     console = Console()
     console.print(table)
     console.print(f"  N = {args.runs} runs after {args.warmup} warm-up runs, counted by valgrind's callgrind; "

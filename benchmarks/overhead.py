@@ -27,6 +27,12 @@ concurrent runs do not interfere.
     `call_with_policy` (the default `ModelPolicy`, as the loop makes it, less the
     reporter of failed attempts) vs a bare `await model.request(request)`; the median
     of several interleaved batches.
+(e) Scaling, M = 50 ms, T = 20 ms, SQLite on: CPU per run at 100, 1000 and 5000 runs in
+    flight (`--scale`), each level over batches totalling `--scale-runs` runs; against
+    the first level's. With each: wall over the critical path, the cyclic collector's
+    work in the batches (collections of each generation, its time per run, through
+    `gc.callbacks`) and the objects it tracks per run in flight (`gc.get_objects()` at
+    the peak of an untimed batch, less before it, over the runs).
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ TARGET_WALL_RATIO = 1.5
 TARGET_KB_PER_RUN = 20.0
 TARGET_IMPORT_S = 0.3
 TARGET_TOOL_WRAPPER_US = 20.0
+#: (e): CPU per run at the highest level ÷ at the lowest; (b)-shape wall ÷ critical path at 1000.
+TARGET_SCALE_RATIO = 1.25
+TARGET_WALL_RATIO_1000 = 2.0
 
 TASK = "I've been waiting 3 weeks for my refund on order ORD-1042 and nobody answers. Customer C-881."
 
@@ -416,6 +425,148 @@ def measure_wrappers(calls: int, batches: int) -> tuple[PerCall, PerCall]:
     return asyncio.run(_wrappers(calls, batches))
 
 
+async def _waiting_calls(at_once: int, wait_s: float, batches: int) -> PerCall:
+    """(d) for calls that wait: `at_once` tool calls at a time, each sleeping `wait_s`, through
+    `execute` and bare; event-loop thread CPU per call, the median of interleaved batches."""
+
+    @lw.tool
+    async def get_tier(customer_id: str) -> str:
+        """The customer's tier."""
+        await asyncio.sleep(wait_s)
+        return "gold"
+
+    kwargs = get_tier.validate({"customer_id": "C-881"})
+    ctx = lw.RunContext(run_id="bench", call_id="call-1", iteration=1)
+    events = _NoEvents()
+    fn = get_tier.fn
+
+    async def bare() -> object:
+        return await fn(**kwargs)
+
+    async def wrapped() -> object:
+        return await execute(get_tier, kwargs, ctx, events)
+
+    async def batch(call: Callable[[], Awaitable[object]]) -> float:
+        t0 = time.thread_time()
+        await asyncio.gather(*(call() for _ in range(at_once)))
+        return (time.thread_time() - t0) / at_once * 1e6
+
+    await batch(bare)
+    await batch(wrapped)  # warm-up
+    bare_us, wrapped_us = [], []
+    for _ in range(batches):
+        gc.collect()
+        bare_us.append(await batch(bare))
+        gc.collect()
+        wrapped_us.append(await batch(wrapped))
+    return PerCall(sorted(bare_us)[batches // 2], sorted(wrapped_us)[batches // 2])
+
+
+def measure_waiting_calls(at_once: int, wait_s: float, batches: int) -> PerCall:
+    return asyncio.run(_waiting_calls(at_once, wait_s, batches))
+
+
+class _GcWatch:
+    """The cyclic collector's collections per generation and its CPU time, while entered."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.seconds_by_generation = [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.seconds_by_generation)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.thread_time()
+        else:
+            self.seconds_by_generation[info["generation"]] += time.thread_time() - self._t0
+            self.collections[info["generation"]] += 1
+
+    def __enter__(self) -> Self:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+@dataclass
+class Level:
+    concurrency: int
+    batches: list[Concurrent]
+    gc: _GcWatch
+    tracked_per_run: float
+
+    @property
+    def runs(self) -> int:
+        return sum(b.runs for b in self.batches)
+
+    @property
+    def us_per_run(self) -> float:
+        return sum(b.cpu.process_s for b in self.batches) / self.runs * 1e6
+
+    @property
+    def loop_us_per_run(self) -> float:
+        return sum(b.cpu.loop_s for b in self.batches) / self.runs * 1e6
+
+    @property
+    def ratio(self) -> float:
+        return sorted(b.ratio for b in self.batches)[len(self.batches) // 2]
+
+
+async def _tracked_per_run(agent: lw.Agent, runs: int, every_s: float) -> float:
+    """Objects the cyclic collector tracks per run in flight: the peak of a batch, less before it."""
+    gc.collect()
+    before = len(gc.get_objects())
+    peak = before
+    batch = asyncio.gather(*(agent.run(TASK) for _ in range(runs)))
+    while not batch.done():
+        await asyncio.sleep(every_s)
+        peak = max(peak, len(gc.get_objects()))
+    await batch
+    return (peak - before) / runs
+
+
+async def _level(agent: lw.Agent, warm_agent: lw.Agent, concurrency: int, total: int,
+                 model_s: float, tool_s: float) -> Level:
+    for result in await asyncio.gather(*(warm_agent.run(TASK) for _ in range(50))):
+        check(result)
+    tracked = await _tracked_per_run(agent, concurrency, max(model_s, tool_s) / 4 or 0.005)
+    batches = []
+    watch = _GcWatch()
+    # One collection before the first batch, none between them: a full collection resets the
+    # collector's count towards the next one, so collecting before each batch of 100 would
+    # hide every full collection that a process running batch after batch makes.
+    gc.collect()
+    for _ in range(max(1, -(-total // concurrency))):
+        with watch:
+            wall0, cpu0, loop0 = time.perf_counter(), time.process_time(), time.thread_time()
+            results = await asyncio.gather(*(agent.run(TASK) for _ in range(concurrency)))
+            loop1, cpu1, wall1 = time.thread_time(), time.process_time(), time.perf_counter()
+        for result in results:
+            check(result)
+        batches.append(Concurrent(concurrency, wall1 - wall0, 3 * model_s + 2 * tool_s,
+                                  Cpu(concurrency, wall1 - wall0, cpu1 - cpu0, loop1 - loop0), 0, 0, ""))
+    return Level(concurrency, batches, watch, tracked)
+
+
+def measure_scaling(levels: list[int], total: int, model_s: float, tool_s: float) -> list[Level]:
+    """(e): each level in a fresh store (the same process, one after the other)."""
+    out = []
+    for concurrency in levels:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = lw.SQLiteStore(Path(tmp) / "bench.db")
+            try:
+                out.append(asyncio.run(_level(make_agent(store, model_s, tool_s), make_agent(store, 0, 0),
+                                              concurrency, total, model_s, tool_s)))
+            finally:
+                store.close()
+    return out
+
+
 # -- the report --------------------------------------------------------------------
 
 
@@ -462,7 +613,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tool-ms", type=float, default=20.0, help="T in (b) (default 20)")
     parser.add_argument("--calls", type=int, default=5000, help="calls per batch in (d) (default 5000)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 200 runs, 200 concurrent, 1 repeat")
-    parser.add_argument("--only", choices=["a", "b", "c", "d"], action="append", help="run only these parts")
+    parser.add_argument("--scale", default="100,1000,5000",
+                        help="(e): concurrency levels, comma-separated (default 100,1000,5000)")
+    parser.add_argument("--scale-runs", type=int, default=5000,
+                        help="(e): runs measured at each level, in batches of the level (default 5000)")
+    parser.add_argument("--only", choices=["a", "b", "c", "d", "e"], action="append",
+                        help="run only these parts (default a to d; e, the scaling table, only when named)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)  # one (b) batch, as JSON
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -472,6 +628,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.runs, args.warmup, args.repeat, args.concurrency, args.calls, args.repeat_b = 200, 50, 1, 200, 1000, 1
     parts = set(args.only or "abcd")
+    try:
+        levels = [int(level) for level in args.scale.split(",")]
+    except ValueError:
+        raise SystemExit(f"--scale {args.scale!r}: give concurrency levels as integers, e.g. 100,1000,5000") from None
     model_s, tool_s = args.model_ms / 1000, args.tool_ms / 1000
 
     rows: list[tuple[str, str, str, str]] = []
@@ -540,10 +700,39 @@ def main(argv: list[str] | None = None) -> None:
              f"≤ {TARGET_TOOL_WRAPPER_US:.0f} µs", _verdict(tool_call.added_us <= TARGET_TOOL_WRAPPER_US)),
             ("(d) model call: added by call_with_policy", f"{model_call.added_us:.1f} µs", "", ""),
         ]
+        at_once = 3000 if not args.quick else 300
+        waiting = measure_waiting_calls(at_once, 0.02, batches)
+        rows += [
+            (f"(d) tool call that waits 20 ms, {at_once} at once: added by the wrappers", f"{waiting.added_us:.1f} µs",
+             "", ""),
+        ]
+        notes.append(f"(d) waiting calls: {waiting.wrapped_us:.1f} µs through execute vs {waiting.bare_us:.1f} µs "
+                     f"bare per call (asyncio.gather of {at_once}, median of {batches} interleaved batches)")
         notes.append(f"(d) event-loop thread CPU per call, median of {batches} interleaved batches of "
                      f"{args.calls}: tool {tool_call.wrapped_us:.1f} µs through execute vs "
                      f"{tool_call.bare_us:.1f} µs bare; model {model_call.wrapped_us:.1f} µs through "
                      f"call_with_policy vs {model_call.bare_us:.1f} µs bare")
+    if "e" in parts:
+        scaled = measure_scaling(levels, args.scale_runs, model_s, tool_s)
+        first = scaled[0]
+        for level in scaled:
+            vs = level.us_per_run / first.us_per_run
+            last = level is scaled[-1] and len(scaled) > 1
+            rows.append((f"(e) CPU/run at {level.concurrency} concurrent (process, loop thread)",
+                         f"{level.us_per_run:.0f} µs, {level.loop_us_per_run:.0f} µs ({vs:.2f}×)",
+                         f"≤ {TARGET_SCALE_RATIO}×" if last else "", _verdict(vs <= TARGET_SCALE_RATIO) if last else ""))
+            rows.append((f"(e) wall ÷ critical path at {level.concurrency}", f"{level.ratio:.2f}×",
+                         f"≤ {TARGET_WALL_RATIO_1000}×" if level.concurrency == 1000 else "",
+                         _verdict(level.ratio <= TARGET_WALL_RATIO_1000) if level.concurrency == 1000 else ""))
+            g = level.gc
+            per_gen = "/".join(f"{s / level.runs * 1e6:.0f}" for s in g.seconds_by_generation)
+            rows.append((f"(e) gc at {level.concurrency}: tracked objects per run in flight; "
+                         "collections gen 0/1/2; gc CPU per run (gen 0/1/2)",
+                         f"{level.tracked_per_run:.0f}; {g.collections[0]}/{g.collections[1]}/{g.collections[2]}; "
+                         f"{g.seconds / level.runs * 1e6:.0f} µs ({per_gen})", "", ""))
+        notes.append(f"(e) M = {args.model_ms:g} ms, T = {args.tool_ms:g} ms, SQLite; at each level, batches of "
+                     f"that many concurrent runs totalling ≥ {args.scale_runs} runs (CPU summed over them, wall "
+                     f"ratio the median batch's); ratios against {first.concurrency}")
     notes.append(f"Python {sys.version.split()[0]} on {os.cpu_count()} CPUs; "
                  f"loopwise {lw.__version__}; gc enabled")
     report(rows, notes, "loopwise overhead")

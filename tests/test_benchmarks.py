@@ -28,6 +28,14 @@ def test_overhead_prints_every_row():
         assert row in out, out
 
 
+def test_overhead_prints_the_scaling_table():
+    out = _run("benchmarks/overhead.py", "--only", "e", "--scale", "5,20", "--scale-runs", "20", "--model-ms", "5",
+               "--tool-ms", "2")
+    for row in ("(e) CPU/run at 5 concurrent", "(e) CPU/run at 20 concurrent", "(e) wall ÷ critical path at 20",
+                "(e) gc at 20"):
+        assert row in out, out
+
+
 def test_context_prints_its_tables():
     out = _run("benchmarks/context.py", "--iterations", "6", "--keep-last", "2")
     for text in ("naive append", "window k=2", "THINK input", "naive / this"):
@@ -47,15 +55,16 @@ def _instructions_module():
     return module
 
 
-@pytest.mark.parametrize(("store", "runs"), [("memory", 3), ("sqlite", 61)])
-def test_the_workload_instructions_counts_runs_on_this_tree(tmp_path, store, runs):
+@pytest.mark.parametrize(("workload", "store", "runs"), [("_WORKLOAD", "memory", 3), ("_WORKLOAD", "sqlite", 61),
+                                                        ("_WAITING", "memory", 1)])
+def test_the_workload_instructions_counts_runs_on_this_tree(tmp_path, workload, store, runs):
     """What instructions.py runs under valgrind (it patches loopwise's timers), run here without it.
 
     The count itself takes minutes under valgrind on a busy machine: `pytest -m benchmark`.
     """
     bench = _instructions_module()
     script = tmp_path / "workload.py"
-    script.write_text(bench._WORKLOAD.format(bench=str(ROOT / "benchmarks"), copy_every=bench.COPY_EVERY))
+    script.write_text(getattr(bench, workload).format(bench=str(ROOT / "benchmarks"), copy_every=bench.COPY_EVERY))
     done = subprocess.run([sys.executable, str(script), store, "1", str(runs)], cwd=ROOT, capture_output=True,
                           text=True, timeout=100, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert done.returncode == 0, done.stdout + done.stderr
@@ -71,7 +80,7 @@ def test_instructions_counts_a_run_of_each_tree():
                timeout=1700)
     rows = [line for line in out.splitlines() if line.startswith("│ src")]
     assert len(rows) == 2, out
-    counts = [int(row.split("│")[2].strip().replace(",", "")) for row in rows]
+    counts = [int(row.split("│")[3].strip().replace(",", "")) for row in rows]
     # The loop's own work for one run is hundreds of thousands of instructions, the same for the same tree.
     assert all(100_000 < c < 20_000_000 for c in counts), out
     assert abs(counts[0] - counts[1]) < 0.02 * counts[0], out

@@ -27,10 +27,11 @@ run_finished         stop reason, output, totals
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
+from ._hotpath import positional
 from ._messages import Message, ToolCall, Usage
 
 if TYPE_CHECKING:
@@ -451,39 +452,15 @@ Event = Union[
 ]
 
 
-_E = TypeVar("_E")
-
-
-def _positional(cls: type[_E]) -> Callable[..., _E]:
-    """A positional constructor of the event class `cls`: its fields in order, less `kind`.
-
-    It makes what ``cls(run_id=..., seq=..., ...)`` makes (these classes' `__init__` only
-    stores the values; `replaced`, the last field, is left None), for a third of the cost: CPython matches keyword arguments one by
-    one (about half a microsecond for the sixteen of a `tool_call_finished`), and the loop
-    makes every event of every run. Generated from the fields, as `dataclass` makes
-    `__init__`, so it follows them.
-    """
-    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    if (names[0] != "kind" or names[-1] != "replaced" or not all(f.init for f in fields(cls))  # type: ignore[arg-type]
-            or hasattr(cls, "__post_init__")):
-        raise TypeError(f"{cls.__name__}: an event's __init__ that does more than store its fields")
-    names = names[1:-1]  # (`replaced` is None: the loop sets it on the rare event that needs it)
-    name = f"new_{cls.__name__}"
-    source = (f"def {name}({', '.join(names)}):\n    e = _new(_cls)\n    e.kind = _kind\n"
-              + "".join(f"    e.{n} = {n}\n" for n in names) + "    e.replaced = None\n    return e\n")
-    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_kind": fields(cls)[0].default}  # type: ignore[arg-type]
-    exec(source, namespace)  # noqa: S102 - source made above from the class's own field names
-    return namespace[name]  # type: ignore[no-any-return]
-
-
-# The events every run makes, positionally: (run_id, seq, ts, <the other fields in order>).
-new_run_started: Callable[..., RunStarted] = _positional(RunStarted)
-new_iteration_started: Callable[..., IterationStarted] = _positional(IterationStarted)
-new_model_call_started: Callable[..., ModelCallStarted] = _positional(ModelCallStarted)
-new_model_call_finished: Callable[..., ModelCallFinished] = _positional(ModelCallFinished)
-new_tool_call_started: Callable[..., ToolCallStarted] = _positional(ToolCallStarted)
-new_tool_call_finished: Callable[..., ToolCallFinished] = _positional(ToolCallFinished)
-new_run_finished: Callable[..., RunFinished] = _positional(RunFinished)
+# The events every run makes, positionally: (run_id, seq, ts, <the other fields in order>), `replaced`
+# None. Made by `_hotpath.positional`: generated (`exec`) or, plain, the class's `__init__` by keyword.
+new_run_started: Callable[..., RunStarted] = positional(RunStarted)
+new_iteration_started: Callable[..., IterationStarted] = positional(IterationStarted)
+new_model_call_started: Callable[..., ModelCallStarted] = positional(ModelCallStarted)
+new_model_call_finished: Callable[..., ModelCallFinished] = positional(ModelCallFinished)
+new_tool_call_started: Callable[..., ToolCallStarted] = positional(ToolCallStarted)
+new_tool_call_finished: Callable[..., ToolCallFinished] = positional(ToolCallFinished)
+new_run_finished: Callable[..., RunFinished] = positional(RunFinished)
 
 
 @cache

@@ -27,7 +27,7 @@ import anyio
 from ._breaker import BreakerChange, CircuitOpenError
 from ._errors import LoopwiseError, ToolRetry
 from ._events import ErrorInfo
-from ._runvars import cancel_scope, wait_within
+from ._scopes import cancel_scope, wait_within
 from ._tool_policy import MAX_FALLBACK_DEPTH, Fallback, ToolPolicy
 from ._tools import Tool
 

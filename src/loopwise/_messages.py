@@ -7,8 +7,11 @@ tool message answers one of them by `tool_call_id`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from ._hotpath import message_constructor
 
 __all__ = ["Message", "Role", "ToolCall", "ToolSpec", "Usage"]
 
@@ -49,23 +52,9 @@ class Message:
             object.__setattr__(self, "tool_calls", tuple(self.tool_calls))
 
 
-_new = object.__new__
-_set = object.__setattr__
-
-
-def new_message(role: Role, content: str | None, tool_calls: tuple[ToolCall, ...] = (),
-                tool_call_id: str | None = None) -> Message:
-    """`Message(role, content, tool_calls, tool_call_id)` for the runtime's own messages.
-
-    Their role is valid and their calls a tuple, so `__post_init__`'s checks are skipped:
-    this costs two thirds of `Message(...)`, and every run makes several.
-    """
-    message = _new(Message)
-    _set(message, "role", role)
-    _set(message, "content", content)
-    _set(message, "tool_calls", tool_calls)
-    _set(message, "tool_call_id", tool_call_id)
-    return message
+#: `Message(role, content, tool_calls, tool_call_id)` for the runtime's own messages, whose
+#: role is valid and calls a tuple: `_hotpath` skips `__post_init__`'s checks (fast) or not (plain).
+new_message: Callable[..., Message] = message_constructor(Message)
 
 
 @dataclass(slots=True, frozen=True)

@@ -11,8 +11,6 @@ from ._messages import Usage
 
 __all__ = ["RunResult"]
 
-_new = object.__new__
-
 
 @dataclass(kw_only=True, slots=True)
 class RunResult:
@@ -51,20 +49,6 @@ class RunResult:
     @classmethod
     def of(cls, started: RunStarted, finished: RunFinished) -> RunResult:
         """The result of a run from its first and its last event."""
-        if cls is RunResult:  # every run returns one: its fields stored without keyword matching
-            result = _new(RunResult)
-            result.run_id = finished.run_id
-            result.output = finished.output
-            result.stop_reason = finished.stop_reason
-            result.iterations = finished.iterations
-            result.usage = finished.usage
-            result.cost_usd = finished.cost_usd
-            result.duration_s = finished.duration_s
-            result.model_calls = finished.model_calls
-            result.tags = tuple(started.tags)
-            result.reason = finished.reason
-            result.error = finished.error
-            return result
         return cls(
             run_id=finished.run_id,
             output=finished.output,

@@ -60,7 +60,7 @@ from ._logging import LOGGED_KINDS, log_event
 from ._resume import UNKNOWN_OUTCOME
 from ._messages import Message, ToolCall, Usage, new_message
 from ._storable import TOO_DEEP, TooDeep, clean, clean_event, clean_text, plain, too_deep
-from ._runvars import CurrentRun, _asyncio_loop, cancel_scope, current_run, task_group
+from ._scopes import CurrentRun, _asyncio_loop, cancel_scope, current_run, task_group
 from ._tools import RunContext, Tool, ToolArgumentsError
 from .models._base import Model, ModelRequest, ModelResponse
 from .models._resilience import AttemptRecord, call_with_policy

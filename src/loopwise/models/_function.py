@@ -9,7 +9,7 @@ from typing import Any
 
 from .._errors import ModelBehaviorError, UserError
 from .._messages import ToolCall
-from .._runvars import current_run
+from .._scopes import current_run
 from ._base import Model, ModelRequest, ModelResponse, Price
 
 __all__ = ["FunctionModel", "ScriptedModel"]

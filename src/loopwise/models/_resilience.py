@@ -48,7 +48,7 @@ from .._errors import (
     UserError,
 )
 from .._events import ErrorInfo
-from .._runvars import cancel_scope, wait_within
+from .._scopes import cancel_scope, wait_within
 from ._base import Model, ModelRequest, ModelResponse
 
 __all__ = ["AttemptRecord", "ModelPolicy", "call_with_policy", "parse_retry_after"]

@@ -9,10 +9,18 @@ import time
 import anyio
 import pytest
 
-from loopwise import _runvars
-from loopwise._runvars import cancel_scope, task_group, wait_within
+from loopwise import _hotpath
+from loopwise._scopes import cancel_scope, task_group, wait_within
+
+# What the fast versions do beyond the plain ones (`_hotpath`): no timer for a call that does
+# not wait, its deadline set at its first wait, far deadlines armed by the sweeper. The
+# tests of what a timeout does run under both.
+fast_arm_on_wait = pytest.mark.skipif("arm_on_wait" in _hotpath.PLAIN, reason="LOOPWISE_PLAIN: deadline set at once")
+fast_sweeper = pytest.mark.skipif(bool({"arm_on_wait", "sweeper"} & _hotpath.PLAIN),
+                                  reason="LOOPWISE_PLAIN: no sweeper")
 
 
+@fast_arm_on_wait
 async def test_a_call_that_does_not_wait_arms_no_timer():
     loop = asyncio.get_running_loop()
     seen: list[float] = []
@@ -29,6 +37,7 @@ async def test_a_call_that_does_not_wait_arms_no_timer():
     assert scope.deadline == math.inf and seen == [math.inf]  # never set: nothing to time out
 
 
+@fast_arm_on_wait
 async def test_a_call_that_waits_is_timed_out_at_its_deadline():
     seen: list[float] = []
     cleaned_up: list[bool] = []
@@ -53,6 +62,7 @@ async def test_a_call_that_waits_is_timed_out_at_its_deadline():
     assert seen[0] == math.inf and seen[1] == scope.deadline and started + 0.05 <= scope.deadline < started + 0.1
 
 
+@fast_arm_on_wait
 async def test_a_call_that_runs_past_its_deadline_before_it_waits_is_cancelled_at_its_first_wait():
     steps: list[str] = []
 
@@ -207,8 +217,8 @@ async def test_the_scopes_and_groups_are_anyios_own():
 @pytest.fixture
 def short_horizon(monkeypatch):
     """Deadlines further than 0.2 s are held by the sweeper, which looks every 0.1 s."""
-    monkeypatch.setattr(_runvars, "ARM_HORIZON_S", 0.2)
-    monkeypatch.setattr(_runvars, "SWEEP_EVERY_S", 0.1)
+    monkeypatch.setattr(_hotpath, "ARM_HORIZON_S", 0.2)
+    monkeypatch.setattr(_hotpath, "SWEEP_EVERY_S", 0.1)
 
 
 async def test_a_far_deadline_is_armed_in_time_and_falls_due_exactly(short_horizon):
@@ -219,12 +229,13 @@ async def test_a_far_deadline_is_armed_in_time_and_falls_due_exactly(short_horiz
     took = anyio.current_time() - started
     assert scope.cancelled_caught and started + 0.5 <= scope.deadline < started + 0.55
     assert 0.5 <= took < 0.9  # the timer was armed ahead of the deadline, not a sweep late
-    assert not _runvars._sweeper(loop).held
+    assert not _hotpath._sweeper(loop).held
 
 
+@fast_sweeper
 async def test_a_call_that_ends_long_before_its_deadline_never_arms_a_timer(short_horizon):
     loop = asyncio.get_running_loop()
-    sweeper = _runvars._sweeper(loop)
+    sweeper = _hotpath._sweeper(loop)
     seen: list[tuple] = []
 
     async def brief() -> str:
@@ -243,7 +254,7 @@ async def test_a_call_that_ends_long_before_its_deadline_never_arms_a_timer(shor
 
 
 async def test_a_held_call_cancelled_from_outside_is_released(short_horizon):
-    sweeper = _runvars._sweeper(asyncio.get_running_loop())
+    sweeper = _hotpath._sweeper(asyncio.get_running_loop())
     with anyio.move_on_after(0.05) as outer:
         with cancel_scope() as inner:
             await wait_within(inner, 30.0, anyio.sleep(5))
