@@ -10,8 +10,10 @@ import anyio
 import pytest
 
 import loopwise as lw
-from loopwise._core.evolve import fold
+from loopwise._core import decide as core
+from loopwise._core.evolve import evolve, fold
 from loopwise._core.state import State
+from loopwise._events import ModelCallFinished, ModelCallStarted, RunStarted, ToolCallFinished, ToolCallStarted
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, Price, ToolCall, Usage
 
 
@@ -129,3 +131,155 @@ def test_fold_refuses_a_log_that_does_not_begin_with_run_started(tmp_path):
     events = agent.store.load(result.run_id)
     with pytest.raises(ValueError, match="begins with run_started"):
         fold(events[1:], agent.context, agent.runaway, 8)
+
+
+# -- the rules with no event loop: inputs in, events and commands out ---------------------
+
+
+class _Rules:
+    def __init__(self, **limits):
+        self.limits = lw.Limits(**limits)
+        self.expectations = False
+        self.tools_by_name = {"lookup": lookup}
+
+
+class _State(State):
+    __slots__ = ("rules",)  # (the test's own: which rules its helpers decide by)
+
+
+def _fresh(rules: _Rules, runaway: lw.RunawayDetector | None = None) -> State:
+    started = RunStarted(run_id="r1", seq=0, ts=0.0, task=[lw.Message("user", "where is A?")], instructions="Be brief.")
+    state = _State.start(started, lw.FullContext(), runaway, rules.limits.max_iterations)
+    state.rules = rules
+    return state
+
+
+def _apply(state: State, step) -> object:
+    """What a driver does with a step's events: apply each; return the command."""
+    events, command = step
+    for event in events:
+        evolve(state, event)
+    return command
+
+
+def _model(state: State, command, text=None, calls=(), finish_reason=None, cost=0.0):
+    """The model call of `command` answered: its two events applied; the core's next step."""
+    evolve(state, ModelCallStarted(run_id="r1", seq=0, ts=0.0, iteration=command.iteration, purpose=command.purpose,
+                                   model="m", n_messages=len(state.transcript), n_tools=1))
+    evolve(state, ModelCallFinished(run_id="r1", seq=0, ts=0.0, iteration=command.iteration, purpose=command.purpose,
+                                    text=text, tool_calls=list(calls), finish_reason=finish_reason,
+                                    usage=Usage(10, 2), cost_usd=cost))
+    return core.answered(state, state.rules, command, finish_reason)
+
+
+def _start(rules: _Rules, runaway=None) -> tuple[State, object]:
+    state = _fresh(rules, runaway)
+    assert _apply(state, core.begin(state, rules)) is core.CONTINUE
+    step = core.start_iteration(state, rules, None)
+    assert [e.kind for e in step[0]] == ["iteration_started"]
+    return state, _apply(state, step)
+
+
+def _tools_done(state: State, command, content="A: shipped") -> object:
+    for call in command.calls:
+        evolve(state, ToolCallStarted(run_id="r1", seq=0, ts=0.0, iteration=command.iteration, call_id=call.id,
+                                      name=call.name))
+        evolve(state, ToolCallFinished(run_id="r1", seq=0, ts=0.0, iteration=command.iteration, call_id=call.id,
+                                       name=call.name, outcome="ok", content=content))
+    return core.check(state, state.rules, command.iteration)
+
+
+def test_core_a_run_that_answers():
+    state, command = _start(_Rules())
+    assert isinstance(command, core.CallModel) and (command.purpose, command.iteration) == ("think", 1)
+    events, command = _model(state, command, text="A is shipped.")
+    assert events == () and isinstance(command, core.Stop) and command.reason == "done"
+    assert state.output == "A is shipped." and state.done
+    assert [m.role for m in state.transcript] == ["system", "user", "assistant"]
+
+
+def test_core_tool_calls_then_the_iteration_cap_with_a_best_effort_answer():
+    rules = _Rules(max_iterations=2)
+    state, command = _start(rules)
+    events, command = _model(state, command, calls=[ToolCall("lookup", {"order": "A"}, "c1")])
+    assert events == () and isinstance(command, core.RunTools) and [c.id for c in command.calls] == ["c1"]
+    step = _tools_done(state, command)
+    assert _apply(state, step) is core.CONTINUE
+    assert [m.role for m in state.transcript][-2:] == ["assistant", "tool"]
+    command = _apply(state, core.start_iteration(state, rules, None))
+    # The same provider id again: a run-unique one; at the cap the call is not executed.
+    step = _model(state, command, calls=[ToolCall("lookup", {"order": "B"}, "c1")])
+    assert [e.kind for e in step[0]] == ["tool_call_started", "tool_call_finished", "limit_hit", "nudge"]
+    assert step[0][0].call_id == "c1-2-0" and step[0][1].content == core.NOT_EXECUTED
+    command = _apply(state, step)
+    assert isinstance(command, core.CallModel) and command.purpose == "final_answer"
+    assert state.transcript[-1].content == core.FINAL_ANSWER_PROMPT.format(limit=2)
+    events, command = _model(state, command, text="Probably shipped.")
+    assert isinstance(command, core.Stop) and command.reason == "max_iterations"
+    assert state.output == "Probably shipped." and state.final_answered
+
+
+def test_core_a_cut_answer_and_an_empty_one_get_nudges():
+    rules = _Rules()
+    state, command = _start(rules)
+    step = _model(state, command, text="A is", finish_reason="length")
+    assert [e.kind for e in step[0]] == ["nudge"] and step[0][0].content == core.LENGTH_NUDGE
+    assert _apply(state, step) is core.CONTINUE
+    assert not state.done and state.output is None
+    assert [(m.role, m.content) for m in state.transcript[-2:]] == [("assistant", "A is"), ("user", core.LENGTH_NUDGE)]
+    command = _apply(state, core.start_iteration(state, rules, None))
+    step = _model(state, command, text="  ")
+    assert [e.content for e in step[0]] == [core.EMPTY_RESPONSE_NUDGE] and step[1] is core.CONTINUE
+
+
+def test_core_a_runaway_gets_a_nudge_then_a_stop():
+    rules = _Rules(final_answer_on_limit=False)
+    state, command = _start(rules, lw.RunawayDetector(repeat_calls=2, stale_iterations=None, growth_factor=None))
+    kinds = []
+    for _ in range(6):
+        _, command = _model(state, command, calls=[ToolCall("lookup", {"order": "A"})])
+        events, command = _tools_done(state, command)
+        kinds += [e.kind for e in events]
+        for event in events:
+            evolve(state, event)
+        if isinstance(command, core.Stop):
+            break
+        command = _apply(state, core.start_iteration(state, rules, None))
+    assert kinds == ["nudge", "limit_hit"]
+    assert isinstance(command, core.Stop) and command.reason == "runaway"
+
+
+def test_core_a_budget_refusal_a_kill_and_the_deadline():
+    rules = _Rules(deadline_s=10.0)
+    state, command = _start(rules)
+    events, stop = core.model_failed(state, rules, command, "budget", "budget of $0.01 exhausted", None)
+    assert [e.limit for e in events] == ["budget"] and stop.reason == "budget"
+    events, stop = core.kill_received(state, "ops", "runaway spend", 5.0)
+    assert [e.kind for e in events] == ["kill_received"] and stop.reason == "killed"
+    events, stop = core.deadline_reached(state, rules)
+    assert [e.limit for e in events] == ["deadline"] and stop.reason == "deadline"
+    # Another iteration, and the answer after it, must fit before the deadline: one took
+    # 3 s with 7 s left (it fits), or 8 s with 2 s left (it does not).
+    _, command = _model(state, command, calls=[ToolCall("lookup", {"order": "A"})])
+    assert _apply(state, _tools_done(state, command)) is core.CONTINUE
+    assert core.start_iteration(state, rules, 3.0)[1].purpose == "think"
+    events, command = core.start_iteration(state, rules, 8.0)
+    assert [e.kind for e in events] == ["limit_hit", "nudge"] and events[0].limit == "deadline"
+    assert isinstance(command, core.CallModel) and command.purpose == "final_answer"
+
+
+def test_core_a_resume_settles_what_was_in_flight():
+    rules = _Rules()
+    state, command = _start(rules)
+    _, command = _model(state, command, calls=[ToolCall("lookup", {"order": "A"}, "c1"),
+                                               ToolCall("charge", {"amount": 1}, "c2")])
+    evolve(state, ToolCallFinished(run_id="r1", seq=0, ts=0.0, iteration=1, call_id="c1", name="lookup",
+                                   outcome="cancelled", content="cancelled"))
+    # c1 (idempotent here) runs again, c2 is answered "outcome unknown".
+    events, command = core.begin(state, rules, [(command.calls[0], True), (command.calls[1], False)])
+    assert [(e.kind, e.call_id, e.outcome) for e in events] == [("tool_call_finished", "c2", "unknown")]
+    assert isinstance(command, core.RunTools) and [c.id for c in command.calls] == ["c1"]
+    for event in events:
+        evolve(state, event)
+    assert _apply(state, _tools_done(state, command)) is core.CONTINUE
+    assert [m.tool_call_id for m in state.transcript if m.role == "tool"] == ["c1", "c2"]  # the model's order

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ._core.decide import UNKNOWN_OUTCOME
 from ._errors import UserError
 from ._events import Event, RunFinished, RunStarted
 from ._messages import ToolCall
@@ -34,11 +35,6 @@ __all__ = ["RESUMABLE", "UNKNOWN_OUTCOME", "Settlement", "check_resumable", "set
 #: Stop reasons after which a run may be resumed (besides a crash: no end in the log).
 RESUMABLE = ("killed", "error")
 
-UNKNOWN_OUTCOME = (
-    "outcome unknown: the run was interrupted while this call was in flight, and {name} is not "
-    "marked idempotent, so it was not run again. It may or may not have taken effect; check before "
-    "relying on it or repeating it."
-)
 
 
 @dataclass(slots=True)

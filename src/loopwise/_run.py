@@ -46,17 +46,13 @@ from ._events import (
     ErrorInfo,
     ModelAttemptFailed,
     Event,
-    KillReceived,
-    LimitHit,
     ModelCallFinished,
-    Nudge,
     RunFinished,
     RunStarted,
     StopReason,
     ThreadAbandoned,
     ToolAttemptFailed,
     ToolFallback,
-    new_iteration_started,
     new_model_call_finished,
     new_model_call_started,
     new_run_finished,
@@ -65,13 +61,14 @@ from ._events import (
     new_tool_call_started,
 )
 from ._control import call_in_loop
-from ._core.evolve import EVOLVE, RUNAWAY_REASON
+from ._core import decide as core
+from ._core.decide import NOT_EXECUTED
+from ._core.evolve import EVOLVE
 from ._core.refine import fold_outcome
 from ._core.state import State
 from ._execute import Spend, execute
 from ._expect import NO_VALUE, judge, split_expectation
 from ._logging import LOGGED_KINDS, log_event
-from ._resume import UNKNOWN_OUTCOME
 from ._messages import Message, ToolCall, Usage
 from ._storable import TOO_DEEP, TooDeep, clean, clean_event, plain, too_deep
 from ._runvars import CurrentRun, _asyncio_loop, cancel_scope, current_run, task_group
@@ -84,31 +81,10 @@ if TYPE_CHECKING:
     from ._control import KillRequest
     from ._store import EventStore
 
-__all__ = ["Run"]
+__all__ = ["NOT_EXECUTED", "Run"]
 
 _log = logging.getLogger("loopwise")
 
-NOT_EXECUTED = "not executed: iteration limit reached"
-FINAL_ANSWER_PROMPT = (
-    "You have reached the limit of {limit} iterations, so tools are disabled now. "
-    "Give your best final answer from what you already know."
-)
-RUNAWAY_FINAL_PROMPT = (
-    "You keep repeating yourself without getting closer to an answer, so tools are disabled now. "
-    "Give your best final answer from what you already know."
-)
-LIMIT_FINAL_PROMPT = (
-    "The run has reached its {limit} limit, so tools are disabled now. "
-    "Give your best final answer from what you already know."
-)
-EMPTY_RESPONSE_NUDGE = (
-    "Your last response was empty (no text and no tool calls). "
-    "Call a tool or give your final answer."
-)
-LENGTH_NUDGE = (
-    "Your last answer was cut off by the max_tokens limit, so it is not a final answer. "
-    "Give a shorter complete answer."
-)
 # How long a stopping run may take to write its last events when shielded from cancellation.
 FINISH_TIMEOUT_S = 5.0
 
@@ -326,7 +302,7 @@ class Run:
         if self.kill_scope is not None:
             self.kill_scope.cancel()
 
-    async def _guarded_loop(self) -> _Stop:
+    async def _guarded_loop(self) -> core.Stop | _Stop:
         """The loop inside one cancel scope: a kill cancels it, and so does the deadline.
 
         Whatever is in flight then (the model call, the tool calls) is cancelled. One
@@ -344,30 +320,13 @@ class Run:
         self.kill_scope = None
         request = self.killed
         if request is None:  # the deadline
-            iteration = self.state.iteration
-            detail = f"deadline of {deadline_s:g} s reached during iteration {iteration}"
-            self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=self.clock.time(), iteration=iteration,
-                                limit="deadline", detail=detail))
-            return _Stop("deadline", detail)
-        self._emit(KillReceived(run_id=self.run_id, seq=self.seq, ts=self.clock.time(), iteration=self.state.iteration,
-                                by=request.by, reason=request.reason, requested_ts=request.ts))
-        return _Stop("killed", f"killed by {request.by}: {request.reason}")
+            events, stop = core.deadline_reached(self.state, self.agent)
+        else:
+            events, stop = core.kill_received(self.state, request.by, request.reason, request.ts)
+        self._emit_core(events)
+        return stop  # type: ignore[return-value]
 
-    def _out_of_time(self, iteration: int) -> str | None:
-        """Why another iteration would not fit before the deadline (from the ones so far), if so."""
-        if self.deadline is None or iteration < 2:
-            return None
-        now = anyio.current_time()
-        spent = now - (self.deadline - self.agent.limits.deadline_s)  # type: ignore[operator]
-        per_iteration = spent / (iteration - 1)
-        left = self.deadline - now
-        # Another iteration, then still time for the best-effort answer (at most another).
-        if left >= 2 * per_iteration:
-            return None
-        return (f"deadline of {self.agent.limits.deadline_s:g} s: {left:.2f} s left, an iteration has "
-                f"taken {per_iteration:.2f} s and the answer needs time too")
-
-    async def _finish(self, stop: _Stop) -> RunFinished:
+    async def _finish(self, stop: core.Stop | _Stop) -> RunFinished:
         """Write the run's end. Raises `StoreError` if the store cannot take it: no result
         claims an end the log does not have."""
         event = self._emit_end(stop)
@@ -382,14 +341,14 @@ class Run:
             ) from exc
         return event
 
-    async def _finish_quietly(self, stop: _Stop) -> None:
+    async def _finish_quietly(self, stop: core.Stop | _Stop) -> None:
         """`_finish` while another exception is on its way out: a store failure is logged, not raised."""
         try:
             await self._finish(stop)
         except StoreError as exc:
             _log.error("%s", exc)
 
-    def _finish_now(self, stop: _Stop) -> None:
+    def _finish_now(self, stop: core.Stop | _Stop) -> None:
         """`_finish` without awaiting: for a store that writes at once (the SQLite and memory ones)."""
         self._emit_end(stop)
         try:
@@ -405,7 +364,7 @@ class Run:
             _log.error("run %s: its end is not in the event store (%s writes asynchronously, and the "
                        "process is leaving); it reads as crashed", self.run_id, self.store.describe())
 
-    def _emit_end(self, stop: _Stop) -> RunFinished:
+    def _emit_end(self, stop: core.Stop | _Stop) -> RunFinished:
         state = self.state
         usage = state.usage
         # (run_id, seq, ts, stop_reason, output, iterations, model_calls, usage, cost_usd,
@@ -417,110 +376,62 @@ class Run:
         )
         return self._emit(event)  # type: ignore[return-value]
 
-    async def _loop(self) -> _Stop:
-        agent = self.agent
-        state = self.state
-        max_iterations = agent.limits.max_iterations
-        specs = agent.tool_specs
-        # A context that never folds sends the whole transcript: THINK without `_think`'s frame.
-        folds = agent.context.folds
-        if self.resuming is not None:
-            if (stop := await self._resume_step()) is not None:
-                return stop
+    async def _loop(self) -> core.Stop:
+        """Perform what the core decides, and feed it what happened, until it says stop."""
+        step = core.begin(self.state, self.agent, self.resuming)
+        self.resuming = None
+        perform = _PERFORM
         while True:
-            if self.killed is not None and self.kill_scope is not None:
-                # The seed's rule: the kill switch is checked between iterations too.
-                self.kill_scope.cancel()
-                await anyio.lowlevel.checkpoint()
-            if self.deadline is not None and (why := self._out_of_time(state.iteration + 1)) is not None:
-                return await self._limit_stop(state.iteration, "deadline", why)
-            iteration = state.iteration + 1
-            self._emit(new_iteration_started(self.run_id, self.seq, self.clock.time(), iteration))
-            # THINK
-            if folds:
-                response = await self._think(iteration, specs, "think")
-            else:  # (messages, tools, max_tokens)
-                request = ModelRequest(list(state.transcript), specs, agent.max_tokens)
-                response = (await self._call_model(iteration, request, "think", agent.models))[0]
-            if not response.tool_calls:
-                if state.done:
-                    return _Stop("done")
-                if response.finish_reason == "length":
-                    self._nudge(iteration, LENGTH_NUDGE, "the answer was cut by max_tokens")
-                else:
-                    self._nudge(iteration, EMPTY_RESPONSE_NUDGE, "the model returned an empty response")
-            else:
-                calls = state.calls  # (ids assigned)
-                if iteration >= max_iterations:
-                    self._skip_tools(iteration, calls)
-                    return await self._limit_stop(iteration, "max_iterations",
-                                                  f"iteration limit of {max_iterations} reached with tool calls pending")
-                # ACT + OBSERVE
-                await self._act(iteration, calls)
-            if (stop := await self._check(iteration)) is not None:
-                return stop
+            events, command = step
+            if events:
+                self._emit_core(events)
+            kind = type(command)
+            if kind is core.Stop:
+                return command  # type: ignore[return-value]
+            step = await perform[kind](self, command)
 
-    async def _check(self, iteration: int) -> _Stop | None:
-        """CHECK after an iteration: the cap, then the runaway monitor's verdict on it."""
-        max_iterations = self.agent.limits.max_iterations
-        if iteration >= max_iterations:
-            return await self._limit_stop(iteration, "max_iterations",
-                                          f"iteration limit of {max_iterations} reached without a final answer")
-        verdict = self.state.verdict
-        if verdict is not None:
-            if verdict.action == "stop":
-                return await self._limit_stop(iteration, "runaway", verdict.message)
-            self._nudge(iteration, verdict.nudge, f"{RUNAWAY_REASON}{verdict.message}")
-        return None
+    async def _next_iteration(self, _: Any) -> core.Step:
+        """CHECK passed: the next iteration, given the active time spent (the deadline's rule)."""
+        if self.killed is not None and self.kill_scope is not None:
+            # The seed's rule: the kill switch is checked between iterations too.
+            self.kill_scope.cancel()
+            await anyio.lowlevel.checkpoint()
+        spent = None
+        if self.deadline is not None:
+            spent = anyio.current_time() - (self.deadline - self.agent.limits.deadline_s)  # type: ignore[operator]
+        return core.start_iteration(self.state, self.agent, spent)
 
-    async def _resume_step(self) -> _Stop | None:
-        """Settle what the previous segment left in flight, then CHECK; None: go on with the loop."""
-        state = self.state
-        interrupted, self.resuming = self.resuming or [], None
-        if state.done:
-            return _Stop("done")
-        if state.limit is not None:
-            hit = state.limit
-            if not state.final_answered and self.agent.limits.final_answer_on_limit:
-                await self._best_effort(hit.iteration, hit.limit)
-            return _Stop(hit.limit, hit.detail)
-        iteration = state.iteration
-        if state.calls:  # the ACT the previous segment did not finish
-            rerun = []
-            for call, again in interrupted:
-                if again:
-                    rerun.append(call)
-                else:
-                    content = UNKNOWN_OUTCOME.format(name=call.name)
-                    self._tool_finished(iteration, call, "unknown", content, 0.0,
-                                        ErrorInfo(type="OutcomeUnknown", message=content))
-            if rerun:
-                await self._act(iteration, rerun)
-        return await self._check(iteration)
-
-    def _nudge(self, iteration: int, content: str, reason: str) -> None:
-        self._emit(Nudge(run_id=self.run_id, seq=self.seq, ts=self.clock.time(), iteration=iteration, content=content,
-                         reason=reason))
-
-    async def _limit_stop(self, iteration: int, limit: StopReason, detail: str) -> _Stop:
-        self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=self.clock.time(), iteration=iteration, limit=limit,
-                            detail=detail))
-        if self.agent.limits.final_answer_on_limit:
-            prompt = (FINAL_ANSWER_PROMPT.format(limit=self.agent.limits.max_iterations) if limit == "max_iterations"
-                      else RUNAWAY_FINAL_PROMPT if limit == "runaway" else LIMIT_FINAL_PROMPT.format(limit=limit))
-            self._nudge(iteration, prompt, "best-effort answer after a limit")
-            await self._best_effort(iteration, limit)
-        return _Stop(limit, detail)
-
-    async def _best_effort(self, iteration: int, limit: str) -> None:
-        """The tools-disabled call for a best-effort answer after `limit` (the prompt is in the transcript).
-
-        Its answer, if any, becomes the output (`evolve`).
-        """
+    async def _model_call(self, command: core.CallModel) -> core.Step:
+        """THINK (after REFINE), or the best-effort answer with tools disabled."""
+        agent = self.agent
+        iteration = command.iteration
         try:
-            await self._think(iteration, [], "final_answer")
-        except _Stop:
-            pass  # the failed call is in the log; the run still stops for the limit
+            if command.purpose != "think":
+                response = await self._think(iteration, [], command.purpose)
+            elif agent.context.folds:
+                response = await self._think(iteration, agent.tool_specs, "think")
+            else:  # a context that never folds sends the whole transcript: no `_think` frame
+                request = ModelRequest(list(self.state.transcript), agent.tool_specs, agent.max_tokens)
+                response = (await self._call_model(iteration, request, "think", agent.models))[0]
+        except _Stop as stop:  # it failed, or no budget could pay for it
+            return core.model_failed(self.state, agent, command, stop.reason, stop.detail or "", stop.error)
+        return core.answered(self.state, agent, command, response.finish_reason)
+
+    async def _run_tools(self, command: core.RunTools) -> core.Step:
+        """ACT + OBSERVE, then CHECK."""
+        await self._act(command.iteration, command.calls)
+        return core.check(self.state, self.agent, command.iteration)
+
+    async def _check(self, command: core.Check) -> core.Step:
+        return core.check(self.state, self.agent, command.iteration)
+
+    def _emit_core(self, events: Any) -> None:
+        """Emit the events the core made: stamped with their `seq` and the clock's time here."""
+        clock = self.clock
+        for event in events:
+            event.seq = self.seq
+            event.ts = clock.time()
+            self._emit(event)
 
     # -- THINK ---------------------------------------------------------------------
 
@@ -575,10 +486,7 @@ class Run:
             try:
                 held = reserve_call(self.budgets, input_tokens=int(estimate), price=price,
                                     max_tokens=request.max_tokens)
-            except BudgetExceeded as exc:
-                if purpose == "think":
-                    self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=self.clock.time(), iteration=iteration,
-                                        limit="budget", detail=str(exc)))
+            except BudgetExceeded as exc:  # (the core says what it means for the run)
                 raise _Stop("budget", str(exc)) from None
             if held.max_tokens != request.max_tokens:
                 request = ModelRequest(messages=request.messages, tools=request.tools, max_tokens=held.max_tokens)
@@ -695,11 +603,6 @@ class Run:
         return Usage(input_tokens, output_tokens), True
 
     # -- ACT + OBSERVE -------------------------------------------------------------
-
-    def _skip_tools(self, iteration: int, calls: list[ToolCall]) -> None:
-        for call in calls:
-            self._tool_started(iteration, call)
-            self._tool_finished(iteration, call, "not_executed", NOT_EXECUTED, 0.0, None)
 
     def _tool_started(self, iteration: int, call: ToolCall) -> dict[str, Any] | str | None:
         """Log the call's start; return the arguments for the tool (less the model's expectation)."""
@@ -863,6 +766,12 @@ class Run:
 
 
 _tool_call = Tool.call
+_PERFORM: dict[type, Callable[[Run, Any], Awaitable[core.Step]]] = {
+    core.CallModel: Run._model_call,
+    core.RunTools: Run._run_tools,
+    core.Check: Run._check,
+    type(core.CONTINUE): Run._next_iteration,
+}
 _EVOLVE_get = EVOLVE.get
 # The name anyio gives a task of `_call_tool` (`module.qualname`), worked out once.
 _CALL_TOOL = f"{Run._call_tool.__module__}.{Run._call_tool.__qualname__}"

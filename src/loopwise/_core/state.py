@@ -27,6 +27,7 @@ class State:
     """What one run holds between events.
 
     Attributes:
+        run_id: The run's id (the events the core makes carry it).
         transcript: Every message so far, append-only (the context policy chooses what
             each model call is shown).
         context: The context policy's state for this run (folds so far, the summary).
@@ -75,6 +76,7 @@ class State:
         "outcomes",
         "output",
         "results",
+        "run_id",
         "segment",
         "think_input_tokens",
         "transcript",
@@ -82,8 +84,9 @@ class State:
         "verdict",
     )
 
-    def __init__(self, transcript: list[Message], context: ContextState, monitor: RunawayMonitor | None,
-                 max_iterations: int) -> None:
+    def __init__(self, run_id: str, transcript: list[Message], context: ContextState,
+                 monitor: RunawayMonitor | None, max_iterations: int) -> None:
+        self.run_id = run_id
         self.transcript = transcript
         self.context = context
         self.monitor = monitor
@@ -115,7 +118,7 @@ class State:
         instructions = started.instructions
         task = started.task
         transcript = [new_message("system", instructions), *task] if instructions else list(task)
-        return cls(transcript, context.start(head=len(transcript)),
+        return cls(started.run_id, transcript, context.start(head=len(transcript)),
                    runaway.start() if runaway is not None else None, max_iterations)
 
     @property
