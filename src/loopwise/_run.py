@@ -28,7 +28,6 @@ call starts. Time is read only through the agent's `Clock`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._errors import ModelBehaviorError, StoreError, UserError
+from ._errors import ModelBehaviorError, StoreError
 from ._breaker import BreakerChange
 from ._context import estimate_tokens
 from ._budget import Budget, BudgetExceeded, CallReservation, reserve, reserve_call
@@ -68,10 +67,11 @@ from ._core.refine import fold_outcome
 from ._core.state import State
 from ._execute import Spend, execute
 from ._expect import NO_VALUE, judge, split_expectation
+from ._loggable import ascii_error, loggable, storable_start
 from ._logging import LOGGED_KINDS, log_event
 from ._messages import Message, ToolCall, Usage
-from ._storable import TOO_DEEP, TooDeep, clean, clean_event, plain, too_deep
-from ._runvars import CurrentRun, _asyncio_loop, cancel_scope, current_run, task_group
+from ._storable import clean, clean_event
+from ._runvars import CurrentRun, cancel_scope, current_run, task_group
 from ._tools import RunContext, Tool, ToolArgumentsError
 from .models._base import Model, ModelRequest, ModelResponse
 from .models._resilience import AttemptRecord, call_with_policy
@@ -180,7 +180,7 @@ class Run:
         # The first system message: the instructions, plus how to state expectations when on.
         instructions = agent.system_prompt
         replaced: list[str] = []
-        task, instructions, tags = _storable_start(task, instructions, tags, replaced)
+        task, instructions, tags = storable_start(task, instructions, tags, replaced)
         # (run_id, seq, ts, task, instructions, agent, limits, tags)
         started = new_run_started(run_id, 0, agent.clock.time(), task, instructions, agent.describe(),
                                   agent.limits.to_dict(), list(tags))
@@ -519,7 +519,7 @@ class Run:
                 models, request, agent.model_policy, _ModelAttemptReporter(self, iteration, purpose),
                 self._check_response, False,
             )
-            response, replaced = _loggable(response)
+            response, replaced = loggable(response)
         except anyio.get_cancelled_exc_class():
             if held is not None:
                 held.release()
@@ -618,7 +618,7 @@ class Run:
                        latency: float, error: ErrorInfo | None, attempts: int = 0,
                        fallback: str | None = None, cost_usd: float = 0.0, value: Any = NO_VALUE) -> None:
         replaced = None
-        if not content.isascii() or (error is not None and not _ascii_error(error)):
+        if not content.isascii() or (error is not None and not ascii_error(error)):
             replaced = []
             content = clean(content, "content", replaced)
             error = clean(error, "error", replaced)
@@ -639,8 +639,8 @@ class Run:
     async def _act(self, iteration: int, calls: list[ToolCall]) -> None:
         """ACT + OBSERVE: run `calls`; each outcome is an event (`evolve` adds the tool messages)."""
         tools = self.agent.tools_by_name
-        runnable: list[tuple[int, ToolCall, Tool, dict[str, Any]]] = []
-        for index, call in enumerate(calls):
+        runnable: list[tuple[ToolCall, Tool, dict[str, Any]]] = []
+        for call in calls:
             arguments = self._tool_started(iteration, call)
             tool = tools.get(call.name) if isinstance(call.name, str) else None
             if tool is None:
@@ -655,7 +655,7 @@ class Run:
                 self._tool_finished(iteration, call, "invalid_arguments", content, 0.0,
                                     ErrorInfo(type="ToolArgumentsError", message=str(exc)))
                 continue
-            runnable.append((index, call, tool, kwargs))
+            runnable.append((call, tool, kwargs))
         if runnable:
             # The calls are durable before any tool runs: after a crash, resume knows
             # what may have happened (and never re-runs a non-idempotent call blindly).
@@ -664,60 +664,50 @@ class Run:
                     await waiter
             except Exception as exc:  # the store failed: no tool runs, and the log says so
                 content = f"not executed: the event log could not be written ({exc})"
-                for _, call, _, _ in runnable:
+                for call, _, _ in runnable:
                     self._tool_finished(iteration, call, "not_executed", content, 0.0,
                                         ErrorInfo(type=type(exc).__name__, message=content))
                 raise
-        if len(runnable) == 1:
+        if len(runnable) == 1:  # inside the run's cancel scope already: no task needed
             await self._call_tool(iteration, *runnable[0])
         elif runnable:
+            # One model for a response's calls: an anyio task group. Its cancellation is
+            # level-triggered: while the run's scope is cancelled (a kill, the deadline),
+            # every call still running is cancelled again at each await, so a tool that
+            # swallows one cancellation cannot hold the run up past its next await. The
+            # first call runs in this task, the others start as soon as it first waits.
             bound = self.agent.max_parallel_tools
-            limiter = anyio.CapacityLimiter(bound) if bound is not None and bound < len(runnable) else None
-            loop = _asyncio_loop()
-            if limiter is None and loop is not None:
-                await self._call_tools_at_once(loop, iteration, runnable)
-            else:
-                async with task_group() as tg:
-                    if limiter is not None:
-                        for item in runnable:
-                            tg.start_soon(self._call_tool, iteration, *item, limiter, name=_CALL_TOOL)
-                    else:
-                        for item in runnable[1:]:
-                            tg.start_soon(self._call_tool, iteration, *item, name=_CALL_TOOL)
-                        await self._call_tool(iteration, *runnable[0])
+            async with task_group() as tg:
+                if bound is not None and bound < len(runnable):
+                    limiter = anyio.CapacityLimiter(bound)
+                    for item in runnable[1:]:
+                        tg.start_soon(self._call_tool_in_turn, limiter, iteration, *item, name=_CALL_TOOL)
+                    await self._call_tool_in_turn(limiter, iteration, *runnable[0])
+                else:
+                    for item in runnable[1:]:
+                        tg.start_soon(self._call_tool, iteration, *item, name=_CALL_TOOL)
+                    await self._call_tool(iteration, *runnable[0])
 
-    async def _call_tools_at_once(self, loop: asyncio.AbstractEventLoop, iteration: int,
-                                  runnable: list[tuple[int, ToolCall, Tool, dict[str, Any]]]) -> None:
-        """ACT on asyncio: the first call in this task, the others in asyncio tasks of their own.
+    async def _call_tool_in_turn(self, limiter: anyio.CapacityLimiter, iteration: int, call: ToolCall,
+                                 tool: Tool, kwargs: dict[str, Any]) -> None:
+        """`_call_tool` once a place is free (`max_parallel_tools`), in the model's order.
 
-        What an anyio task group does here, without its per-task bookkeeping (a task
-        handle with an event and a cancel scope of its own: ~2 KB and ~20 µs a spawned
-        call). The first call still starts first and the others as soon as it first
-        waits; each call's timeout scope is its own (`execute`). If this task is
-        cancelled (a kill, the deadline) the other calls are cancelled too, and waited
-        for, before the cancellation goes on. `_call_tool` turns every failure of a tool
-        into an outcome: a call's task can only end in a cancellation or a runtime bug,
-        which is raised here once the first call is done.
+        The turn comes first, then the call's budget reservation: a call waiting for its
+        turn holds none. A call cancelled while it waits is logged as cancelled.
         """
-        tasks = [loop.create_task(self._call_tool(iteration, *item), name=_CALL_TOOL)
-                 for item in runnable[1:]]
         try:
-            await self._call_tool(iteration, *runnable[0])
-            for task in tasks:
-                await task
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            with anyio.CancelScope(shield=True):  # (a cancelled scope would cancel this wait too)
-                for task in tasks:
-                    try:
-                        await task
-                    except BaseException:  # noqa: BLE001, S110 - its own end is in the log; ours is raised below
-                        pass
+            await limiter.acquire()
+        except anyio.get_cancelled_exc_class():
+            self._tool_finished(iteration, call, "cancelled", "cancelled", 0.0,
+                                ErrorInfo(type="Cancelled", message="the call was cancelled"))
             raise
+        try:
+            await self._call_tool(iteration, call, tool, kwargs)
+        finally:
+            limiter.release()
 
-    async def _call_tool(self, iteration: int, index: int, call: ToolCall,
-                         tool: Tool, kwargs: dict[str, Any], limiter: anyio.CapacityLimiter | None = None) -> None:
+    async def _call_tool(self, iteration: int, call: ToolCall, tool: Tool, kwargs: dict[str, Any]) -> None:
+        """One tool call under its reservation and its policy (`execute`); its outcome is logged."""
         policy = tool.policy
         # Only a tool that takes a RunContext reads it (or a fallback tool, or a `call` of a
         # subclass, that may): made for those only.
@@ -739,14 +729,8 @@ class Run:
                     return
         started = self.clock.monotonic()
         try:
-            if limiter is None:
-                result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id),  # type: ignore[arg-type]
-                                       spend=spend)
-            else:
-                async with limiter:
-                    started = self.clock.monotonic()
-                    result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id),  # type: ignore[arg-type]
-                                           spend=spend)
+            result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id),  # type: ignore[arg-type]
+                                   spend=spend)
         except BaseException as exc:
             spent = 0.0 if spend is None else spend.usd  # each attempt started may have been billed
             if held is not None:
@@ -829,110 +813,3 @@ class _ModelAttemptReporter:
                                      attempt=record.attempt, error=record.error, latency_s=record.latency_s,
                                      retry_in_s=record.retry_in_s, will_fallback=record.will_fallback,
                                      reason=record.reason))
-
-
-def _loggable(response: ModelResponse) -> tuple[ModelResponse, list[str] | None]:
-    """`response` in the types its event is read back with (a Python model may send anything),
-    and storable; with the fields that had to be replaced, if any (`_storable`).
-
-    A tool call's name that is not a str becomes one (None: the empty name), which the
-    loop then answers as an unknown tool; arguments neither a dict nor a str, or a dict
-    with keys that are not all str, become their JSON text (the loop parses it as it
-    would a provider's, and answers what is wrong with it); an id that is not a str
-    becomes one; so does a finish reason. Else the log would hold a model call whose
-    event cannot be loaded: `show`, resume and every view of the run would fail.
-    Text UTF-8 cannot encode (a lone surrogate), anywhere, becomes U+FFFD; arguments
-    nested deeper than `MAX_DEPTH` (or that contain themselves) become `TOO_DEEP`,
-    answered as invalid arguments. The fast path: ASCII text, and arguments that are
-    raw text or a dict of plain values (`plain`), are taken as they are.
-    """
-    text = response.text
-    if text is None or (type(text) is str and text.isascii()):
-        for call in response.tool_calls:
-            name, args, call_id = call.name, call.arguments, call.id
-            if (type(name) is not str or not name.isascii()
-                    or (call_id is not None and (type(call_id) is not str or not call_id.isascii()))
-                    or not (args.isascii() if type(args) is str else type(args) is dict and plain(args))):
-                break
-        else:
-            reason = response.finish_reason
-            if reason is None or (type(reason) is str and reason.isascii()):
-                return response, None
-    return _normalized(response)
-
-
-def _normalized(response: ModelResponse) -> tuple[ModelResponse, list[str] | None]:
-    replaced: list[str] = []
-    text = response.text
-    if text is not None:
-        text = clean(text, "text", replaced)
-    fixed = []
-    for i, call in enumerate(response.tool_calls):
-        name, args, call_id = call.name, call.arguments, call.id
-        where = f"tool_calls[{i}]"
-        if not isinstance(name, str):
-            name = "" if name is None else str(name)
-        if call_id is not None and not isinstance(call_id, str):
-            call_id = str(call_id)
-        if isinstance(args, (dict, list, tuple)) and too_deep(args):
-            args = TOO_DEEP
-            replaced.append(f"{where}.arguments")
-        elif isinstance(args, dict) and not all(map(_is_str, args)):
-            args = _json_text(args)  # (keys as JSON writes them: None is "null", 1 is "1")
-        elif not isinstance(args, (dict, str)):
-            args = _json_text(args)
-        try:
-            args = clean(args, f"{where}.arguments", replaced)
-        except TooDeep:  # (not reached: `too_deep` above)
-            args = TOO_DEEP
-            replaced.append(f"{where}.arguments")
-        new = ToolCall(clean(name, f"{where}.name", replaced), args,
-                       None if call_id is None else clean(call_id, f"{where}.id", replaced))
-        fixed.append(call if (new.name is call.name and new.arguments is call.arguments
-                              and new.id is call.id) else new)
-    reason = response.finish_reason
-    if reason is not None:
-        reason = clean(reason if isinstance(reason, str) else str(reason), "finish_reason", replaced)
-    if (text is response.text and reason is response.finish_reason
-            and all(new is old for new, old in zip(fixed, response.tool_calls))):
-        return response, replaced or None
-    return (ModelResponse(text=text, tool_calls=fixed, usage=response.usage, finish_reason=reason),
-            replaced or None)
-
-
-def _storable_start(task: list[Message], instructions: str | None, tags: tuple[str, ...],
-                    replaced: list[str]) -> tuple[list[Message], str | None, tuple[str, ...]]:
-    """The task, instructions and tags, made storable (`_storable`); what was replaced goes in `replaced`.
-
-    Raises `UserError` for a task whose tool calls nest deeper than the loop walks.
-    """
-    for m in task:
-        content = m.content
-        if m.tool_calls or m.tool_call_id is not None or not (content is None or content.isascii()):
-            break
-    else:
-        if (instructions is None or instructions.isascii()) and all(t.isascii() for t in tags):
-            return task, instructions, tags
-    try:
-        task = clean(list(task), "task", replaced)
-    except TooDeep as exc:
-        raise UserError(f"the task cannot be stored: {exc}; send flatter tool-call arguments") from None
-    if instructions is not None:
-        instructions = clean(instructions, "instructions", replaced)
-    tags = tuple(clean(list(tags), "tags", replaced))
-    return task, instructions, tags
-
-
-def _ascii_error(error: ErrorInfo) -> bool:
-    return error.message.isascii() and (error.traceback is None or error.traceback.isascii()) and error.type.isascii()
-
-
-#: `isinstance(x, str)` as a function in C: `all(map(_is_str, keys))` makes no frame per key.
-_is_str = str.__instancecheck__
-
-
-def _json_text(value: Any) -> str:
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError, RecursionError):
-        return repr(value)
