@@ -1,4 +1,4 @@
-"""ACT: one concurrency model for a response's tool calls (an anyio task group).
+"""ACT: one concurrency model for a response's tool calls (an anyio task group's).
 
 Its cancellation is level-triggered: a tool that swallows one cancellation is cancelled
 again at its next await, so it cannot hold a kill or the deadline up. With
@@ -18,6 +18,14 @@ from loopwise.models import ScriptedModel, ToolCall
 NO_RUNAWAY = lw.RunawayDetector(enabled=False)
 
 
+@pytest.fixture(params=["asyncio-tasks", "task-group"])
+def act_path(request, monkeypatch):
+    """Both implementations of ACT: asyncio tasks, and the anyio task group (the reference)."""
+    if request.param == "task-group":
+        monkeypatch.setattr("loopwise._run._asyncio_loop", lambda: None)
+    return request.param
+
+
 def _stubborn_tools(entered: list[str], everyone_in: asyncio.Event, n: int):
     @lw.tool(timeout=None)
     async def stubborn(name: str) -> str:
@@ -35,7 +43,7 @@ def _stubborn_tools(entered: list[str], everyone_in: asyncio.Event, n: int):
 
 
 @pytest.mark.parametrize("max_parallel_tools", [None, 2])
-def test_a_tool_that_swallows_a_cancellation_does_not_hold_up_a_kill(max_parallel_tools):
+def test_a_tool_that_swallows_a_cancellation_does_not_hold_up_a_kill(max_parallel_tools, act_path):
     calls = [ToolCall("stubborn", {"name": f"t{i}"}) for i in range(3)]
     store = lw.MemoryStore()
 
@@ -59,7 +67,7 @@ def test_a_tool_that_swallows_a_cancellation_does_not_hold_up_a_kill(max_paralle
     assert outcomes == ["cancelled"] * 3
 
 
-def test_a_tool_that_swallows_a_cancellation_does_not_hold_up_the_deadline():
+def test_a_tool_that_swallows_a_cancellation_does_not_hold_up_the_deadline(act_path):
     calls = [ToolCall("stubborn", {"name": f"t{i}"}) for i in range(2)]
     store = lw.MemoryStore()
 
@@ -76,7 +84,7 @@ def test_a_tool_that_swallows_a_cancellation_does_not_hold_up_the_deadline():
     assert took < 20  # (the second tool would hold it up 60 s more)
 
 
-def test_a_call_waiting_for_its_turn_holds_no_budget_reservation():
+def test_a_call_waiting_for_its_turn_holds_no_budget_reservation(act_path):
     # Each call may cost $0.03 (three attempts at $0.01) and costs $0.01. With one place,
     # the second call reserves only once the first has settled: $0.045 pays for both.
     spent: list[str] = []
