@@ -18,4 +18,9 @@
   events the rule itself produces (an iteration starts, a nudge, a limit hit, tool calls
   not executed at the cap) and what the driver does next (`CallModel`, `RunTools`,
   `Stop`). Time is an input; the core never reads a clock.
+- `refine`: REFINE's outcome of one fold (summarized or dropped), for its event.
+
+The driver is `_run.Run` (asyncio/anyio: the model call under its policy and reservation,
+tool calls under theirs, writes, the kill and deadline scope); resume is `fold` plus
+that driver (`_resume.settle` says how what was in flight is settled).
 """
