@@ -371,53 +371,57 @@ class Run(Acting):
         return self._emit(event)  # type: ignore[return-value]
 
     async def _loop(self) -> core.Stop:
-        """Perform what the core decides, and feed it what happened, until it says stop."""
-        step = core.begin(self.state, self.agent, self.resuming)
+        """Perform what the core decides, and feed it what happened, until it says stop.
+
+        The commands are performed here, inline (an `is` test each, most frequent first),
+        not through a method per command: a coroutine frame per command and iteration is
+        a cost every run pays (`benchmarks/instructions.py`).
+        """
+        agent = self.agent
+        state = self.state
+        specs = agent.tool_specs
+        # A context that never folds sends the whole transcript: THINK without `_think`'s frame.
+        folds = agent.context.folds
+        step = core.begin(state, agent, self.resuming)
         self.resuming = None
-        perform = _PERFORM
+        CallModel, RunTools, CONTINUE = core.CallModel, core.RunTools, core.CONTINUE  # noqa: N806
         while True:
             events, command = step
             if events:
                 self._emit_core(events)
             kind = type(command)
-            if kind is core.Stop:
+            if kind is CallModel:  # THINK (after REFINE), or the best-effort answer without tools
+                iteration = command.iteration  # type: ignore[union-attr]
+                purpose = command.purpose  # type: ignore[union-attr]
+                try:
+                    if purpose != "think":
+                        response = await self._think(iteration, [], purpose)
+                    elif folds:
+                        response = await self._think(iteration, specs, "think")
+                    else:  # (messages, tools, max_tokens)
+                        request = ModelRequest(list(state.transcript), specs, agent.max_tokens)
+                        response = (await self._call_model(iteration, request, "think", agent.models))[0]
+                except _Stop as stop:  # it failed, or no budget could pay for it
+                    step = core.model_failed(state, agent, command, stop.reason, stop.detail or "",  # type: ignore[arg-type]
+                                             stop.error)
+                else:
+                    step = core.answered(state, agent, command, response.finish_reason)  # type: ignore[arg-type]
+            elif command is CONTINUE:  # CHECK passed: the next iteration, given the active time spent
+                if self.killed is not None and self.kill_scope is not None:
+                    # The seed's rule: the kill switch is checked between iterations too.
+                    self.kill_scope.cancel()
+                    await anyio.lowlevel.checkpoint()
+                spent = None
+                if self.deadline is not None:
+                    spent = anyio.current_time() - (self.deadline - agent.limits.deadline_s)  # type: ignore[operator]
+                step = core.start_iteration(state, agent, spent)
+            elif kind is RunTools:  # ACT + OBSERVE, then CHECK
+                await self._act(command.iteration, command.calls)  # type: ignore[union-attr]
+                step = core.check(state, agent, command.iteration)  # type: ignore[union-attr]
+            elif kind is core.Check:
+                step = core.check(state, agent, command.iteration)  # type: ignore[union-attr]
+            else:
                 return command  # type: ignore[return-value]
-            step = await perform[kind](self, command)
-
-    async def _next_iteration(self, _: Any) -> core.Step:
-        """CHECK passed: the next iteration, given the active time spent (the deadline's rule)."""
-        if self.killed is not None and self.kill_scope is not None:
-            # The seed's rule: the kill switch is checked between iterations too.
-            self.kill_scope.cancel()
-            await anyio.lowlevel.checkpoint()
-        spent = None
-        if self.deadline is not None:
-            spent = anyio.current_time() - (self.deadline - self.agent.limits.deadline_s)  # type: ignore[operator]
-        return core.start_iteration(self.state, self.agent, spent)
-
-    async def _model_call(self, command: core.CallModel) -> core.Step:
-        """THINK (after REFINE), or the best-effort answer with tools disabled."""
-        agent = self.agent
-        iteration = command.iteration
-        try:
-            if command.purpose != "think":
-                response = await self._think(iteration, [], command.purpose)
-            elif agent.context.folds:
-                response = await self._think(iteration, agent.tool_specs, "think")
-            else:  # a context that never folds sends the whole transcript: no `_think` frame
-                request = ModelRequest(list(self.state.transcript), agent.tool_specs, agent.max_tokens)
-                response = (await self._call_model(iteration, request, "think", agent.models))[0]
-        except _Stop as stop:  # it failed, or no budget could pay for it
-            return core.model_failed(self.state, agent, command, stop.reason, stop.detail or "", stop.error)
-        return core.answered(self.state, agent, command, response.finish_reason)
-
-    async def _run_tools(self, command: core.RunTools) -> core.Step:
-        """ACT + OBSERVE, then CHECK."""
-        await self._act(command.iteration, command.calls)
-        return core.check(self.state, self.agent, command.iteration)
-
-    async def _check(self, command: core.Check) -> core.Step:
-        return core.check(self.state, self.agent, command.iteration)
 
     def _emit_core(self, events: Any) -> None:
         """Emit the events the core made: stamped with their `seq` and the clock's time here."""
@@ -597,12 +601,6 @@ class Run(Acting):
         return Usage(input_tokens, output_tokens), True
 
 
-_PERFORM: dict[type, Callable[[Run, Any], Awaitable[core.Step]]] = {
-    core.CallModel: Run._model_call,
-    core.RunTools: Run._run_tools,
-    core.Check: Run._check,
-    type(core.CONTINUE): Run._next_iteration,
-}
 _EVOLVE_get = EVOLVE.get
 
 
