@@ -9,8 +9,8 @@ Dispatch is by the event's type through a dict (`EVOLVE`); kinds that change not
 
 The rules that live here, and nowhere else:
 
-- a THINK's tool calls get ids unique in the run (`assign_ids`), and join the transcript
-  with the assistant message;
+- a THINK's tool calls get ids unique in the run (`assign_ids`: the ids of every call
+  the run starts), and join the transcript with the assistant message;
 - tool messages join the transcript in the model's order once every call of the
   iteration has an outcome (a cancelled call has none: it runs again or is settled);
 - a THINK's answer cut by ``finish_reason == "length"`` is kept in the transcript but is
@@ -36,7 +36,6 @@ from .._events import (
     RunResumed,
     RunStarted,
     ToolCallFinished,
-    ToolCallStarted,
 )
 from .._messages import ToolCall, new_message
 from .state import NO_CALLS, State
@@ -173,10 +172,6 @@ def _model_call_finished(state: State, e: ModelCallFinished) -> None:
         _observe(state, NO_CALLS, [])
 
 
-def _tool_call_started(state: State, e: ToolCallStarted) -> None:
-    state.call_ids.add(e.call_id)
-
-
 def _tool_call_finished(state: State, e: ToolCallFinished) -> None:
     cost = e.cost_usd
     if cost:
@@ -244,7 +239,6 @@ EVOLVE: dict[type, Callable[[State, Any], None]] = {
     IterationStarted: _iteration_started,
     ModelCallStarted: _model_call_started,
     ModelCallFinished: _model_call_finished,
-    ToolCallStarted: _tool_call_started,
     ToolCallFinished: _tool_call_finished,
     Nudge: _nudge,
     ContextFolded: _context_folded,
