@@ -23,11 +23,14 @@ DAY = 86400.0
 WRITER = """
     import os, sys, time
     import loopwise as lw
-    import loopwise._run as run_module
+    from loopwise._clock import Clock
     from loopwise.models import ScriptedModel, ToolCall
 
     db, age_days, prefix, count, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
-    run_module._wall = lambda: time.time() - age_days * 86400
+
+    class Older(Clock):
+        def time(self):
+            return time.time() - age_days * 86400
 
     @lw.tool
     def lookup(order: str) -> str:
@@ -42,7 +45,7 @@ WRITER = """
     limits = lw.Limits(max_iterations=1 if stop == "max_iterations" else 8, final_answer_on_limit=False)
     for i in range(count):
         model = ScriptedModel([ToolCall("lookup", {"order": f"ORD-{i}"}), ToolCall("lookup", {"order": "x"}), "done"])
-        agent = lw.Agent(model, tools=[lookup], store=store, limits=limits)
+        agent = lw.Agent(model, tools=[lookup], store=store, limits=limits, clock=Older())
         agent.run_sync("where is my order?", run_id=f"{prefix}-{i}", tags=[prefix, "batch"])
     store.close()
 """

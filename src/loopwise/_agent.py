@@ -17,7 +17,8 @@ from ._clock import SYSTEM_CLOCK, Clock
 from ._context import ContextPolicy, FullContext
 from ._control import plane_for_runs
 from ._control_plane import ControlPlane, requester
-from ._resume import check_resumable, restore
+from ._core.evolve import fold
+from ._resume import check_resumable, settle
 from ._limits import Limits
 from ._prices import price_for, worst_price
 from ._tokens import TokenEstimator, for_model
@@ -363,7 +364,7 @@ class Agent:
             raise UserError(f"budget must be a loopwise.Budget, got {type(budget).__name__}")
         budgets = self._budgets(budget)
         # (agent, run_id, task, tags, deps, store, sink, budgets)
-        return Run(self, run_id, messages, tags, self.deps if deps is None else deps, store, sink, budgets)
+        return Run.start(self, run_id, messages, tags, self.deps if deps is None else deps, store, sink, budgets)
 
     async def _execute(self, run: Run) -> RunResult:
         # A tool that blocks the event loop cannot be timed out; the watchdog says so.
@@ -462,22 +463,24 @@ class Agent:
             budgets = self._budgets(budget)
             limits = self.limits
             own = budgets[0] if limits.budget_usd is not None or limits.budget_tokens is not None else None
-            run = Run(self, run_id=run_id, task=list(started.task), tags=tuple(started.tags),
-                      deps=self.deps if deps is None else deps, budgets=budgets, store=store)
-            run.pending.clear()  # the log has its run_started
-            run.started = started
-            plan = restore(run, events, own)
-            run.resumption = plan
-            run.active_before = plan.active_s
+            # The run's state: its log folded through the loop's own rules.
+            state = fold(events, self.context, self.runaway, limits.max_iterations)
+            plan = settle(state, self.tools_by_name)
+            run = Run(self, run_id, started, state, self.deps if deps is None else deps, store, None, budgets,
+                      seq=events[-1].seq + 1)
+            run.resuming = plan.interrupted
+            run.active_before = state.active_s
             run.since = since
             run._emit(RunResumed(
-                run_id=run_id, seq=run.seq, ts=self.clock.time(), segment=plan.segment, previous_end=previous_end,
-                iteration=run.iteration, by=requester(),
+                run_id=run_id, seq=run.seq, ts=self.clock.time(), segment=state.segment + 1,
+                previous_end=previous_end, iteration=state.iteration, by=requester(),
                 interrupted_calls=[{"call_id": c.id, "name": str(c.name), "action": "rerun" if again else "unknown"}
                                    for c, again in plan.interrupted],
-                cost_usd=run.cost_usd, charged_usd=plan.carried_usd, charged_tokens=plan.carried_tokens,
-                active_s=plan.active_s,
+                cost_usd=state.cost_usd + plan.carried_usd, charged_usd=plan.carried_usd,
+                charged_tokens=plan.carried_tokens, active_s=state.active_s,
             ))
+            if own is not None:  # what the earlier segments spent: a crash never buys a fresh budget
+                own._charge(state.cost_usd, state.tokens)
         except BaseException:
             control.detach(run_id)
             raise

@@ -1,103 +1,84 @@
-"""One run of the loop: THINK → ACT → OBSERVE → REFINE → CHECK, until a stop reason.
+"""The asyncio driver of one run: THINK → ACT → OBSERVE → REFINE → CHECK, until a stop reason.
 
-`Run` holds a run's state and emits its events; it is the only writer of the log
-for that run. Each pass of the loop:
+`Run` performs what the loop needs done and is the only writer of the log for that
+run. Each pass of the loop:
 
-1. THINK: one model call with the context and the tool specs.
-2. ACT: every tool call of that response starts at once and runs concurrently.
-3. OBSERVE: results and errors become tool messages, in the order the model asked.
-4. REFINE: the context the next THINK sees (this version keeps the whole transcript).
-5. CHECK: the iteration cap.
+1. REFINE: the context policy folds old iterations out of what THINK is shown (a
+   summary model call, or a drop), when it says so.
+2. THINK: one model call with the context and the tool specs, under the budgets'
+   reservation and the model policy.
+3. ACT: the response's tool calls run concurrently (at most `max_parallel_tools` at
+   once), each under its reservation and its tool policy.
+4. OBSERVE: results and errors become tool messages, in the order the model asked.
+5. CHECK: the iteration cap, the runaway monitor's verdict, the deadline (another
+   iteration must fit), the budgets (no reservation, no call), and kills.
 
-Events are buffered in memory and handed to the store before every model call and at
-the end, so an iteration's events are durable before the next model call starts.
+The rules (what comes next, and the events they produce: nudges, limits, calls not
+executed) are `_core.decide`'s, pure; `Run` performs its commands (`CallModel`,
+`RunTools` in `_act.Acting`, `Stop`) under the budgets, the model and tool policies, the
+kill and deadline scope and the store, and feeds back what happened. The run's state
+(transcript, context and runaway state, counters) lives in a `_core.State` and changes
+only through `_core.evolve`: every event `_emit` logs passes through it first, with its
+real content (the log, the stream and `logging` get it redacted). Resume folds the
+logged events through the same function (`_core.fold`), so a resumed `Run` starts from
+the state the live one had; it is given that state and never emits a `run_started`.
+
+Events are buffered in memory and handed to the store before every model call, before
+tools run, and at the end, so an iteration's events are durable before the next model
+call starts. Time is read only through the agent's `Clock`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._errors import ModelBehaviorError, StoreError, UserError
-from ._breaker import BreakerChange
+from ._errors import ModelBehaviorError, StoreError
 from ._context import estimate_tokens
-from ._budget import Budget, BudgetExceeded, CallReservation, reserve, reserve_call
+from ._budget import Budget, BudgetExceeded, CallReservation, reserve_call
 from ._events import (
-    BreakerChanged,
     ContextFolded,
     ErrorInfo,
     ModelAttemptFailed,
     Event,
-    KillReceived,
-    LimitHit,
     ModelCallFinished,
-    Nudge,
     RunFinished,
     RunStarted,
     StopReason,
-    ThreadAbandoned,
-    ToolAttemptFailed,
-    ToolFallback,
-    new_iteration_started,
     new_model_call_finished,
     new_model_call_started,
     new_run_finished,
     new_run_started,
-    new_tool_call_finished,
-    new_tool_call_started,
 )
+from ._act import Acting
 from ._control_plane import call_in_loop
-from ._execute import Spend, execute
-from ._expect import NO_VALUE, judge, split_expectation
+from ._core import decide as core
+from ._core.decide import NOT_EXECUTED
+from ._core.evolve import EVOLVE
+from ._core.refine import fold_outcome
+from ._core.state import State
+from ._loggable import loggable, storable_start
 from ._logging import LOGGED_KINDS, log_event
-from ._resume import UNKNOWN_OUTCOME
-from ._messages import Message, ToolCall, Usage, new_message
-from ._storable import TOO_DEEP, TooDeep, clean, clean_event, clean_text, plain, too_deep
-from ._scopes import CurrentRun, _asyncio_loop, cancel_scope, current_run, task_group
-from ._tools import RunContext, Tool, ToolArgumentsError
+from ._messages import Message, ToolCall, Usage
+from ._storable import clean_event
+from ._scopes import CurrentRun, cancel_scope, current_run
 from .models._base import Model, ModelRequest, ModelResponse
 from .models._resilience import AttemptRecord, call_with_policy
 
 if TYPE_CHECKING:
     from ._agent import Agent
     from ._control_plane import KillRequest
-    from ._resume import Resumption
     from ._store import EventStore
 
-__all__ = ["Run"]
+__all__ = ["NOT_EXECUTED", "Run"]
 
 _log = logging.getLogger("loopwise")
-_wall = time.time
-_mono = time.perf_counter
 
-NOT_EXECUTED = "not executed: iteration limit reached"
-FINAL_ANSWER_PROMPT = (
-    "You have reached the limit of {limit} iterations, so tools are disabled now. "
-    "Give your best final answer from what you already know."
-)
-RUNAWAY_FINAL_PROMPT = (
-    "You keep repeating yourself without getting closer to an answer, so tools are disabled now. "
-    "Give your best final answer from what you already know."
-)
-LIMIT_FINAL_PROMPT = (
-    "The run has reached its {limit} limit, so tools are disabled now. "
-    "Give your best final answer from what you already know."
-)
-EMPTY_RESPONSE_NUDGE = (
-    "Your last response was empty (no text and no tool calls). "
-    "Call a tool or give your final answer."
-)
-LENGTH_NUDGE = (
-    "Your last answer was cut off by the max_tokens limit, so it is not a final answer. "
-    "Give a shorter complete answer."
-)
 # How long a stopping run may take to write its last events when shielded from cancellation.
 FINISH_TIMEOUT_S = 5.0
 
@@ -112,56 +93,45 @@ class _Stop(Exception):
         self.error = error
 
 
-class Run:
-    """The state of one run, and the loop that advances it."""
+class Run(Acting):
+    """One run's driver: performs what the loop decides, emits and writes its events.
+
+    Made by `Run.start` (a new run: it emits `run_started`) or by resume (given the
+    state folded from the log, with `resuming` set: what was in flight to settle).
+    """
 
     __slots__ = (
         "active_before",
         "agent",
         "budgets",
-        "call_ids",
-        "context",
-        "cost_usd",
+        "clock",
         "counts_tokens",
         "deadline",
         "delivered",
         "current",
         "deps",
-        "iteration",
         "kill_scope",
         "killed",
         "loop",
-        "model_calls",
-        "monitor",
-        "output",
         "pending",
         "redact",
-        "resumption",
+        "resuming",
         "run_id",
         "seq",
         "since",
         "sink",
         "started",
         "started_mono",
+        "state",
         "store",
         "tags",
-        "think_input_tokens",
-        "transcript",
-        "usage",
     )
 
-    def __init__(
-        self,
-        agent: Agent,
-        run_id: str,
-        task: list[Message],
-        tags: tuple[str, ...],
-        deps: Any,
-        store: EventStore,
-        sink: Callable[[Event], None] | None = None,
-        budgets: tuple[Budget, ...] = (),
-    ) -> None:
+    def __init__(self, agent: Agent, run_id: str, started: RunStarted, state: State, deps: Any,
+                 store: EventStore, sink: Callable[[Event], None] | None = None,
+                 budgets: tuple[Budget, ...] = (), seq: int = 0) -> None:
         self.agent = agent
+        self.clock = agent.clock
         self.run_id = run_id
         self.deps = deps
         self.store = store
@@ -169,53 +139,61 @@ class Run:
         #: What every event passes through before the log, the stream and `logging` see it.
         self.redact = agent.redact_event
         self.pending: list[Event] = []
-        self.seq = 0
-        self.iteration = 0
-        self.model_calls = 0
-        self.usage = Usage()
-        self.cost_usd = 0.0
-        self.output: str | None = None
-        self.call_ids: set[str] = set()
+        self.seq = seq
+        #: The run's state: changed only by `_core.evolve`, through `_emit`.
+        self.state = state
         self.budgets = budgets
         # A free model under dollar budgets only cannot overspend: no estimate, no reservation.
         self.counts_tokens = any(b.tokens is not None for b in budgets)
-        # The first system message: the instructions, plus how to state expectations when on.
-        instructions = agent.system_prompt
-        replaced: list[str] = []
-        task, instructions, tags = _storable_start(task, instructions, tags, replaced)
-        self.transcript: list[Message] = (
-            [new_message("system", instructions), *task] if instructions else list(task)
-        )
-        self.context = agent.context.start(head=len(self.transcript))
-        self.monitor = agent.runaway.start() if agent.runaway is not None else None
-        self.think_input_tokens = 0
         self.deadline: float | None = None
         self.current = CurrentRun(run_id)
+        self.current.model_calls = state.model_calls
         self.started_mono = 0.0
         self.killed: KillRequest | None = None
         self.kill_scope: anyio.CancelScope | None = None
         #: The event loop the run executes on (set when it starts): where kills are delivered.
         self.loop: asyncio.AbstractEventLoop | None = None
         self.delivered = False
-        #: Set by `resume`: where this segment picks up, and the active time of the earlier ones.
-        self.resumption: Resumption | None = None
+        #: Set by resume: the calls the previous segment left without an outcome, each with
+        #: whether it runs again (None: a new run, or nothing to settle).
+        self.resuming: list[tuple[ToolCall, bool]] | None = None
+        #: Set by resume: the active time of the earlier segments, and when this one began.
         self.active_before = 0.0
         self.since = 0.0
-        # (run_id, seq, ts, task, instructions, agent, limits, tags)
         # RunResult reads it: as logged (redacted).
-        started = new_run_started(run_id, 0, _wall(), task, instructions, agent.describe(), agent.limits.to_dict(),
-                                  list(tags))
-        if replaced:
-            started.replaced = replaced
-        self.started: RunStarted = self._emit(started)  # type: ignore[assignment]
+        self.started = started
         # Tags as logged (redacted), for the control plane's leases and kills, and for tools:
         # what a resumed run reads from the log too.
-        self.tags = tuple(self.started.tags)
+        self.tags = tuple(started.tags)
+
+    @classmethod
+    def start(cls, agent: Agent, run_id: str, task: list[Message], tags: tuple[str, ...], deps: Any,
+              store: EventStore, sink: Callable[[Event], None] | None = None,
+              budgets: tuple[Budget, ...] = ()) -> Run:
+        """A new run: its state from the task and the instructions, and its `run_started` emitted."""
+        # The first system message: the instructions, plus how to state expectations when on.
+        instructions = agent.system_prompt
+        replaced: list[str] = []
+        task, instructions, tags = storable_start(task, instructions, tags, replaced)
+        # (run_id, seq, ts, task, instructions, agent, limits, tags)
+        started = new_run_started(run_id, 0, agent.clock.time(), task, instructions, agent.describe(),
+                                  agent.limits.to_dict(), list(tags))
+        if replaced:
+            started.replaced = replaced
+        state = State.start(started, agent.context, agent.runaway, agent.limits.max_iterations)
+        run = cls(agent, run_id, started, state, deps, store, sink, budgets)
+        run.started = run._emit(started)  # type: ignore[assignment]
+        run.tags = tuple(run.started.tags)
+        return run
 
     # -- the log -------------------------------------------------------------------
 
     def _emit(self, event: Event) -> Event:
-        """Append `event` to the log (and the stream, and `logging`); return it as logged."""
+        """Apply `event` to the run's state; append it to the log (and the stream, and
+        `logging`); return it as logged."""
+        evolve = _EVOLVE_get(type(event))
+        if evolve is not None:
+            evolve(self.state, event)
         self.seq += 1
         # What the log, the stream and `logging` get is redacted; the run keeps the real content.
         redact = self.redact
@@ -263,7 +241,7 @@ class Run:
         Returns the run's end as logged (redacted).
         """
         token = current_run.set(self.current)
-        self.started_mono = _mono()
+        self.started_mono = self.clock.monotonic()
         try:
             try:
                 stop = await self._guarded_loop()
@@ -318,7 +296,7 @@ class Run:
         if self.kill_scope is not None:
             self.kill_scope.cancel()
 
-    async def _guarded_loop(self) -> _Stop:
+    async def _guarded_loop(self) -> core.Stop | _Stop:
         """The loop inside one cancel scope: a kill cancels it, and so does the deadline.
 
         Whatever is in flight then (the model call, the tool calls) is cancelled. One
@@ -336,29 +314,13 @@ class Run:
         self.kill_scope = None
         request = self.killed
         if request is None:  # the deadline
-            detail = f"deadline of {deadline_s:g} s reached during iteration {self.iteration}"
-            self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=self.iteration,
-                                limit="deadline", detail=detail))
-            return _Stop("deadline", detail)
-        self._emit(KillReceived(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=self.iteration,
-                                by=request.by, reason=request.reason, requested_ts=request.ts))
-        return _Stop("killed", f"killed by {request.by}: {request.reason}")
+            events, stop = core.deadline_reached(self.state, self.agent)
+        else:
+            events, stop = core.kill_received(self.state, request.by, request.reason, request.ts)
+        self._emit_core(events)
+        return stop  # type: ignore[return-value]
 
-    def _out_of_time(self, iteration: int) -> str | None:
-        """Why another iteration would not fit before the deadline (from the ones so far), if so."""
-        if self.deadline is None or iteration < 2:
-            return None
-        now = anyio.current_time()
-        spent = now - (self.deadline - self.agent.limits.deadline_s)  # type: ignore[operator]
-        per_iteration = spent / (iteration - 1)
-        left = self.deadline - now
-        # Another iteration, then still time for the best-effort answer (at most another).
-        if left >= 2 * per_iteration:
-            return None
-        return (f"deadline of {self.agent.limits.deadline_s:g} s: {left:.2f} s left, an iteration has "
-                f"taken {per_iteration:.2f} s and the answer needs time too")
-
-    async def _finish(self, stop: _Stop) -> RunFinished:
+    async def _finish(self, stop: core.Stop | _Stop) -> RunFinished:
         """Write the run's end. Raises `StoreError` if the store cannot take it: no result
         claims an end the log does not have."""
         event = self._emit_end(stop)
@@ -373,14 +335,14 @@ class Run:
             ) from exc
         return event
 
-    async def _finish_quietly(self, stop: _Stop) -> None:
+    async def _finish_quietly(self, stop: core.Stop | _Stop) -> None:
         """`_finish` while another exception is on its way out: a store failure is logged, not raised."""
         try:
             await self._finish(stop)
         except StoreError as exc:
             _log.error("%s", exc)
 
-    def _finish_now(self, stop: _Stop) -> None:
+    def _finish_now(self, stop: core.Stop | _Stop) -> None:
         """`_finish` without awaiting: for a store that writes at once (the SQLite and memory ones)."""
         self._emit_end(stop)
         try:
@@ -396,145 +358,78 @@ class Run:
             _log.error("run %s: its end is not in the event store (%s writes asynchronously, and the "
                        "process is leaving); it reads as crashed", self.run_id, self.store.describe())
 
-    def _emit_end(self, stop: _Stop) -> RunFinished:
-        usage = self.usage
+    def _emit_end(self, stop: core.Stop | _Stop) -> RunFinished:
+        state = self.state
+        usage = state.usage
         # (run_id, seq, ts, stop_reason, output, iterations, model_calls, usage, cost_usd,
         #  duration_s, reason, error)
         event = new_run_finished(
-            self.run_id, self.seq, _wall(), stop.reason, self.output, self.iteration, self.model_calls,
+            self.run_id, self.seq, self.clock.time(), stop.reason, state.output, state.iteration, state.model_calls,
             Usage(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.reasoning_tokens),
-            self.cost_usd, self.active_before + _mono() - self.started_mono, stop.detail, stop.error,
+            state.cost_usd, self.active_before + self.clock.monotonic() - self.started_mono, stop.detail, stop.error,
         )
         return self._emit(event)  # type: ignore[return-value]
 
-    async def _loop(self) -> _Stop:
+    async def _loop(self) -> core.Stop:
+        """Perform what the core decides, and feed it what happened, until it says stop.
+
+        The commands are performed here, inline (an `is` test each, most frequent first),
+        not through a method per command: a coroutine frame per command and iteration is
+        a cost every run pays (`benchmarks/instructions.py`).
+        """
         agent = self.agent
-        max_iterations = agent.limits.max_iterations
+        state = self.state
         specs = agent.tool_specs
         # A context that never folds sends the whole transcript: THINK without `_think`'s frame.
         folds = agent.context.folds
-        if self.resumption is not None:
-            plan, self.resumption = self.resumption, None
-            if (stop := await self._resume_step(plan)) is not None:
-                return stop
+        step = core.begin(state, agent, self.resuming)
+        self.resuming = None
+        CallModel, RunTools, CONTINUE = core.CallModel, core.RunTools, core.CONTINUE  # noqa: N806
         while True:
-            if self.killed is not None and self.kill_scope is not None:
-                # The seed's rule: the kill switch is checked between iterations too.
-                self.kill_scope.cancel()
-                await anyio.lowlevel.checkpoint()
-            if self.deadline is not None and (why := self._out_of_time(self.iteration + 1)) is not None:
-                return await self._limit_stop(self.iteration, "deadline", why)
-            self.iteration += 1
-            iteration = self.iteration
-            cost_before = self.cost_usd
-            contents: list[str] = []
-            self._emit(new_iteration_started(self.run_id, self.seq, _wall(), iteration))
-            # THINK
-            if folds:
-                response = await self._think(iteration, specs, "think")
-            else:  # (messages, tools, max_tokens)
-                request = ModelRequest(list(self.transcript), specs, agent.max_tokens)
-                response = (await self._call_model(iteration, request, "think", agent.models))[0]
-            calls = response.tool_calls
-            if not calls:
-                text = response.text
-                if response.finish_reason == "length":
-                    if text:
-                        self.transcript.append(Message("assistant", text))
-                    self._nudge(iteration, LENGTH_NUDGE, "the answer was cut by max_tokens")
-                elif text is None or not text.strip():
-                    self._nudge(iteration, EMPTY_RESPONSE_NUDGE, "the model returned an empty response")
+            events, command = step
+            if events:
+                self._emit_core(events)
+            kind = type(command)
+            if kind is CallModel:  # THINK (after REFINE), or the best-effort answer without tools
+                iteration = command.iteration  # type: ignore[union-attr]
+                purpose = command.purpose  # type: ignore[union-attr]
+                try:
+                    if purpose != "think":
+                        response = await self._think(iteration, [], purpose)
+                    elif folds:
+                        response = await self._think(iteration, specs, "think")
+                    else:  # (messages, tools, max_tokens)
+                        request = ModelRequest(list(state.transcript), specs, agent.max_tokens)
+                        response = (await self._call_model(iteration, request, "think", agent.models))[0]
+                except _Stop as stop:  # it failed, or no budget could pay for it
+                    step = core.model_failed(state, agent, command, stop.reason, stop.detail or "",  # type: ignore[arg-type]
+                                             stop.error)
                 else:
-                    self.transcript.append(new_message("assistant", text))
-                    self.output = text
-                    return _Stop("done")
+                    step = core.answered(state, agent, command, response.finish_reason)  # type: ignore[arg-type]
+            elif command is CONTINUE:  # CHECK passed: the next iteration, given the active time spent
+                if self.killed is not None and self.kill_scope is not None:
+                    # The seed's rule: the kill switch is checked between iterations too.
+                    self.kill_scope.cancel()
+                    await anyio.lowlevel.checkpoint()
+                spent = None
+                if self.deadline is not None:
+                    spent = anyio.current_time() - (self.deadline - agent.limits.deadline_s)  # type: ignore[operator]
+                step = core.start_iteration(state, agent, spent)
+            elif kind is RunTools:  # ACT + OBSERVE, then CHECK
+                await self._act(command.iteration, command.calls)  # type: ignore[union-attr]
+                step = core.check(state, agent, command.iteration)  # type: ignore[union-attr]
+            elif kind is core.Check:
+                step = core.check(state, agent, command.iteration)  # type: ignore[union-attr]
             else:
-                calls = self._assign_ids(iteration, calls)
-                self.transcript.append(new_message("assistant", response.text, tuple(calls)))
-                if iteration >= max_iterations:
-                    self._skip_tools(iteration, calls)
-                    return await self._limit_stop(iteration, "max_iterations",
-                                                  f"iteration limit of {max_iterations} reached with tool calls pending")
-                # ACT + OBSERVE
-                contents = await self._act(iteration, calls)
-            # CHECK
-            if iteration >= max_iterations:
-                return await self._limit_stop(iteration, "max_iterations",
-                                              f"iteration limit of {max_iterations} reached without a final answer")
-            if self.monitor is not None:
-                verdict = self.monitor.observe_iteration(calls, contents if calls else [], self.think_input_tokens,
-                                                         self.cost_usd - cost_before)
-                if verdict is not None:
-                    if verdict.action == "stop":
-                        return await self._limit_stop(iteration, "runaway", verdict.message)
-                    self._nudge(iteration, verdict.nudge, f"runaway: {verdict.message}")
+                return command  # type: ignore[return-value]
 
-    async def _resume_step(self, plan: Resumption) -> _Stop | None:
-        """Settle what the previous segment left in flight, then CHECK; None: go on with the loop."""
-        max_iterations = self.agent.limits.max_iterations
-        if plan.done:
-            return _Stop("done")
-        if plan.limit is not None:
-            hit = plan.limit
-            if not plan.final_answered and self.agent.limits.final_answer_on_limit:
-                await self._best_effort(hit.iteration, hit.limit)
-            return _Stop(hit.limit, hit.detail)
-        iteration = self.iteration
-        calls: list[ToolCall] = []
-        contents: list[str] = []
-        if plan.act_iteration:
-            iteration = plan.act_iteration
-            calls = plan.act_calls
-            results = dict(plan.act_contents)
-            rerun = [c for c, again in plan.interrupted if again]
-            for call, again in plan.interrupted:
-                if not again:
-                    content = UNKNOWN_OUTCOME.format(name=call.name)
-                    self._tool_finished(iteration, call, "unknown", content, 0.0,
-                                        ErrorInfo(type="OutcomeUnknown", message=content))
-                    results[call.id] = content  # type: ignore[index]
-            if rerun:
-                mark = len(self.transcript)
-                for call, content in zip(rerun, await self._act(iteration, rerun)):
-                    results[call.id] = content  # type: ignore[index]
-                del self.transcript[mark:]  # re-added below, in the model's order
-            contents = [results.get(c.id, "") for c in calls]  # type: ignore[arg-type]
-            for call, content in zip(calls, contents):
-                self.transcript.append(Message("tool", content, tool_call_id=call.id))
-        if iteration >= max_iterations:
-            return await self._limit_stop(iteration, "max_iterations",
-                                          f"iteration limit of {max_iterations} reached without a final answer")
-        if calls and self.monitor is not None:
-            verdict = self.monitor.observe_iteration(calls, contents, self.think_input_tokens, 0.0)
-            if verdict is not None:
-                if verdict.action == "stop":
-                    return await self._limit_stop(iteration, "runaway", verdict.message)
-                self._nudge(iteration, verdict.nudge, f"runaway: {verdict.message}")
-        return None
-
-    def _nudge(self, iteration: int, content: str, reason: str) -> None:
-        self.transcript.append(Message("user", content))
-        self._emit(Nudge(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, content=content, reason=reason))
-
-    async def _limit_stop(self, iteration: int, limit: StopReason, detail: str) -> _Stop:
-        self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, limit=limit, detail=detail))
-        if self.agent.limits.final_answer_on_limit:
-            prompt = (FINAL_ANSWER_PROMPT.format(limit=self.agent.limits.max_iterations) if limit == "max_iterations"
-                      else RUNAWAY_FINAL_PROMPT if limit == "runaway" else LIMIT_FINAL_PROMPT.format(limit=limit))
-            self._nudge(iteration, prompt, "best-effort answer after a limit")
-            await self._best_effort(iteration, limit)
-        return _Stop(limit, detail)
-
-    async def _best_effort(self, iteration: int, limit: str) -> None:
-        """The tools-disabled call for a best-effort answer after `limit` (the prompt is in the transcript)."""
-        try:
-            response = await self._think(iteration, [], "final_answer")
-        except _Stop:
-            pass  # the failed call is in the log; the run still stops for the limit
-        else:
-            if response.text and response.text.strip():
-                self.transcript.append(Message("assistant", response.text))
-                self.output = response.text
+    def _emit_core(self, events: Any) -> None:
+        """Emit the events the core made: stamped with their `seq` and the clock's time here."""
+        clock = self.clock
+        for event in events:
+            event.seq = self.seq
+            event.ts = clock.time()
+            self._emit(event)
 
     # -- THINK ---------------------------------------------------------------------
 
@@ -542,37 +437,36 @@ class Run:
         """REFINE (fold what leaves the context), then one model call with the context."""
         agent = self.agent
         policy = agent.context
+        state = self.state
         if policy.folds:
-            plan = policy.plan(self.transcript, self.context)
+            plan = policy.plan(state.transcript, state.context)
             if plan.fold:
                 await self._fold(iteration, plan.fold, plan.reason)
-            messages = policy.messages(self.transcript, self.context)
+            messages = policy.messages(state.transcript, state.context)
         else:
-            messages = list(self.transcript)
+            messages = list(state.transcript)
         request = ModelRequest(messages=messages, tools=specs, max_tokens=agent.max_tokens)
         response, _ = await self._call_model(iteration, request, purpose, agent.models)
         return response
 
     async def _fold(self, iteration: int, units: Any, reason: str | None) -> None:
-        """Fold evicted iterations into the running summary with one small model call."""
+        """Fold evicted iterations into the running summary with one small model call (or drop them)."""
         policy = self.agent.context
-        result = None
+        context = self.state.context
+        text = failed = None
         if policy.summarize:
-            request = policy.summary_request(self.context.summary, units)
+            request = policy.summary_request(context.summary, units)
             models = [policy.summary_model] if policy.summary_model is not None else self.agent.models
-            cost_before = self.cost_usd
             try:
                 response, _ = await self._call_model(iteration, request, "summary", models)
             except _Stop as stop:  # no budget for it, or it failed: drop the units instead
-                result = policy.apply_drop(self.context, units, f"summary call not made or failed: {stop.detail}")
+                failed = stop.detail or stop.reason
             else:
-                result = policy.apply_summary(self.context, response.text, units,
-                                              cost_usd=self.cost_usd - cost_before, reason=reason)
-        else:
-            result = policy.apply_drop(self.context, units, reason)
-        self._emit(ContextFolded(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
-                                 outcome=result.outcome, units=list(result.units), n_messages=result.n_messages,
-                                 summary=result.summary, reason=result.reason or ""))
+                text = response.text
+        outcome, indexes, n_messages, summary, why = fold_outcome(context, units, reason, summarize=policy.summarize,
+                                                                  text=text, failed=failed)
+        self._emit(ContextFolded(run_id=self.run_id, seq=self.seq, ts=self.clock.time(), iteration=iteration,
+                                 outcome=outcome, units=indexes, n_messages=n_messages, summary=summary, reason=why))
 
     async def _call_model(self, iteration: int, request: ModelRequest, purpose: str,
                           models: list[Model]) -> tuple[ModelResponse, Model]:
@@ -590,22 +484,18 @@ class Run:
             try:
                 held = reserve_call(self.budgets, input_tokens=int(estimate), price=price,
                                     max_tokens=request.max_tokens)
-            except BudgetExceeded as exc:
-                if purpose == "think":
-                    self._emit(LimitHit(run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
-                                        limit="budget", detail=str(exc)))
+            except BudgetExceeded as exc:  # (the core says what it means for the run)
                 raise _Stop("budget", str(exc)) from None
             if held.max_tokens != request.max_tokens:
                 request = ModelRequest(messages=request.messages, tools=request.tools, max_tokens=held.max_tokens)
         specs = request.tools
-        self.model_calls += 1
-        self.current.model_calls = self.model_calls
         # (run_id, seq, ts, iteration, purpose, model, n_messages, n_tools, max_tokens,
         #  estimated_input_tokens, reserved_usd)
         self._emit(new_model_call_started(
-            self.run_id, self.seq, _wall(), iteration, purpose, model.name, len(request.messages), len(specs),
+            self.run_id, self.seq, self.clock.time(), iteration, purpose, model.name, len(request.messages), len(specs),
             request.max_tokens, None if estimate is None else int(estimate), None if held is None else held.usd,
         ))
+        self.current.model_calls = self.state.model_calls
         error: ErrorInfo | None = None
         response: ModelResponse | None = None
         try:
@@ -616,25 +506,25 @@ class Run:
                 held.release()
             if isinstance(exc, Exception):  # the store failed: the call is not made, and the log says so
                 self._emit(ModelCallFinished(
-                    run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, purpose=purpose,  # type: ignore[arg-type]
+                    run_id=self.run_id, seq=self.seq, ts=self.clock.time(), iteration=iteration, purpose=purpose,  # type: ignore[arg-type]
                     error=ErrorInfo(type=type(exc).__name__, message=f"not made: the event log could not be "
                                                                      f"written ({exc})")))
             raise
-        started = _mono()
+        started = self.clock.monotonic()
         try:
             # (models, request, policy, on_attempt, check, report_ok): positionally, every call passes here
             response, model = await call_with_policy(
                 models, request, agent.model_policy, _ModelAttemptReporter(self, iteration, purpose),
                 self._check_response, False,
             )
-            response, replaced = _loggable(response)
+            response, replaced = loggable(response)
         except anyio.get_cancelled_exc_class():
             if held is not None:
                 held.release()
             self._emit(
                 ModelCallFinished(
-                    run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, purpose=purpose,  # type: ignore[arg-type]
-                    latency_s=_mono() - started, error=ErrorInfo(type="Cancelled", message="the call was cancelled"),
+                    run_id=self.run_id, seq=self.seq, ts=self.clock.time(), iteration=iteration, purpose=purpose,  # type: ignore[arg-type]
+                    latency_s=self.clock.monotonic() - started, error=ErrorInfo(type="Cancelled", message="the call was cancelled"),
                 )
             )
             raise
@@ -645,16 +535,16 @@ class Run:
             if held is not None:
                 held.release()
             self._emit(ModelCallFinished(
-                run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration, purpose=purpose,  # type: ignore[arg-type]
-                latency_s=_mono() - started, error=ErrorInfo.from_exception(exc)))
+                run_id=self.run_id, seq=self.seq, ts=self.clock.time(), iteration=iteration, purpose=purpose,  # type: ignore[arg-type]
+                latency_s=self.clock.monotonic() - started, error=ErrorInfo.from_exception(exc)))
             raise
-        latency = _mono() - started
+        latency = self.clock.monotonic() - started
         if response is None:
             if held is not None:
                 held.release()  # nothing reported as billed (see docs/budgets.md on timeouts)
             self._emit(
                 ModelCallFinished(
-                    run_id=self.run_id, seq=self.seq, ts=_wall(), iteration=iteration,
+                    run_id=self.run_id, seq=self.seq, ts=self.clock.time(), iteration=iteration,
                     purpose=purpose, latency_s=latency, error=error,  # type: ignore[arg-type]
                 )
             )
@@ -662,8 +552,6 @@ class Run:
         usage, estimated = self._usage_of(request, response)
         price = agent.price_of(model)
         cost = price.cost(usage) if price is not None else 0.0
-        self.usage.add(usage)
-        self.cost_usd += cost
         overrun_usd = 0.0
         if held is not None:
             overrun = held.settle(cost, usage.input_tokens + usage.output_tokens)
@@ -678,14 +566,12 @@ class Run:
         # (run_id, seq, ts, iteration, purpose, text, tool_calls, finish_reason, usage,
         #  usage_estimated, cost_usd, latency_s, error, model, overrun_usd)
         finished = new_model_call_finished(
-            self.run_id, self.seq, _wall(), iteration, purpose, response.text, list(response.tool_calls),
+            self.run_id, self.seq, self.clock.time(), iteration, purpose, response.text, list(response.tool_calls),
             response.finish_reason, usage, estimated, cost, latency, None, model.name, overrun_usd,
         )
         if replaced is not None:
             finished.replaced = replaced
         self._emit(finished)
-        if purpose == "think":
-            self.think_input_tokens = usage.input_tokens
         return response, model
 
     @staticmethod
@@ -714,242 +600,10 @@ class Run:
         output_tokens = max(1, estimate_tokens(Message("assistant", response.text, tuple(response.tool_calls))) - 4)
         return Usage(input_tokens, output_tokens), True
 
-    # -- ACT + OBSERVE -------------------------------------------------------------
 
-    def _assign_ids(self, iteration: int, calls: list[ToolCall]) -> list[ToolCall]:
-        """Give every call an id unique in the run: tools use it as an idempotency key.
-
-        Provider ids are kept unless missing or already used (some servers repeat ids
-        across turns); replacements are deterministic, so a replay assigns the same.
-        """
-        seen = self.call_ids
-        out = []
-        for index, call in enumerate(calls):
-            call_id = call.id if isinstance(call.id, str) and call.id else f"lw-{iteration}-{index}"
-            if call_id in seen:
-                base = f"{call_id}-{iteration}-{index}"
-                call_id, n = base, 1
-                while call_id in seen:
-                    n += 1
-                    call_id = f"{base}-{n}"
-            seen.add(call_id)
-            out.append(call if call_id == call.id else ToolCall(call.name, call.arguments, call_id))
-        return out
-
-    def _skip_tools(self, iteration: int, calls: list[ToolCall]) -> None:
-        for call in calls:
-            self._tool_started(iteration, call)
-            self._tool_finished(iteration, call, "not_executed", NOT_EXECUTED, 0.0, None)
-            self.transcript.append(Message("tool", NOT_EXECUTED, tool_call_id=call.id))
-
-    def _tool_started(self, iteration: int, call: ToolCall) -> dict[str, Any] | str | None:
-        """Log the call's start; return the arguments for the tool (less the model's expectation)."""
-        arguments, expected = call.arguments, None
-        if self.agent.expectations:
-            expected, arguments = split_expectation(arguments)
-        # (run_id, seq, ts, iteration, call_id, name, arguments, expected)
-        self._emit(new_tool_call_started(self.run_id, self.seq, _wall(), iteration, call.id, str(call.name),
-                                         arguments, expected))
-        return arguments
-
-    def _tool_finished(self, iteration: int, call: ToolCall, outcome: str, content: str,
-                       latency: float, error: ErrorInfo | None, attempts: int = 0,
-                       fallback: str | None = None, cost_usd: float = 0.0, value: Any = NO_VALUE) -> None:
-        replaced = None
-        if not content.isascii() or (error is not None and not _ascii_error(error)):
-            replaced = []
-            content = clean(content, "content", replaced)
-            error = clean(error, "error", replaced)
-        match = match_by = note = None
-        if self.agent.expectations:  # did the result match the model's expectation?
-            tool = self.agent.tools_by_name.get(call.name) if isinstance(call.name, str) else None
-            match, match_by, note = judge(tool, split_expectation(call.arguments)[0], outcome, content,
-                                          fallback, value)
-        # (run_id, seq, ts, iteration, call_id, name, outcome, content, latency_s, error, attempts,
-        #  fallback, cost_usd, match, match_by, match_note)
-        event = new_tool_call_finished(self.run_id, self.seq, _wall(), iteration, call.id, str(call.name),
-                                       outcome, content, latency, error, attempts, fallback, cost_usd,
-                                       match, match_by, note)
-        if replaced:
-            event.replaced = replaced
-        self._emit(event)
-
-    async def _act(self, iteration: int, calls: list[ToolCall]) -> list[str]:
-        tools = self.agent.tools_by_name
-        contents: list[str] = [""] * len(calls)
-        runnable: list[tuple[int, ToolCall, Tool, dict[str, Any]]] = []
-        for index, call in enumerate(calls):
-            arguments = self._tool_started(iteration, call)
-            tool = tools.get(call.name) if isinstance(call.name, str) else None
-            if tool is None:
-                content = (f"error: unknown tool {call.name!r}; available tools: "
-                           f"{', '.join(tools) or '(none)'}")
-                self._tool_finished(iteration, call, "unknown_tool", content, 0.0, None)
-                contents[index] = content
-                continue
-            try:
-                kwargs = tool.validate(arguments)
-            except ToolArgumentsError as exc:
-                content = f"error: {tool.name}: {exc}"
-                self._tool_finished(iteration, call, "invalid_arguments", content, 0.0,
-                                    ErrorInfo(type="ToolArgumentsError", message=str(exc)))
-                contents[index] = content
-                continue
-            runnable.append((index, call, tool, kwargs))
-        if runnable:
-            # The calls are durable before any tool runs: after a crash, resume knows
-            # what may have happened (and never re-runs a non-idempotent call blindly).
-            try:
-                if (waiter := self._write()) is not None:
-                    await waiter
-            except Exception as exc:  # the store failed: no tool runs, and the log says so
-                content = f"not executed: the event log could not be written ({exc})"
-                for _, call, _, _ in runnable:
-                    self._tool_finished(iteration, call, "not_executed", content, 0.0,
-                                        ErrorInfo(type=type(exc).__name__, message=content))
-                raise
-        if len(runnable) == 1:
-            await self._call_tool(iteration, contents, *runnable[0])
-        elif runnable:
-            bound = self.agent.max_parallel_tools
-            limiter = anyio.CapacityLimiter(bound) if bound is not None and bound < len(runnable) else None
-            loop = _asyncio_loop()
-            if limiter is None and loop is not None:
-                await self._call_tools_at_once(loop, iteration, contents, runnable)
-            else:
-                async with task_group() as tg:
-                    if limiter is not None:
-                        for item in runnable:
-                            tg.start_soon(self._call_tool, iteration, contents, *item, limiter, name=_CALL_TOOL)
-                    else:
-                        for item in runnable[1:]:
-                            tg.start_soon(self._call_tool, iteration, contents, *item, name=_CALL_TOOL)
-                        await self._call_tool(iteration, contents, *runnable[0])
-        for index, (call, content) in enumerate(zip(calls, contents)):
-            if not content.isascii() and (fixed := clean_text(content)) is not None:  # as `_tool_finished` logged it
-                content = contents[index] = fixed
-            self.transcript.append(new_message("tool", content, (), call.id))
-        return contents
-
-    async def _call_tools_at_once(self, loop: asyncio.AbstractEventLoop, iteration: int, contents: list[str],
-                                  runnable: list[tuple[int, ToolCall, Tool, dict[str, Any]]]) -> None:
-        """ACT on asyncio: the first call in this task, the others in asyncio tasks of their own.
-
-        What an anyio task group does here, without its per-task bookkeeping (a task
-        handle with an event and a cancel scope of its own: ~2 KB and ~20 µs a spawned
-        call). The first call still starts first and the others as soon as it first
-        waits; each call's timeout scope is its own (`execute`). If this task is
-        cancelled (a kill, the deadline) the other calls are cancelled too, and waited
-        for, before the cancellation goes on. `_call_tool` turns every failure of a tool
-        into an outcome: a call's task can only end in a cancellation or a runtime bug,
-        which is raised here once the first call is done.
-        """
-        tasks = [loop.create_task(self._call_tool(iteration, contents, *item), name=_CALL_TOOL)
-                 for item in runnable[1:]]
-        try:
-            await self._call_tool(iteration, contents, *runnable[0])
-            for task in tasks:
-                await task
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            with anyio.CancelScope(shield=True):  # (a cancelled scope would cancel this wait too)
-                for task in tasks:
-                    try:
-                        await task
-                    except BaseException:  # noqa: BLE001, S110 - its own end is in the log; ours is raised below
-                        pass
-            raise
-
-    async def _call_tool(self, iteration: int, contents: list[str], index: int, call: ToolCall,
-                         tool: Tool, kwargs: dict[str, Any], limiter: anyio.CapacityLimiter | None = None) -> None:
-        policy = tool.policy
-        # Only a tool that takes a RunContext reads it (or a fallback tool, or a `call` of a
-        # subclass, that may): made for those only.
-        ctx = (RunContext(run_id=self.run_id, call_id=call.id, iteration=iteration,  # type: ignore[arg-type]
-                          tags=self.tags, deps=self.deps)
-               if tool.context_param is not None or policy.fallback or type(tool).call is not _tool_call else None)
-        held = spend = None
-        if (policy.cost_usd or policy.fallback) and (worst := policy.max_cost_usd()):
-            spend = Spend()
-            if self.budgets:
-                # A paid call reserves its worst case before it runs: every attempt, and
-                # every paid fallback its chain can reach. What it spent settles it.
-                try:
-                    held = reserve(self.budgets, usd=worst)
-                except BudgetExceeded as exc:
-                    content = f"not executed: {exc} (the worst case of {policy.cost_note(tool.name)})"
-                    self._tool_finished(iteration, call, "not_executed", content, 0.0,
-                                        ErrorInfo(type="BudgetExceeded", message=str(exc)))
-                    contents[index] = content
-                    return
-        started = _mono()
-        try:
-            if limiter is None:
-                result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id),  # type: ignore[arg-type]
-                                       spend=spend)
-            else:
-                async with limiter:
-                    started = _mono()
-                    result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id),  # type: ignore[arg-type]
-                                           spend=spend)
-        except BaseException as exc:
-            spent = 0.0 if spend is None else spend.usd  # each attempt started may have been billed
-            if held is not None:
-                held.settle(spent, 0)
-            if not isinstance(exc, anyio.get_cancelled_exc_class()):
-                raise
-            self.cost_usd += spent
-            self._tool_finished(iteration, call, "cancelled", "cancelled", _mono() - started,
-                                ErrorInfo(type="Cancelled", message="the call was cancelled"), cost_usd=spent)
-            raise
-        if held is not None:
-            held.settle(result.cost_usd, 0)
-        self.cost_usd += result.cost_usd
-        outcome = result.outcome
-        # (positionally: ..., attempts, fallback, cost_usd, value)
-        self._tool_finished(iteration, call, outcome, result.content, _mono() - started, result.error,
-                            result.attempts, result.fallback, result.cost_usd,
-                            result.value if outcome == "ok" else NO_VALUE)
-        contents[index] = result.content
+_EVOLVE_get = EVOLVE.get
 
 
-_tool_call = Tool.call
-# The name anyio gives a task of `_call_tool` (`module.qualname`), worked out once.
-_CALL_TOOL = f"{Run._call_tool.__module__}.{Run._call_tool.__qualname__}"
-
-
-class _CallReporter:
-    """Writes what `execute` reports about one tool call to the run's log, as it happens."""
-
-    __slots__ = ("call_id", "iteration", "run")
-
-    def __init__(self, run: Run, iteration: int, call_id: str) -> None:
-        self.run = run
-        self.iteration = iteration
-        self.call_id = call_id
-
-    def attempt_failed(self, tool: str, attempt: int, error: ErrorInfo, latency_s: float,
-                       retry_in_s: float | None) -> None:
-        run = self.run
-        run._emit(ToolAttemptFailed(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
-                                    call_id=self.call_id, name=tool, attempt=attempt, error=error,
-                                    latency_s=latency_s, retry_in_s=retry_in_s))
-
-    def fallback_tried(self, tool: str, fallback: str, ok: bool, reason: str) -> None:
-        run = self.run
-        run._emit(ToolFallback(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
-                               call_id=self.call_id, name=tool, fallback=fallback, ok=ok, reason=reason))
-
-    def breaker_changed(self, change: BreakerChange) -> None:
-        run = self.run
-        run._emit(BreakerChanged(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
-                                 name=change.tool, old=change.old, new=change.new, reason=change.reason))
-
-    def thread_abandoned(self, tool: str, thread: str) -> None:
-        run = self.run
-        run._emit(ThreadAbandoned(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
-                                  call_id=self.call_id, name=tool, thread=thread))
 
 
 class _ModelAttemptReporter:
@@ -966,115 +620,8 @@ class _ModelAttemptReporter:
         if record.ok or record.error is None:
             return
         run = self.run
-        run._emit(ModelAttemptFailed(run_id=run.run_id, seq=run.seq, ts=_wall(), iteration=self.iteration,
+        run._emit(ModelAttemptFailed(run_id=run.run_id, seq=run.seq, ts=run.clock.time(), iteration=self.iteration,
                                      purpose=self.purpose, model=record.model,  # type: ignore[arg-type]
                                      attempt=record.attempt, error=record.error, latency_s=record.latency_s,
                                      retry_in_s=record.retry_in_s, will_fallback=record.will_fallback,
                                      reason=record.reason))
-
-
-def _loggable(response: ModelResponse) -> tuple[ModelResponse, list[str] | None]:
-    """`response` in the types its event is read back with (a Python model may send anything),
-    and storable; with the fields that had to be replaced, if any (`_storable`).
-
-    A tool call's name that is not a str becomes one (None: the empty name), which the
-    loop then answers as an unknown tool; arguments neither a dict nor a str, or a dict
-    with keys that are not all str, become their JSON text (the loop parses it as it
-    would a provider's, and answers what is wrong with it); an id that is not a str
-    becomes one; so does a finish reason. Else the log would hold a model call whose
-    event cannot be loaded: `show`, resume and every view of the run would fail.
-    Text UTF-8 cannot encode (a lone surrogate), anywhere, becomes U+FFFD; arguments
-    nested deeper than `MAX_DEPTH` (or that contain themselves) become `TOO_DEEP`,
-    answered as invalid arguments. The fast path: ASCII text, and arguments that are
-    raw text or a dict of plain values (`plain`), are taken as they are.
-    """
-    text = response.text
-    if text is None or (type(text) is str and text.isascii()):
-        for call in response.tool_calls:
-            name, args, call_id = call.name, call.arguments, call.id
-            if (type(name) is not str or not name.isascii()
-                    or (call_id is not None and (type(call_id) is not str or not call_id.isascii()))
-                    or not (args.isascii() if type(args) is str else type(args) is dict and plain(args))):
-                break
-        else:
-            reason = response.finish_reason
-            if reason is None or (type(reason) is str and reason.isascii()):
-                return response, None
-    return _normalized(response)
-
-
-def _normalized(response: ModelResponse) -> tuple[ModelResponse, list[str] | None]:
-    replaced: list[str] = []
-    text = response.text
-    if text is not None:
-        text = clean(text, "text", replaced)
-    fixed = []
-    for i, call in enumerate(response.tool_calls):
-        name, args, call_id = call.name, call.arguments, call.id
-        where = f"tool_calls[{i}]"
-        if not isinstance(name, str):
-            name = "" if name is None else str(name)
-        if call_id is not None and not isinstance(call_id, str):
-            call_id = str(call_id)
-        if isinstance(args, (dict, list, tuple)) and too_deep(args):
-            args = TOO_DEEP
-            replaced.append(f"{where}.arguments")
-        elif isinstance(args, dict) and not all(map(_is_str, args)):
-            args = _json_text(args)  # (keys as JSON writes them: None is "null", 1 is "1")
-        elif not isinstance(args, (dict, str)):
-            args = _json_text(args)
-        try:
-            args = clean(args, f"{where}.arguments", replaced)
-        except TooDeep:  # (not reached: `too_deep` above)
-            args = TOO_DEEP
-            replaced.append(f"{where}.arguments")
-        new = ToolCall(clean(name, f"{where}.name", replaced), args,
-                       None if call_id is None else clean(call_id, f"{where}.id", replaced))
-        fixed.append(call if (new.name is call.name and new.arguments is call.arguments
-                              and new.id is call.id) else new)
-    reason = response.finish_reason
-    if reason is not None:
-        reason = clean(reason if isinstance(reason, str) else str(reason), "finish_reason", replaced)
-    if (text is response.text and reason is response.finish_reason
-            and all(new is old for new, old in zip(fixed, response.tool_calls))):
-        return response, replaced or None
-    return (ModelResponse(text=text, tool_calls=fixed, usage=response.usage, finish_reason=reason),
-            replaced or None)
-
-
-def _storable_start(task: list[Message], instructions: str | None, tags: tuple[str, ...],
-                    replaced: list[str]) -> tuple[list[Message], str | None, tuple[str, ...]]:
-    """The task, instructions and tags, made storable (`_storable`); what was replaced goes in `replaced`.
-
-    Raises `UserError` for a task whose tool calls nest deeper than the loop walks.
-    """
-    for m in task:
-        content = m.content
-        if m.tool_calls or m.tool_call_id is not None or not (content is None or content.isascii()):
-            break
-    else:
-        if (instructions is None or instructions.isascii()) and all(t.isascii() for t in tags):
-            return task, instructions, tags
-    try:
-        task = clean(list(task), "task", replaced)
-    except TooDeep as exc:
-        raise UserError(f"the task cannot be stored: {exc}; send flatter tool-call arguments") from None
-    if instructions is not None:
-        instructions = clean(instructions, "instructions", replaced)
-    tags = tuple(clean(list(tags), "tags", replaced))
-    return task, instructions, tags
-
-
-def _ascii_error(error: ErrorInfo) -> bool:
-    return error.message.isascii() and (error.traceback is None or error.traceback.isascii()) and error.type.isascii()
-
-
-#: `isinstance(x, str)` as a function in C: `all(map(_is_str, keys))` makes no frame per key.
-_is_str = str.__instancecheck__
-
-
-def _json_text(value: Any) -> str:
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError, RecursionError):
-        return repr(value)

@@ -60,7 +60,7 @@ def canonical_call(call: ToolCall) -> str:
         except (ValueError, RecursionError):  # (not JSON; nested too deep to parse)
             pass
     # (Arguments are a str or a dict with str keys: the loop puts a response in the log's
-    # types before anything reads it, `_run._loggable`.)
+    # types before anything reads it, `_loggable.loggable`.)
     return _canonical_json([str(call.name), arguments])
 
 
