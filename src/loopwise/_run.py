@@ -60,6 +60,7 @@ from ._logging import LOGGED_KINDS, log_event
 from ._resume import UNKNOWN_OUTCOME
 from ._messages import Message, ToolCall, Usage, new_message
 from ._storable import TOO_DEEP, TooDeep, clean, clean_event, clean_text, plain, too_deep
+from ._seen import shown
 from ._runvars import CurrentRun, _asyncio_loop, cancel_scope, current_run, task_group
 from ._tools import RunContext, Tool, ToolArgumentsError
 from .models._base import Model, ModelRequest, ModelResponse
@@ -139,6 +140,7 @@ class Run:
         "resumption",
         "run_id",
         "seq",
+        "shown",
         "since",
         "sink",
         "started",
@@ -189,6 +191,8 @@ class Run:
         self.context = agent.context.start(head=len(self.transcript))
         self.monitor = agent.runaway.start() if agent.runaway is not None else None
         self.think_input_tokens = 0
+        #: How much of the transcript the log has recorded as shown to the model (`_seen`).
+        self.shown = 0
         self.deadline: float | None = None
         self.current = CurrentRun(run_id)
         self.started_mono = 0.0
@@ -600,11 +604,14 @@ class Run:
         specs = request.tools
         self.model_calls += 1
         self.current.model_calls = self.model_calls
+        # What the call is shown, compactly: the transcript since the last call (`_seen`).
+        at, added, self.shown = shown(agent.context, self.transcript, self.shown, purpose, request.messages)
         # (run_id, seq, ts, iteration, purpose, model, n_messages, n_tools, max_tokens,
-        #  estimated_input_tokens, reserved_usd)
+        #  estimated_input_tokens, reserved_usd, input_at, input_added)
         self._emit(new_model_call_started(
             self.run_id, self.seq, _wall(), iteration, purpose, model.name, len(request.messages), len(specs),
             request.max_tokens, None if estimate is None else int(estimate), None if held is None else held.usd,
+            at, added,
         ))
         error: ErrorInfo | None = None
         response: ModelResponse | None = None
