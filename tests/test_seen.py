@@ -8,6 +8,7 @@ answers after limits, parallel tool calls, a kill and a resume, redaction.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -16,10 +17,9 @@ import pytest
 
 import loopwise as lw
 from loopwise._context import ContextPolicy, ContextState
-from loopwise._seen import seen_calls
-from loopwise.events import messages_seen
 from loopwise import events as ev
-from loopwise.events import ModelCallStarted
+from loopwise._seen import seen_calls
+from loopwise.events import ModelCallStarted, messages_seen
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ToolCall
 
 
@@ -267,3 +267,88 @@ async def test_an_older_log_loads_and_says_it_has_no_inputs(tmp_path):
     with pytest.raises(lw.UserError, match=r"model call 2 is not in these events: they hold 1 model call$"):
         messages_seen(events, 2)
 
+
+# -- loopwise show RUN_ID --iteration N -------------------------------------------------------
+
+
+@pytest.fixture
+def seen_db(tmp_path):
+    """A run of 4 iterations under a sliding window: summaries, a long tool result, a parallel call."""
+    recorder = Recorder(_tools_then_answer(calls_per_iteration=2, answer_at=5))
+    db = tmp_path / "seen.db"
+    agent = lw.Agent(FunctionModel(recorder, name="test:recorder"), tools=[lookup, slow], store=lw.SQLiteStore(db),
+                     instructions="Be brief.", context=lw.SlidingWindow(keep_last=1), runaway=None)
+    try:
+        agent.run_sync("find the keys " + "and more " * 12, run_id="seen-run")
+    finally:
+        agent.store.close()
+    return db, recorder
+
+
+def _error_line(err: str) -> str:
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def test_show_iteration_prints_exactly_what_the_model_saw_at_80_columns(seen_db, monkeypatch, capsys):
+    from loopwise.cli import main
+
+    db, recorder = seen_db
+    monkeypatch.setenv("COLUMNS", "80")
+    store = lw.SQLiteStore(db)
+    events = store.load("seen-run")
+    store.close()
+    calls = seen_calls(events)
+    last = max(e.iteration for e in events if e.kind == "iteration_started")
+    for iteration in range(1, last + 1):
+        assert main(["show", "seen-run", "--iteration", str(iteration), "--db", str(db)]) == 0
+        out = capsys.readouterr().out
+        lines_ = out.splitlines()
+        assert all(len(line) <= 80 for line in lines_), [line for line in lines_ if len(line) > 80]
+        assert lines_[0].startswith("run seen-run") and f"iteration {iteration} of {last}" in lines_[0]
+        here = [c for c in calls if c.event.iteration == iteration]
+        assert here
+        flat = " ".join(out.split())
+        for call in here:
+            assert f"model call {call.number} of {len(calls)}   {call.event.purpose}   test:recorder" in out
+            for m in call.messages:  # every message whole: role, text, tool calls with their arguments
+                assert " ".join((m.content or "").split()) in flat
+                for c in m.tool_calls:
+                    assert f"{c.name}({json.dumps(c.arguments)})" in out
+        rules = [line for line in lines_ if re.fullmatch(r"(system|user|assistant|tool)( · answers \S+)? ─+", line)]
+        assert [r.split()[0] for r in rules] == [m.role for c in here for m in c.messages]
+    # The JSON form is the same messages.
+    assert main(["show", "seen-run", "--iteration", "3", "--json", "--db", str(db)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [p["model_call"] for p in printed] == [c.number for c in calls if c.event.iteration == 3]
+    assert [len(p["messages"]) for p in printed] == [len(recorder.requests[c.number - 1]) for c in calls
+                                                       if c.event.iteration == 3]
+    assert {p["purpose"] for p in printed} == {"summary", "think"}
+
+
+@pytest.mark.parametrize("n", ["0", "-1", "9", "99"])
+def test_show_iteration_out_of_range_is_a_one_line_error_naming_the_range(seen_db, capsys, n):
+    from loopwise.cli import main
+
+    db, _ = seen_db
+    assert main(["show", "seen-run", "--iteration", n, "--db", str(db)]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert line == f"error: run seen-run has iterations 1 to 5; --iteration {n} is not one of them"
+
+
+def test_show_iteration_of_a_run_recorded_before_inputs_were_logged(tmp_path, capsys):
+    from loopwise.cli import main
+
+    new = lw.MemoryStore()
+    lw.Agent(FunctionModel(lambda r: "hi"), store=new).run_sync("go", run_id="old-run")
+    db = tmp_path / "old.db"
+    store = lw.SQLiteStore(db)
+    store.write([dataclasses.replace(e, input_at=None, input_added=None) if isinstance(e, ModelCallStarted) else e
+                 for e in new.load("old-run")])
+    store.close()
+    assert main(["show", "old-run", "--iteration", "1", "--db", str(db)]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "run old-run was recorded before loopwise logged what each model call was shown" in line
+    assert main(["show", "old-run", "--db", str(db)]) == 0  # its trace still shows
+    assert "hi" in capsys.readouterr().out
