@@ -102,6 +102,7 @@ def test_events_exports():
         "dumps_lines",
         "loads",
         "loads_lines",
+        "messages_seen",
     }
     for name in loopwise.events.__all__:
         assert hasattr(loopwise.events, name), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 
@@ -634,3 +635,109 @@ def test_cli_mistakes(clean_otel_env, db, capsys, args, code, message):
     captured = capsys.readouterr()
     assert captured.err.startswith(message) and captured.err.count("\n") == 1, captured.err
     assert captured.out == ""
+
+
+# -- what each chat span was shown; the same ids on every export --------------------------
+
+
+def _expected_input(messages) -> list:
+    """`gen_ai.input.messages` of a request, as the GenAI conventions write it (built here independently)."""
+    out = []
+    for m in messages:
+        if m.role == "tool":
+            parts = [{"type": "tool_call_response", "id": m.tool_call_id, "response": m.content}]
+        else:
+            parts = [{"type": "text", "content": m.content}] if m.content else []
+            parts += [{"type": "tool_call", "id": c.id, "name": c.name, "arguments": c.arguments}
+                      for c in m.tool_calls]
+        out.append({"role": m.role, "parts": parts})
+    return out
+
+
+def _windowed_db(tmp_path, run_id: str):
+    """A SQLite log of a run whose model records each request: a sliding window with summaries."""
+    requests = []
+
+    @lw.tool
+    def lookup(order_id: str) -> dict:
+        """Look up an order."""
+        return {"order_id": order_id, "status": "shipped"}
+
+    thinks = []
+
+    def think(request: ModelRequest) -> ModelResponse:
+        requests.append(list(request.messages))
+        if not request.tools:  # the summary call
+            return ModelResponse(text=f"looked up {len(thinks)} orders")
+        thinks.append(request)
+        if len(thinks) >= 4:
+            return ModelResponse(text="All shipped.")
+        return ModelResponse(text=f"step {len(thinks)}", tool_calls=[ToolCall("lookup", {"order_id": str(len(thinks))})])
+
+    path = tmp_path / "runs.db"
+    store = lw.SQLiteStore(path)
+    try:
+        agent = lw.Agent(FunctionModel(think, name="openai:gpt-4o-mini"), tools=[lookup], store=store,
+                         instructions="You are a support agent.", context=lw.SlidingWindow(keep_last=1),
+                         runaway=None)
+        result = agent.run_sync("Where are my orders?", run_id=run_id)
+    finally:
+        store.close()
+    assert result.stop_reason == "done"
+    return path, requests
+
+
+def test_each_chat_span_holds_the_messages_its_call_was_shown(clean_otel_env, receiver, tmp_path, capsys):
+    db, requests = _windowed_db(tmp_path, "shown-run")
+    assert main(["export", "shown-run", "--format", "otlp", "--endpoint", receiver.url, "--db", str(db),
+                 "--include-content"]) == 0
+    chats = sorted((s for s in receiver.spans if s.name.startswith("chat ")), key=lambda s: s.start_ns)
+    assert len(chats) == len(requests) > 3
+    assert {s.attributes["loopwise.purpose"] for s in chats} == {"think", "summary"}
+    for span, request in zip(chats, requests):
+        assert json.loads(span.attributes["gen_ai.input.messages"]) == _expected_input(request)
+    # Without --include-content, no span carries what the model was shown.
+    receiver.spans.clear()
+    capsys.readouterr()
+    assert main(["export", "shown-run", "--format", "otlp", "--endpoint", receiver.url, "--db", str(db)]) == 0
+    assert receiver.spans and not any(k in SENSITIVE for s in receiver.spans for k in s.attributes)
+
+
+@pytest.mark.parametrize("run_id", ["0199aa3f5c1e7b2d9f00c0ffee15600d", "nightly/run-7"])
+def test_exporting_a_run_again_gives_the_same_trace_and_span_ids(clean_otel_env, receiver, tmp_path, run_id):
+    db, _ = _windowed_db(tmp_path, run_id)
+    exports = []
+    for _ in range(2):
+        receiver.spans.clear()
+        assert main(["export", run_id, "--format", "otlp", "--endpoint", receiver.url, "--db", str(db)]) == 0
+        exports.append(sorted((s.trace_id, s.span_id, s.parent_span_id, s.name) for s in receiver.spans))
+    assert exports[0] == exports[1]
+    [trace_id] = {t for t, _, _, _ in exports[0]}
+    if run_id.isalnum():  # a run id that is a trace id (as loopwise makes them) is the trace id
+        assert trace_id == run_id
+    else:
+        assert len(trace_id) == 32 and int(trace_id, 16) != 0
+    assert len({s for _, s, _, _ in exports[0]}) == len(exports[0])  # every span its own id
+    # From Python, through an SDK tracer provider of one's own: the same ids again.
+    store = lw.SQLiteStore(db)
+    try:
+        events = store.load(run_id)
+    finally:
+        store.close()
+    spans = _spans(events) + _spans(events)
+    ids = sorted((f"{s.context.trace_id:032x}", f"{s.context.span_id:016x}") for s in spans)
+    assert ids[::2] == ids[1::2] == sorted((t, s) for t, s, _, _ in exports[0])
+
+
+def test_a_tracer_provider_keeps_its_own_ids_for_other_spans(run_events):
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    export_events(run_events, provider)
+    tracer = provider.get_tracer("loopwise")
+    with tracer.start_as_current_span("mine") as mine:
+        pass
+    planned = {s.context.span_id for s in memory.get_finished_spans() if s.name != "mine"}
+    assert mine.get_span_context().span_id not in planned
+    assert mine.get_span_context().trace_id != int(run_events[0].run_id, 16)
+    provider.shutdown()

@@ -32,7 +32,7 @@ LoopwiseError
 │   └── MCPToolError           (loopwise.mcp) it answered a tool call with an error
 ├── EventSchemaError       (loopwise.events) also a ValueError: not an event this loopwise
 │                          reads (an unknown kind, a bad field, a newer schema's major version)
-└── OTLPExportError        (_otel) the OTLP collector was unreachable or refused
+└── OTLPExportError   (_otel_send) the OTLP collector was unreachable or refused
 ```
 
 A run stopped by a limit, a budget, a kill or a model failure is not an exception: it

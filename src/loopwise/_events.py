@@ -9,7 +9,8 @@ the fields whose value could not be stored as given and was replaced (`_storable
 ```
 run_started          task, instructions, agent, limits, tags
   iteration_started  iteration
-    model_call_started / model_call_finished     (purpose: think | final_answer)
+    model_call_started / model_call_finished     (purpose: think | final_answer | summary;
+                                                  the start records what the call was shown)
       model_attempt_failed                        (retries and fallback models)
     tool_call_started / tool_call_finished       (one pair per tool call)
       tool_attempt_failed, tool_fallback          (retries and fallbacks, as they happen)
@@ -134,6 +135,12 @@ class ModelCallStarted:
     estimated_input_tokens: int | None = None
     #: Dollars reserved for this call's worst case before making it.
     reserved_usd: float | None = None
+    #: What the call was shown, compactly (`_seen`; `loopwise.messages_seen` rebuilds it): the
+    #: messages the run's transcript gained since the previous call, from position `input_at`
+    #: (the first call: instructions and task). `input_at` None: `input_added` is the whole
+    #: request (a `summary` call). Both None: recorded before inputs were logged (schema 1.0).
+    input_at: int | None = None
+    input_added: list[Message] | None = None
     #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None

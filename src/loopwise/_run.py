@@ -65,6 +65,7 @@ from ._core.state import State
 from ._loggable import loggable, storable_start
 from ._logging import LOGGED_KINDS, log_event
 from ._messages import Message, ToolCall, Usage
+from ._seen import shown
 from ._storable import clean_event
 from ._scopes import CurrentRun, cancel_scope, current_run
 from .models._base import Model, ModelRequest, ModelResponse
@@ -118,6 +119,7 @@ class Run(Acting):
         "resuming",
         "run_id",
         "seq",
+        "shown",
         "since",
         "sink",
         "started",
@@ -145,6 +147,8 @@ class Run(Acting):
         self.budgets = budgets
         # A free model under dollar budgets only cannot overspend: no estimate, no reservation.
         self.counts_tokens = any(b.tokens is not None for b in budgets)
+        #: How much of the transcript the log has recorded as shown to the model (`_seen`).
+        self.shown = 0
         self.deadline: float | None = None
         self.current = CurrentRun(run_id)
         self.current.model_calls = state.model_calls
@@ -489,11 +493,14 @@ class Run(Acting):
             if held.max_tokens != request.max_tokens:
                 request = ModelRequest(messages=request.messages, tools=request.tools, max_tokens=held.max_tokens)
         specs = request.tools
+        # What the call is shown, compactly: the transcript since the last call (`_seen`).
+        at, added, self.shown = shown(agent.context, self.state.transcript, self.shown, purpose, request.messages)
         # (run_id, seq, ts, iteration, purpose, model, n_messages, n_tools, max_tokens,
-        #  estimated_input_tokens, reserved_usd)
+        #  estimated_input_tokens, reserved_usd, input_at, input_added)
         self._emit(new_model_call_started(
             self.run_id, self.seq, self.clock.time(), iteration, purpose, model.name, len(request.messages), len(specs),
             request.max_tokens, None if estimate is None else int(estimate), None if held is None else held.usd,
+            at, added,
         ))
         self.current.model_calls = self.state.model_calls
         error: ErrorInfo | None = None

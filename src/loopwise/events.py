@@ -12,6 +12,9 @@ line = events.dumps(events.IterationStarted(run_id="r", seq=1, ts=0.5, iteration
 assert isinstance(events.loads(line), events.IterationStarted)
 ```
 
+`messages_seen(events, n)` rebuilds the messages the run's `n`-th model call was
+shown, from what each `model_call_started` records (schema 1.1 on).
+
 `SCHEMA_VERSION` (``"major.minor"``) versions the events' JSON: which kinds there
 are and the fields of each. A minor version adds a kind, or a field with a default
 (a reader of an older minor ignores the fields it does not know, and names a kind it
@@ -52,6 +55,7 @@ from ._events import (
     first_error,
     load_event,
 )
+from ._seen import messages_seen
 
 __all__ = [
     "BreakerChanged",
@@ -79,10 +83,11 @@ __all__ = [
     "dumps_lines",
     "loads",
     "loads_lines",
+    "messages_seen",
 ]
 
 #: The version of the events' JSON shape, ``"major.minor"`` (not the SQLite database's schema).
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 _MAJOR = 1
 
 

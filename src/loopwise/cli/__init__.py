@@ -3,7 +3,7 @@
 ```
 loopwise run MODULE:AGENT (--task TEXT | --input FILE.jsonl)   run an agent
 loopwise runs                                                   recent runs
-loopwise show RUN_ID [--json]                                   one run's trace
+loopwise show RUN_ID [--json] [--iteration N]                    one run's trace (N: what the model saw)
 loopwise kill RUN_ID | --tag T | --all [--reason TEXT]          stop runs from any process
 loopwise resume RUN_ID --agent MODULE:AGENT                     continue a run from its log
 loopwise demo                                                   the scenarios

@@ -189,15 +189,28 @@ def show_command(
         "--decisions", help="The decision log: per iteration, thought, action, expected, actual, match, why.")] = False,
     mismatches: Annotated[bool, typer.Option(
         "--mismatches", help="Only the iterations where reality differed from the model's expectation.")] = False,
+    iteration: Annotated[int | None, typer.Option(
+        "--iteration", metavar="N",
+        help="Exactly what the model saw at iteration N: each model call's messages, whole.")] = None,
     db: DbOption = None,
 ) -> int:
     """One run, read back from its event log."""
+    if iteration is not None and (decisions or mismatches):
+        raise CLIError("--iteration shows what the model saw; it does not combine with --decisions or "
+                       "--mismatches: give one of them")
     store = open_existing_store(db)
     try:
         events = store.load(resolve_run_id(store, run_id))
     finally:
         store.close()
-    if decisions or mismatches:
+    if iteration is not None:
+        from .._render_seen import render_seen, seen_json
+
+        if as_json:
+            write_json(seen_json(events, iteration))
+        else:
+            render_seen(events, iteration, stdout_console())
+    elif decisions or mismatches:
         from .._decisions import decisions as decision_log
         from .._render_decisions import render_decisions
 
