@@ -120,10 +120,11 @@ async def test_every_request_is_rebuilt_exactly_from_the_log(tmp_path, context, 
         assert "context_folded" in kinds
     if limits == "max_iterations":
         assert [c.event.purpose for c in seen_calls(events)][-1] == "final_answer"
-    # Linear: each transcript message is recorded once, by the first call that showed it.
+    # Linear: each call refers to what the transcript gained since the previous one (two
+    # integers), never copies it: the messages are in the events before it.
     transcript_calls = [c.event for c in seen_calls(events) if c.event.input_at is not None]
-    assert sum(len(e.input_added) for e in transcript_calls) == transcript_calls[-1].input_at + len(
-        transcript_calls[-1].input_added)
+    assert sum(e.input_n for e in transcript_calls) == transcript_calls[-1].input_at + transcript_calls[-1].input_n
+    assert all(e.input_added is None for e in transcript_calls)
     assert all(e.input_at is None for e in (c.event for c in seen_calls(events)) if e.purpose == "summary")
 
 
@@ -258,6 +259,7 @@ async def test_an_older_log_loads_and_says_it_has_no_inputs(tmp_path):
     for e in store.load("old"):
         data = json.loads(ev.dumps(e))
         data.pop("input_at", None)
+        data.pop("input_n", None)
         data.pop("input_added", None)
         events.append(ev.loads(json.dumps(data), schema="1.0"))
     [call] = seen_calls(events)
@@ -344,7 +346,7 @@ def test_show_iteration_of_a_run_recorded_before_inputs_were_logged(tmp_path, ca
     lw.Agent(FunctionModel(lambda r: "hi"), store=new).run_sync("go", run_id="old-run")
     db = tmp_path / "old.db"
     store = lw.SQLiteStore(db)
-    store.write([dataclasses.replace(e, input_at=None, input_added=None) if isinstance(e, ModelCallStarted) else e
+    store.write([dataclasses.replace(e, input_at=None, input_n=None, input_added=None) if isinstance(e, ModelCallStarted) else e
                  for e in new.load("old-run")])
     store.close()
     assert main(["show", "old-run", "--iteration", "1", "--db", str(db)]) == 2
@@ -352,3 +354,16 @@ def test_show_iteration_of_a_run_recorded_before_inputs_were_logged(tmp_path, ca
     assert "run old-run was recorded before loopwise logged what each model call was shown" in line
     assert main(["show", "old-run", "--db", str(db)]) == 0  # its trace still shows
     assert "hi" in capsys.readouterr().out
+
+
+async def test_a_log_the_fold_disagrees_with_is_refused_not_shown_wrong():
+    """A log written by other rules (here: a tool result missing) gives a clear error."""
+    store = lw.MemoryStore()
+    recorder = Recorder(_tools_then_answer(calls_per_iteration=2))
+    await lw.Agent(FunctionModel(recorder), tools=[lookup], store=store, runaway=None).run("go", run_id="r")
+    events = store.load("r")
+    assert len(seen_calls(events)) >= 2
+    dropped = next(i for i, e in enumerate(events) if e.kind == "tool_call_finished")
+    tampered = events[:dropped] + events[dropped + 1:]
+    with pytest.raises(lw.UserError, match=r"folding the log gives \d+: the log was written by other rules"):
+        seen_calls(tampered)

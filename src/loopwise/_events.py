@@ -135,11 +135,15 @@ class ModelCallStarted:
     estimated_input_tokens: int | None = None
     #: Dollars reserved for this call's worst case before making it.
     reserved_usd: float | None = None
-    #: What the call was shown, compactly (`_seen`; `loopwise.messages_seen` rebuilds it): the
-    #: messages the run's transcript gained since the previous call, from position `input_at`
-    #: (the first call: instructions and task). `input_at` None: `input_added` is the whole
-    #: request (a `summary` call). Both None: recorded before inputs were logged (schema 1.0).
+    #: What the call was shown, compactly (`_seen`; `loopwise.events.messages_seen` rebuilds
+    #: it): the run's transcript gained `input_n` messages since the previous call, from
+    #: position `input_at` (the first call: instructions and task). Those messages are already
+    #: in the log (the events before this one), so they are referred to, not copied; folding
+    #: the log rebuilds them. `input_at` None: `input_added` is the whole request (a `summary`
+    #: call, or a context policy's own `messages()`). All None: recorded before inputs were
+    #: logged (schema 1.0).
     input_at: int | None = None
+    input_n: int | None = None
     input_added: list[Message] | None = None
     #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.

@@ -494,13 +494,14 @@ class Run(Acting):
                 request = ModelRequest(messages=request.messages, tools=request.tools, max_tokens=held.max_tokens)
         specs = request.tools
         # What the call is shown, compactly: the transcript since the last call (`_seen`).
-        at, added, self.shown = shown(agent.context, self.state.transcript, self.shown, purpose, request.messages)
+        at, n_added, added, self.shown = shown(agent.context, self.state.transcript, self.shown, purpose,
+                                                request.messages)
         # (run_id, seq, ts, iteration, purpose, model, n_messages, n_tools, max_tokens,
-        #  estimated_input_tokens, reserved_usd, input_at, input_added)
+        #  estimated_input_tokens, reserved_usd, input_at, input_n, input_added)
         self._emit(new_model_call_started(
             self.run_id, self.seq, self.clock.time(), iteration, purpose, model.name, len(request.messages), len(specs),
             request.max_tokens, None if estimate is None else int(estimate), None if held is None else held.usd,
-            at, added,
+            at, n_added, added,
         ))
         self.current.model_calls = self.state.model_calls
         error: ErrorInfo | None = None

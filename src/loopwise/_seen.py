@@ -3,24 +3,27 @@
 Every THINK request is a view of the run's append-only transcript, which the context
 policy (`_context`) cuts: the head (instructions and task), then the running summary
 or the note about dropped iterations, then the verbatim part from the window's start.
-So a `model_call_started` needs to record only what the transcript gained since the
-previous call (the assistant message with its tool calls, the tool results, the
-nudges: usually a handful of messages), and where it goes:
+What the transcript gains between two calls (the assistant message with its tool
+calls, the tool results, the nudges) is already in the log, in the events between
+them, and the core's fold (`_core.evolve`) turns those events into transcript messages
+by the very rules the live loop used. So a `model_call_started` records only where the
+new messages go and how many there are, never their content again:
 
 ```
 model_call_started.input_at     the transcript position the added messages start at
-model_call_started.input_added  those messages (the first call: instructions and task)
+model_call_started.input_n      how many (the first call: instructions and task)
 ```
 
-The window's start, the summary and the count of dropped iterations are already in the
-log, as `context_folded` events; the head is the `run_started` task and instructions.
-The log stays linear in size: each transcript message is recorded once (once more
-after each resume, whose first call records the whole transcript it rebuilt).
+The window's start, the summary and the count of dropped iterations are in the log as
+`context_folded` events; the head is the `run_started` task and instructions. The log
+stays linear in size, and recording costs two integers a call. Rebuilding checks that
+the fold's transcript has exactly `input_at + input_n` messages at each call: a log
+written by other rules than the reader's says so instead of showing a wrong request.
 
-A request that is not a view of the transcript is recorded whole, with `input_at` None:
-a `summary` call (its prompt and the units it merges, each unit once in a run), and any
-request of a context policy of your own that overrides `messages()`. Both None: the
-run was recorded before loopwise logged inputs (schema 1.0).
+A request that is not a view of the transcript is recorded whole in `input_added`, with
+`input_at` None: a `summary` call (its prompt and the units it merges, each unit once in
+a run), and any request of a context policy of your own that overrides `messages()`.
+All None: the run was recorded before loopwise logged inputs (schema 1.0).
 
 `shown` is what the loop calls, on its hot path, before each model call; `seen_calls`
 and `messages_seen` rebuild the requests from the log, redacted as the log is.
@@ -32,30 +35,34 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._context import ContextPolicy, ContextState, FullContext
+from ._context import ContextPolicy, FullContext
+from ._core.evolve import EVOLVE
+from ._core.state import State
 from ._errors import UserError
-from ._events import ContextFolded, Event, ModelCallStarted, RunStarted
+from ._events import Event, ModelCallStarted, RunStarted
 from ._messages import Message
 
 __all__ = ["SeenCall", "messages_seen", "seen_calls", "shown"]
 
 _standard_messages = ContextPolicy.messages
+#: Any policy whose `messages` is the standard one: the view reads only the context state.
+_VIEW = FullContext()
 
 
 def shown(policy: ContextPolicy, transcript: list[Message], cursor: int, purpose: str,
-          messages: list[Message]) -> tuple[int | None, list[Message], int]:
-    """What a model call's start records: ``(input_at, input_added, cursor after it)``.
+          messages: list[Message]) -> tuple[int | None, int | None, list[Message] | None, int]:
+    """What a model call's start records: ``(input_at, input_n, input_added, cursor after it)``.
 
     `cursor` is how much of `transcript` earlier calls of this run have recorded (0
-    for a new run, and for a resumed one: its first call records the whole transcript).
+    for a new run, and for a resumed one: its first call refers to the whole transcript).
     `messages` is the request: recorded whole when it is not a view of the transcript.
     """
     if purpose == "summary" or (policy.folds and type(policy).messages is not _standard_messages):
-        return None, list(messages), cursor
+        return None, None, list(messages), cursor
     n = len(transcript)
-    if cursor > n:  # (the transcript never shrinks below what was shown; if it did, record it all)
+    if cursor > n:  # (the transcript never shrinks below what was shown; if it did, refer to it all)
         cursor = 0
-    return cursor, transcript[cursor:], n
+    return cursor, n - cursor, None, n
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,56 +75,41 @@ class SeenCall:
     messages: list[Message] | None
 
 
-class _Window:
-    """The context state that `context_folded` events describe, and the view it gives."""
-
-    __slots__ = ("state",)
-
-    _policy = FullContext()  # (any policy whose `messages` is the standard one)
-
-    def __init__(self, head: int) -> None:
-        self.state = ContextState(head=head, start=head)
-
-    def fold(self, e: ContextFolded) -> None:
-        state, n = self.state, len(e.units)
-        state.folded += n
-        state.start += e.n_messages
-        if e.outcome == "summarized":
-            state.summary = e.summary
-            state.summarized += n
-        else:
-            state.dropped += n
-
-    def view(self, transcript: list[Message]) -> list[Message]:
-        """What `ContextPolicy.messages` made of `transcript` in this state: the same code."""
-        return _standard_messages(self._policy, transcript, self.state)
-
-
 def seen_calls(events: Iterable[Event]) -> list[SeenCall]:
     """Every model call of a run's events, in order, with the messages it was shown.
 
-    One walk of the log; each call's messages are a new list (what the request held,
-    redacted as the log is).
+    One fold of the log through the core's `evolve` (the rules the live loop used); each
+    call's messages are a new list (what the request held, redacted as the log is).
+
+    Raises:
+        UserError: the log's transcript disagrees with what a call recorded (written by
+            other rules than this version of loopwise's).
     """
     out: list[SeenCall] = []
-    transcript: list[Message] = []
-    window = _Window(0)
-    for e in events:
-        if isinstance(e, RunStarted):
-            window = _Window((1 if e.instructions else 0) + len(e.task))
-        elif isinstance(e, ContextFolded):
-            window.fold(e)
-        elif isinstance(e, ModelCallStarted):
-            added = e.input_added
-            if added is None:
-                messages = None
-            elif e.input_at is None:
-                messages = list(added)
+    it = iter(events)
+    started = next(it, None)
+    if type(started) is not RunStarted:
+        return out
+    state = State.start(started, _VIEW, None, 0)
+    table = EVOLVE
+    for e in it:
+        if type(e) is ModelCallStarted:
+            messages: list[Message] | None = None
+            if e.input_at is None:
+                messages = None if e.input_added is None else list(e.input_added)
             else:
-                del transcript[e.input_at :]
-                transcript.extend(added)
-                messages = window.view(transcript)
+                transcript = state.transcript
+                expected = e.input_at + (e.input_n or 0)
+                if len(transcript) != expected:
+                    raise UserError(
+                        f"run {e.run_id}: model call at seq {e.seq} recorded a transcript of {expected} "
+                        f"messages, but folding the log gives {len(transcript)}: the log was written by "
+                        "other rules than this version of loopwise's")
+                messages = _standard_messages(_VIEW, transcript, state.context)
             out.append(SeenCall(e, len(out) + 1, messages))
+        fn = table.get(type(e))
+        if fn is not None:
+            fn(state, e)
     return out
 
 
