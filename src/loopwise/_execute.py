@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
-from . import _clock
+from ._clock import driven as _driven
+from ._clock import loop_time as _loop_time
 from ._breaker import BreakerChange, CircuitOpenError
 from ._errors import LoopwiseError, ToolRetry
 from ._events import ErrorInfo
@@ -157,7 +158,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
     policy = tool.policy
     name = tool.name
     redact = _redactor(policy, kwargs) if policy.secret else _as_is
-    now = _perf if not _clock.driven else _clock.loop_time
+    now = _perf if not _driven else _loop_time  # (the dict FakeClock.install fills: never rebound)
     started = now()
     total = policy.total_timeout
     # Only a total_timeout given bounds the parts by what is left of it (see below).

@@ -46,8 +46,9 @@ from .._errors import (
     ModelTimeoutError,
     UserError,
 )
-from .. import _clock
 from .._clock import current_clock
+from .._clock import driven as _driven
+from .._clock import loop_time as _loop_time
 from .._events import ErrorInfo
 from .._runvars import cancel_scope, wait_within
 from ._base import Model, ModelRequest, ModelResponse
@@ -199,7 +200,7 @@ async def call_with_policy(
         raise UserError("call_with_policy needs at least one model")
     failures: list[tuple[str, int, ModelError]] = []
     timeout = policy.timeout
-    now = _perf_counter if not _clock.driven else _clock.loop_time  # a FakeClock's loop time, if one drives
+    now = _perf_counter if not _driven else _loop_time  # a FakeClock's loop time, if one drives a loop
     for index, model in enumerate(models):
         attempt = 0
         while True:
