@@ -74,7 +74,7 @@ async def test_the_log_shows_fake_time():
     assert events[0].ts == START
     assert of_kind(events, "limit_hit")[0].ts == pytest.approx(START + 30)
     assert events[-1].ts == pytest.approx(START + 30)
-    assert events[-1].active_s == pytest.approx(30)
+    assert events[-1].duration_s == pytest.approx(30)
 
 
 # -- backoff ----------------------------------------------------------------------------
