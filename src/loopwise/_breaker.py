@@ -15,6 +15,10 @@ errors the tool marks as transient (`lw.ToolRetry`, or a type it names in
 `retry_on=`). A business error (`ValueError("amount over the refund limit")`) is the
 tool working: it must not stop other runs from calling it. `failure_on=` counts more
 (exception types, or a predicate).
+
+The window and the cool-down are measured on the running event loop's time
+(`_clock.loop_time`, what deadlines use): a breaker is shared by every run of its tool,
+whatever its agent's clock, and a `FakeClock` that drives the loop makes it fake time.
 """
 
 from __future__ import annotations
