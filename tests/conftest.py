@@ -11,6 +11,21 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
+async def fake_clock():
+    """A `loopwise.testing.FakeClock` driving the test's event loop, as an agent's run does with
+    its clock: waits jump ahead when nothing else can happen, and timeouts are exact fake time."""
+    import asyncio
+
+    from loopwise.testing import FakeClock
+
+    clock = FakeClock()
+    loop = asyncio.get_running_loop()
+    clock.install(loop)
+    yield clock
+    clock.uninstall(loop)
+
+
+@pytest.fixture
 def store() -> lw.MemoryStore:
     return lw.MemoryStore()
 

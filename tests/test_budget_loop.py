@@ -151,7 +151,7 @@ def test_token_budget():
 
 
 def test_the_deadline_stops_a_run_that_would_not_fit_another_iteration():
-    import time
+    from loopwise.testing import FakeClock
 
     async def slow(request: ModelRequest) -> ModelResponse:
         await asyncio.sleep(0.15)
@@ -160,12 +160,12 @@ def test_the_deadline_stops_a_run_that_would_not_fit_another_iteration():
         return ModelResponse(tool_calls=[ToolCall("fetch", {"n": len(request.messages)})], usage=Usage(10, 5))
 
     store = lw.MemoryStore()
+    clock = FakeClock()
     agent = lw.Agent(FunctionModel(slow), tools=[fetch], store=store,
-                     limits=lw.Limits(max_iterations=100, deadline_s=1.0))
-    started = time.monotonic()
+                     limits=lw.Limits(max_iterations=100, deadline_s=1.0), clock=clock)
     result = agent.run_sync("go")
     assert result.stop_reason == "deadline"
-    assert time.monotonic() - started < 5  # generous: the point is "about 1 s, not 100 iterations"
+    assert clock.monotonic() < 1.0  # the point: within its 1 s (fake), not 100 iterations
     assert result.output == "best effort in time"  # it stopped early enough to answer
     events = store.load(result.run_id)
     (limit,) = [e for e in events if e.kind == "limit_hit"]
@@ -182,8 +182,11 @@ def test_the_deadline_cancels_what_is_in_flight():
 
     store = lw.MemoryStore()
     model = FunctionModel(lambda r: ModelResponse(tool_calls=[ToolCall("hang", {})]) if r.tools else "never")
-    result = lw.Agent(model, tools=[hang], store=store, limits=lw.Limits(deadline_s=0.5)).run_sync("go")
-    assert result.stop_reason == "deadline" and result.duration_s < 5
+    from loopwise.testing import FakeClock
+
+    clock = FakeClock()
+    result = lw.Agent(model, tools=[hang], store=store, limits=lw.Limits(deadline_s=0.5), clock=clock).run_sync("go")
+    assert result.stop_reason == "deadline" and clock.monotonic() == pytest.approx(0.5)
     events = store.load(result.run_id)
     assert [e.outcome for e in events if e.kind == "tool_call_finished"] == ["cancelled"]
     assert_valid_log(events)

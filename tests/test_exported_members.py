@@ -72,6 +72,17 @@ def test_models_exports():
         assert hasattr(loopwise.models, name), name
 
 
+def test_testing_exports():
+    import loopwise.testing
+
+    assert loopwise.testing.__all__ == sorted(loopwise.testing.__all__)
+    assert set(loopwise.testing.__all__) == {"FakeClock", "FunctionModel", "MemoryStore", "ScriptedModel"}
+    assert loopwise.testing.MemoryStore is loopwise.MemoryStore
+    assert loopwise.testing.ScriptedModel is loopwise.models.ScriptedModel
+    for name in loopwise.testing.__all__:
+        assert hasattr(loopwise.testing, name), name
+
+
 def test_events_exports():
     import loopwise.events
 

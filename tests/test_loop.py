@@ -11,6 +11,7 @@ import pytest
 import loopwise as lw
 from loopwise._run import NOT_EXECUTED
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, Price, ScriptedModel, ToolCall, Usage
+from loopwise.testing import FakeClock
 
 calls_seen: list[str] = []
 
@@ -492,7 +493,7 @@ def test_the_loops_fast_constructors_make_what_the_classes_make():
     }
 
 
-def _three_hanging_calls(cleaned: list[str], limits: lw.Limits) -> lw.Agent:
+def _three_hanging_calls(cleaned: list[str], limits: lw.Limits, clock=None) -> lw.Agent:
     """An agent whose model asks for three calls at once that hang (each records its cleanup)."""
 
     @lw.tool(timeout=60)
@@ -505,14 +506,15 @@ def _three_hanging_calls(cleaned: list[str], limits: lw.Limits) -> lw.Agent:
         return "late"
 
     model = ScriptedModel([[ToolCall("hang", {"n": i}) for i in range(3)], "never"])
-    return lw.Agent(model, tools=[hang], store=lw.MemoryStore(), limits=limits)
+    return lw.Agent(model, tools=[hang], store=lw.MemoryStore(), limits=limits, clock=clock)
 
 
 def test_the_deadline_cancels_every_parallel_call_in_flight():
     cleaned: list[str] = []
-    agent = _three_hanging_calls(cleaned, lw.Limits(deadline_s=0.3))
+    clock = FakeClock()
+    agent = _three_hanging_calls(cleaned, lw.Limits(deadline_s=0.3), clock)
     result = agent.run_sync("go")
-    assert result.stop_reason == "deadline" and result.duration_s < 5
+    assert result.stop_reason == "deadline" and clock.monotonic() == pytest.approx(0.3)
     events = agent.store.load(result.run_id)
     assert sorted(cleaned) == ["hang 0", "hang 1", "hang 2"]  # each call's own cleanup ran, before the end
     assert [e.outcome for e in events if e.kind == "tool_call_finished"] == ["cancelled"] * 3

@@ -1,8 +1,10 @@
 """`call_with_policy`: a timeout per attempt, retries honouring Retry-After, fallback models.
 
 Most tests use `FunctionModel` stand-ins and a `sleep` that records the waits instead
-of sleeping; the last ones talk to a real HTTP server (`tests/openai_server.py`)
-through `OpenAIModel` and the openai SDK, with real waits and generous bounds.
+of sleeping, or a `FakeClock` driving the event loop (the `fake_clock` fixture: timeouts and waits
+take no real time, and latencies are exact fake time); the last ones talk to a real HTTP
+server (`tests/openai_server.py`) through `OpenAIModel` and the openai SDK, with real
+waits and generous bounds.
 """
 
 from __future__ import annotations
@@ -220,27 +222,26 @@ def test_parse_retry_after():
 # -- timeouts ---------------------------------------------------------------------------
 
 
-async def test_a_hanging_model_is_cut_by_the_timeout_and_retried():
+async def test_a_hanging_model_is_cut_by_the_timeout_and_retried(fake_clock):
     calls = []
 
     async def hang_then_answer(request):
-        calls.append(time.monotonic())
+        calls.append(fake_clock.monotonic())
         if len(calls) == 1:
             await anyio.sleep_forever()
         return "second attempt"
 
     rec = Recorder()
-    started = time.monotonic()
     response, _ = await call([FunctionModel(hang_then_answer, name="hangs")], ModelPolicy(timeout=0.1), rec)
     assert response.text == "second attempt"
-    assert time.monotonic() - started < 5
+    assert calls == pytest.approx([0, 0.1])  # the second attempt right after the first one's 0.1 s
     first = rec.records[0]
     assert first.error.type == "ModelTimeoutError"
     assert first.error.message == "hangs did not answer within timeout=0.1s (ModelPolicy.timeout)"
-    assert 0.09 <= first.latency_s < 5
+    assert first.latency_s == pytest.approx(0.1)
 
 
-async def test_a_model_that_always_hangs_fails_with_a_timeout_error():
+async def test_a_model_that_always_hangs_fails_with_a_timeout_error(fake_clock):
     async def hang(request):
         await anyio.sleep_forever()
 
@@ -248,17 +249,20 @@ async def test_a_model_that_always_hangs_fails_with_a_timeout_error():
     with pytest.raises(ModelTimeoutError, match=r"timeout=0.05s") as info:
         await call([FunctionModel(hang, name="hangs")], ModelPolicy(timeout=0.05, retries=1), rec)
     assert [r.error.type for r in rec.records] == ["ModelTimeoutError"] * 2
+    assert fake_clock.monotonic() == pytest.approx(0.1)
     assert str(info.value).startswith("all 2 model call attempts failed (hangs #1 ModelTimeoutError, "
                                       "#2 ModelTimeoutError); last error: hangs did not answer")
 
 
-async def test_timeout_none_sets_no_limit():
+async def test_timeout_none_sets_no_limit(fake_clock):
     async def slowish(request):
-        await anyio.sleep(0.05)
+        await anyio.sleep(3600)
         return "ok"
 
-    response, _ = await call([FunctionModel(slowish)], ModelPolicy(timeout=None))
+    rec = Recorder()
+    response, _ = await call([FunctionModel(slowish)], ModelPolicy(timeout=None), rec, report_ok=True)
     assert response.text == "ok"
+    assert rec.records[0].latency_s == pytest.approx(3600)
 
 
 async def test_a_timeout_error_the_model_raises_itself_is_not_ours():
@@ -352,16 +356,15 @@ async def test_on_attempt_is_optional():
 # -- cancellation -----------------------------------------------------------------------
 
 
-async def test_cancellation_during_the_backoff_wait_propagates_at_once():
+async def test_cancellation_during_the_backoff_wait_propagates_at_once(fake_clock):
     rec = Recorder()
     model = flaky(http(503), "never reached")
-    started = time.monotonic()
     with anyio.move_on_after(0.2) as scope:
-        # A 30 s backoff, slept for real (no injected sleep).
+        # A 30 s backoff, slept on the loop's (fake) clock: no injected sleep.
         await call_with_policy([model, flaky("backup unused")], REQUEST,
                                ModelPolicy(backoff_initial_s=30, backoff_max_s=30), on_attempt=rec, rng=lambda: 1.0)
     assert scope.cancelled_caught
-    assert time.monotonic() - started < 5
+    assert fake_clock.monotonic() < 30  # cancelled at 0.2 s (plus the stand-in's thread's real time), not 30 s
     assert len(model.calls) == 1 and [r.retry_in_s for r in rec.records] == [30.0]
 
 

@@ -1,6 +1,8 @@
 """Tools that fail well: timeouts, retries, fallbacks, breakers, truncation, redaction.
 
-Timing is asserted from event timestamps or with generous bounds, never tightly.
+Timing is asserted from event timestamps or with generous bounds, never tightly. Tests of
+loopwise's own timeouts and backoff run under a `FakeClock` (`clock=FakeClock()`): the
+waits take no real time, and what the attempts report is exact fake time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 
 import loopwise as lw
 from loopwise.models import ScriptedModel, ToolCall
+from loopwise.testing import FakeClock
 
 from .test_loop import assert_valid_log
 
@@ -52,8 +55,9 @@ def test_timeout_then_fallback_tool_says_why():
         await anyio.sleep(30)
         return {}
 
+    clock = FakeClock()
     result, events = run([get_customer_history, get_cached_history],
-                         [ToolCall("get_customer_history", {"customer_id": "CUS-4821"})])
+                         [ToolCall("get_customer_history", {"customer_id": "CUS-4821"})], clock=clock)
     (done,) = finished(events)
     assert done.outcome == "fallback" and done.fallback == "get_cached_history" and done.attempts == 1
     assert done.content.startswith(
@@ -63,6 +67,7 @@ def test_timeout_then_fallback_tool_says_why():
     assert done.latency_s < 5
     (attempt,) = of_kind(events, "tool_attempt_failed")
     assert attempt.error.type == "TimeoutError" and attempt.retry_in_s is None
+    assert attempt.latency_s == pytest.approx(0.2) and clock.monotonic() == pytest.approx(0.2)
     (fb,) = of_kind(events, "tool_fallback")
     assert fb.ok and fb.fallback == "get_cached_history"
 
@@ -70,20 +75,23 @@ def test_timeout_then_fallback_tool_says_why():
 def test_flaky_tool_succeeds_on_the_third_attempt():
     calls = []
 
-    @lw.tool(retries=2, backoff=lw.Backoff(initial_s=0.01, max_s=0.02))
+    @lw.tool(retries=2, backoff=lw.Backoff(initial_s=10, max_s=20))
     async def flaky() -> str:
         """Fails twice."""
-        calls.append(time.monotonic())
+        calls.append(clock.monotonic())
         if len(calls) < 3:
             raise lw.ToolRetry(f"not yet ({len(calls)})")
         return "finally"
 
-    _, events = run([flaky], [ToolCall("flaky", {})])
+    clock = FakeClock()
+    _, events = run([flaky], [ToolCall("flaky", {})], clock=clock)
     (done,) = finished(events)
     assert (done.outcome, done.content, done.attempts) == ("ok", "finally", 3)
     attempts = of_kind(events, "tool_attempt_failed")
     assert [a.attempt for a in attempts] == [1, 2]
-    assert all(a.retry_in_s is not None and a.retry_in_s <= 0.02 for a in attempts)
+    assert 0 <= attempts[0].retry_in_s <= 10 and 0 <= attempts[1].retry_in_s <= 20
+    # Each attempt started after the wait before it (fake seconds: no real 30 s wait).
+    assert calls == pytest.approx([0, attempts[0].retry_in_s, attempts[0].retry_in_s + attempts[1].retry_in_s])
     assert attempts[0].error.message == "not yet (1)"
 
 
@@ -115,7 +123,7 @@ def test_a_fallback_chain_is_tried_in_order():
         await anyio.sleep(10)
         return ""
 
-    _, events = run([history], [ToolCall("history", {"customer_id": "CUS-1"})])
+    _, events = run([history], [ToolCall("history", {"customer_id": "CUS-1"})], clock=FakeClock())
     (done,) = finished(events)
     assert done.outcome == "fallback" and done.fallback == "a template"
     assert done.content == (
@@ -133,7 +141,7 @@ def test_plain_value_fallback():
         await anyio.sleep(10)
         return "negative"
 
-    _, events = run([analyze_sentiment], [ToolCall("analyze_sentiment", {"text": "hi"})])
+    _, events = run([analyze_sentiment], [ToolCall("analyze_sentiment", {"text": "hi"})], clock=FakeClock())
     assert finished(events)[0].content.endswith("answered from a default value: neutral")
 
 
@@ -169,12 +177,11 @@ def test_total_timeout_bounds_attempts_backoff_and_fallbacks():
         await anyio.sleep(30)
         return ""
 
-    started = time.monotonic()
-    _, events = run([search], [ToolCall("search", {"q": "x"})])
-    assert time.monotonic() - started < 10  # generous: the point is "not 30 s"
+    clock = FakeClock()
+    _, events = run([search], [ToolCall("search", {"q": "x"})], clock=clock)
+    assert clock.monotonic() == pytest.approx(0.6)  # the point: the whole call took its 0.6 s, not 30 s
     (done,) = finished(events)
     assert done.outcome == "error"
-    assert done.latency_s < 3
     assert "total_timeout of 0.6 s" in json.loads(done.content)["error"]["message"]
 
 
@@ -351,7 +358,9 @@ def test_two_slow_tools_overlap_in_the_log():
         await anyio.sleep(0.3)
         return "b"
 
-    _, events = run([slow_a, slow_b], [ToolCall("slow_a", {}), ToolCall("slow_b", {})])
+    clock = FakeClock()
+    _, events = run([slow_a, slow_b], [ToolCall("slow_a", {}), ToolCall("slow_b", {})], clock=clock)
+    assert clock.monotonic() == pytest.approx(0.3)  # together: 0.3 s, not 0.6 s
     start = {e.name: e.ts for e in events if e.kind == "tool_call_started"}
     end = {e.name: e.ts for e in events if e.kind == "tool_call_finished"}
     assert start["slow_a"] < end["slow_b"] and start["slow_b"] < end["slow_a"]
@@ -369,8 +378,10 @@ def test_max_parallel_tools_bounds_concurrency():
         running.remove(i)
         return i
 
-    _, events = run([work], [ToolCall("work", {"i": i}) for i in range(7)], max_parallel_tools=2)
+    clock = FakeClock()
+    _, events = run([work], [ToolCall("work", {"i": i}) for i in range(7)], max_parallel_tools=2, clock=clock)
     assert max(peak) == 2
+    assert clock.monotonic() == pytest.approx(0.2)  # four rounds of 0.05 s: two at a time
     assert sorted(int(e.content) for e in finished(events)) == list(range(7))
 
 

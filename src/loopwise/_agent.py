@@ -113,7 +113,9 @@ class Agent:
             runtime strips before the tool is called, and the instructions say how to
             fill it. Default False: the loop does no extra work.
         clock: What runs read the time, ids and random numbers from (default: the
-            system's). Tests pass `loopwise.testing.FakeClock()`.
+            system's). Tests pass `loopwise.testing.FakeClock()`, which also drives the
+            event loop's time while a run is on it: waits jump ahead when nothing else
+            can happen (sync tools in threads keep real time).
     """
 
     def __init__(
@@ -370,18 +372,26 @@ class Agent:
         # A tool that blocks the event loop cannot be timed out; the watchdog says so.
         start_watchdog()
         control = self.control  # (first: a control plane that cannot be opened leaves no trace)
-        _active_run_ids.add(run.run_id)
-        run.loop = asyncio.get_running_loop()
-        # A Run is its own LiveRun (run_id, tags, deliver): one object fewer per run. (mypy
-        # cannot see it until `attach` takes a protocol: the lead's merge of _control.py.)
-        control.attach(run)  # type: ignore[arg-type]
+        run.loop = loop = asyncio.get_running_loop()
+        clock = self.clock
+        drives = clock.drives_loop  # a FakeClock drives the loop's time while its runs are on it
+        if drives:
+            clock.install(loop)  # (a loop it cannot drive is refused here, before the run is attached)
         try:
-            finished = await run.execute()  # as logged: the result is read from the log, redacted as it is
+            _active_run_ids.add(run.run_id)
+            # A Run is its own LiveRun (run_id, tags, deliver): one object fewer per run. (mypy
+            # cannot see it until `attach` takes a protocol.)
+            control.attach(run)  # type: ignore[arg-type]
+            try:
+                finished = await run.execute()  # as logged: the result is read from the log, redacted as it is
+            finally:
+                control.detach(run.run_id)
+                _active_run_ids.discard(run.run_id)
+                if self.redact_event is not None:
+                    self.redact_event.end_run(run.run_id)
         finally:
-            control.detach(run.run_id)
-            _active_run_ids.discard(run.run_id)
-            if self.redact_event is not None:
-                self.redact_event.end_run(run.run_id)
+            if drives:
+                clock.uninstall(loop)
         return RunResult.of(run.started, finished)
 
     async def run(self, task: Task, *, run_id: str | None = None, tags: Sequence[str] = (), deps: Any = None,

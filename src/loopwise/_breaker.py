@@ -15,6 +15,10 @@ errors the tool marks as transient (`lw.ToolRetry`, or a type it names in
 `retry_on=`). A business error (`ValueError("amount over the refund limit")`) is the
 tool working: it must not stop other runs from calling it. `failure_on=` counts more
 (exception types, or a predicate).
+
+The window and the cool-down are measured on the running event loop's time
+(`_clock.loop_time`, what deadlines use): a breaker is shared by every run of its tool,
+whatever its agent's clock, and a `FakeClock` that drives the loop makes it fake time.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from ._clock import current_clock, loop_time
 from ._errors import LoopwiseError, ToolRetry, UserError
 from ._infra_errors import is_infrastructure
 
@@ -91,6 +96,10 @@ class CircuitBreaker:
             `retry_on` types): an exception type, a tuple of them, or a function that
             takes the exception and returns True to count it. ``Exception`` counts
             every failure.
+        clock: What the window and the cool-down are measured on (default: the
+            running event loop's time, ``loop.time()``, which a `FakeClock` drives; a
+            breaker is shared by every run of its tool, so it reads the loop, not an
+            agent).
     """
 
     __slots__ = ("_clock", "_count_also", "_failures", "_last_kind", "_lock", "_opened_at", "_opened_wall",
@@ -99,7 +108,7 @@ class CircuitBreaker:
     def __init__(self, *, failures: int = 5, window_s: float = 60.0, cooldown_s: float = 30.0,
                  failure_on: type[BaseException] | tuple[type[BaseException], ...]
                  | Callable[[BaseException], bool] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = loop_time) -> None:
         if type(failures) is not int or failures < 1:
             raise UserError(f"CircuitBreaker(failures={failures!r}) must be an int >= 1")
         for name, value in (("window_s", window_s), ("cooldown_s", cooldown_s)):
@@ -220,7 +229,7 @@ class CircuitBreaker:
     def _open(self, now: float, error: BaseException | None) -> None:
         self.state = "open"
         self._opened_at = now
-        self._opened_wall = time.time()
+        self._opened_wall = current_clock().time()
         self._last_kind = _kind(error)
 
     def on_abort(self) -> None:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
+from ._clock import driven as _driven
+from ._clock import loop_time as _loop_time
 from ._breaker import BreakerChange, CircuitOpenError
 from ._errors import LoopwiseError, ToolRetry
 from ._events import ErrorInfo
@@ -36,7 +38,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CallEvents", "CallOutcome", "Spend", "execute", "tool_content"]
 
-_mono = time.perf_counter
+# Latencies and total_timeout's deadline: the event loop's time if a FakeClock drives a
+# loop (`_clock.driven`), else this (asyncio's clock on Linux, read without the loop).
+_perf = time.perf_counter
 # An attempt that would get this little less than its timeout from a total_timeout is
 # given its timeout: the loop's own microseconds do not make a "total_timeout ran out".
 _SLACK_S = 0.001
@@ -154,7 +158,8 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
     policy = tool.policy
     name = tool.name
     redact = _redactor(policy, kwargs) if policy.secret else _as_is
-    started = _mono()
+    now = _perf if not _driven else _loop_time  # (the dict FakeClock.install fills: never rebound)
+    started = now()
     total = policy.total_timeout
     # Only a total_timeout given bounds the parts by what is left of it (see below).
     explicit = total is not None and policy.total_timeout_explicit
@@ -189,14 +194,14 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
         limit = policy.timeout
         cut_by_total = False
         if deadline is not None:
-            left = deadline - _mono()
+            left = deadline - now()
             if limit is None or left < limit - _SLACK_S:
                 limit, cut_by_total = max(0.0, left), True
         attempts += 1
         cost += policy.cost_usd
         if spend is not None:
             spend.usd += policy.cost_usd
-        t0 = _mono()
+        t0 = now()
         exc: BaseException | None = None
         timed_out = False
         try:
@@ -212,7 +217,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
                         value = await tool.call(kwargs, ctx, events, timeout=limit)
                     else:
                         with cancel_scope() as scope:
-                            value = await wait_within(scope, max(0.0, deadline - _mono()),
+                            value = await wait_within(scope, max(0.0, deadline - now()),
                                                       tool.call(kwargs, ctx, events, timeout=limit))
                         timed_out = cut_by_total = scope.cancelled_caught
                 except ProcessTimeoutError:
@@ -228,7 +233,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
             raise
         except Exception as e:  # the tool failed (cancellation is not an Exception on asyncio)
             exc = e
-        latency = _mono() - t0
+        latency = now() - t0
         if exc is None and not timed_out:
             try:
                 content = _truncate(tool_content(value), policy.max_result_chars)
@@ -261,7 +266,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
                 and isinstance(exc, policy.retry_on))) is not None:
             events.breaker_changed(change)
         delay = policy.backoff.delay(attempt) if retryable and attempt < last_attempt else None
-        if delay is not None and deadline is not None and _mono() + delay >= deadline:
+        if delay is not None and deadline is not None and now() + delay >= deadline:
             delay = None  # no time left for another attempt within total_timeout
         events.attempt_failed(name, attempt, error, latency, delay)
         if delay is None:
@@ -273,7 +278,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
     reason = f"{name} {failure.summary}"
     for step in policy.fallback:
         if explicit:
-            remaining = total - (_mono() - started)  # type: ignore[operator]
+            remaining = total - (now() - started)  # type: ignore[operator]
         else:
             # No total, or a derived one: the sum of what each part may take, so each step
             # has its own share (a tool its own policy, a callable this tool's timeout), not

@@ -38,6 +38,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from typing import Any, Literal, TypeVar
 
 from ._errors import LoopwiseError
 
-__all__ = ["AbandonedThread", "DaemonThreadPool", "PoolExhaustedError", "default_pool"]
+__all__ = ["AbandonedThread", "DaemonThreadPool", "PoolExhaustedError", "busy", "default_pool"]
 
 T = TypeVar("T")
 
@@ -158,6 +159,7 @@ class DaemonThreadPool:
         self._waiters: deque[_Waiter] = deque()
         self._idle: list[_Handoff] = []  # a stack: the most recently idle worker is reused first
         self._counter = itertools.count(1)
+        _pools.add(self)
 
     def __repr__(self) -> str:
         return (
@@ -328,6 +330,24 @@ class DaemonThreadPool:
                 job = handoff.job
                 if job is None:
                     self._idle.remove(handoff)
+
+
+_pools: weakref.WeakSet[DaemonThreadPool] = weakref.WeakSet()
+
+
+def busy() -> bool:
+    """Whether a call is running in any pool's thread and still awaited (not abandoned).
+
+    A `FakeClock` does not jump its event loop's time ahead while one is: the thread
+    runs in real time. Read under each pool's lock: a worker frees its slot and hands
+    its result to the loop in one step, so a False here means the result, if any, is
+    already in the loop's wake-up pipe.
+    """
+    for pool in list(_pools):
+        with pool._lock:
+            if pool._running:
+                return True
+    return False
 
 
 _default_pool: DaemonThreadPool | None = None

@@ -23,7 +23,6 @@ decides whether a call's result matched the model's expectation (`docs/decisions
 from __future__ import annotations
 
 import math
-import random
 import string
 from collections.abc import Callable
 from abc import ABC
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._breaker import CircuitBreaker
+from ._clock import current_clock
 from ._errors import UserError
 from ._expect import check_option
 
@@ -87,9 +87,16 @@ class Backoff:
         """The longest wait before retry number `retry` (1-based)."""
         return min(self.max_s, self.initial_s * self.factor ** (retry - 1))
 
-    def delay(self, retry: int, rng: random.Random | None = None) -> float:
+    def delay(self, retry: int, rng: Callable[[], float] | None = None) -> float:
+        """The wait before retry number `retry`: a random fraction of its ceiling (with jitter).
+
+        `rng` returns a float in [0, 1) (default: the `random()` of the clock driving the
+        running event loop, a `FakeClock`'s under one, else the system's).
+        """
         ceiling = self.ceiling(retry)
-        return (rng or random).uniform(0, ceiling) if self.jitter else ceiling
+        if not self.jitter:
+            return ceiling
+        return (rng or current_clock().random)() * ceiling
 
 
 class ToolLike(ABC):  # noqa: B024 - a marker: `_tools.Tool` registers as one

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import email.utils
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,13 +46,17 @@ from .._errors import (
     ModelTimeoutError,
     UserError,
 )
+from .._clock import current_clock
+from .._clock import driven as _driven
+from .._clock import loop_time as _loop_time
 from .._events import ErrorInfo
 from .._scopes import cancel_scope, wait_within
 from ._base import Model, ModelRequest, ModelResponse
 
 __all__ = ["AttemptRecord", "ModelPolicy", "call_with_policy", "parse_retry_after"]
 
-_perf = time.perf_counter
+# Latencies: the event loop's time if a FakeClock drives a loop, else this (the same clock on Linux).
+_perf_counter = time.perf_counter
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -107,13 +110,17 @@ class ModelPolicy:
             )
         object.__setattr__(self, "retry_on_status", tuple(statuses))
 
-    def backoff(self, retry: int, rng: Callable[[], float] = random.random) -> float:
-        """Seconds to wait before retry number `retry` (1, 2, ...) without a `Retry-After`."""
+    def backoff(self, retry: int, rng: Callable[[], float] | None = None) -> float:
+        """Seconds to wait before retry number `retry` (1, 2, ...) without a `Retry-After`.
+
+        `rng` returns a float in [0, 1) (default: the `random()` of the clock driving the
+        running event loop, a `FakeClock`'s under one, else the system's).
+        """
         try:
             cap = min(self.backoff_initial_s * self.backoff_factor ** (retry - 1), self.backoff_max_s)
         except OverflowError:
             cap = self.backoff_max_s
-        return rng() * cap
+        return (rng or current_clock().random)() * cap
 
     def retries_status(self, status: int) -> bool:
         """Whether an HTTP error with this status is retried."""
@@ -162,7 +169,7 @@ async def call_with_policy(
     report_ok: bool = True,
     *,
     sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
-    rng: Callable[[], float] = random.random,
+    rng: Callable[[], float] | None = None,
 ) -> tuple[ModelResponse, Model]:
     """Make one model call under `policy`: the first model, then each fallback in turn.
 
@@ -176,7 +183,8 @@ async def call_with_policy(
         report_ok: False: `on_attempt` hears only of failed attempts (the loop logs
             nothing for an attempt that answered, so it asks for none).
         sleep: Waits between attempts (tests pass one that records instead).
-        rng: Returns a float in [0, 1) for the backoff jitter.
+        rng: Returns a float in [0, 1) for the backoff jitter (default: the `random()`
+            of the clock driving the running event loop: a `FakeClock`'s under one).
 
     The loop passes `on_attempt`, `check` and `report_ok` positionally: CPython matches
     keyword arguments one by one, and every model call passes here.
@@ -192,11 +200,12 @@ async def call_with_policy(
         raise UserError("call_with_policy needs at least one model")
     failures: list[tuple[str, int, ModelError]] = []
     timeout = policy.timeout
+    now = _perf_counter if not _driven else _loop_time  # a FakeClock's loop time, if one drives a loop
     for index, model in enumerate(models):
         attempt = 0
         while True:
             attempt += 1
-            started = _perf()
+            started = now()
             # Only errors are caught below: cancellation (a BaseException on asyncio
             # and trio alike) passes through every `except` here untouched.
             try:
@@ -220,14 +229,14 @@ async def call_with_policy(
             except ModelError as exc:
                 error = exc
             except Exception as exc:  # a bug in the adapter: reported, then raised as is
-                _report(on_attempt, model, attempt, exc, _perf() - started, None, False,
+                _report(on_attempt, model, attempt, exc, now() - started, None, False,
                         f"{type(exc).__name__} is not a ModelError: not retried, no fallback")
                 raise
             else:
                 if report_ok:
-                    _report(on_attempt, model, attempt, None, _perf() - started, None, False, "answered")
+                    _report(on_attempt, model, attempt, None, now() - started, None, False, "answered")
                 return response, model
-            latency = _perf() - started
+            latency = now() - started
             failures.append((model.name, attempt, error))
             retry_in, why = _retry_decision(error, attempt, policy, rng)
             if retry_in is not None:
@@ -245,7 +254,7 @@ async def call_with_policy(
 
 
 def _retry_decision(error: ModelError, attempt: int, policy: ModelPolicy,
-                    rng: Callable[[], float]) -> tuple[float | None, str]:
+                    rng: Callable[[], float] | None) -> tuple[float | None, str]:
     """The wait before retrying the same model (None: do not), and why."""
     what = _label(error)
     if not _retryable(error, policy):
@@ -289,7 +298,8 @@ def parse_retry_after(headers: Mapping[str, str] | None, *, now: float | None = 
     """Seconds to wait, from `retry-after-ms`, or `Retry-After` in seconds or as an HTTP-date.
 
     `headers` keys are matched case-insensitively. A date in the past gives 0; no
-    header or an unreadable one gives `None`.
+    header or an unreadable one gives `None`. A date is compared with `now` (default:
+    the wall time of the clock driving the running event loop, a `FakeClock`'s under one).
     """
     if not headers:
         return None
@@ -313,7 +323,7 @@ def parse_retry_after(headers: Mapping[str, str] | None, *, now: float | None = 
         return None
     if when.tzinfo is None:  # RFC 9110 dates are GMT
         return None
-    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+    return max(when.timestamp() - (current_clock().time() if now is None else now), 0.0)
 
 
 def _report(on_attempt: Callable[[AttemptRecord], None] | None, model: Model, attempt: int,
