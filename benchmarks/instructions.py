@@ -59,13 +59,13 @@ try:
     from loopwise import _control_local as _local_plane
 except ImportError:  # (a tree from before the control plane's split)
     from loopwise import _control as _local_plane
-from loopwise._watchdog import start_watchdog
+from loopwise._runtime.watchdog import start_watchdog
 _local_plane.POLL_S = 3600.0
 if sys.argv[1] == "sqlite":
     try:
         from loopwise import _sqlite_write as _sqlite
     except ImportError:  # (a tree from before the store's split)
-        from loopwise import _sqlite
+        from loopwise._stores import sqlite as _sqlite
     _sqlite.GATHER_S = _sqlite.JANITOR_S = 3600.0
 
 async def main(kind, warmup, runs):
@@ -92,7 +92,7 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 _WAITING = """
 import asyncio, sys
 import loopwise as lw
-from loopwise._execute import execute
+from loopwise._tools.execute import execute
 
 AT_ONCE = 1000
 

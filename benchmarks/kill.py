@@ -34,7 +34,7 @@ from pathlib import Path
 import anyio
 
 import loopwise as lw
-from loopwise._control_plane import _controls, local_runs
+from loopwise._control.plane import _controls, local_runs
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ToolCall
 
 KILLER = """

@@ -22,7 +22,7 @@ concurrent runs do not interfere.
     CPU per run, to check it does not grow with concurrency.
 (c) `import loopwise` in a fresh interpreter (best of 5), and whether it imported openai.
 (d) The policy wrappers alone, per call, on the event-loop thread: a tool call through
-    `loopwise._execute.execute` (the default `@tool` policy: a 30 s timeout scope and a
+    `loopwise._tools.execute.execute` (the default `@tool` policy: a 30 s timeout scope and a
     circuit breaker) vs a bare `await tool.fn(**kwargs)`, and a model call through
     `call_with_policy` (the default `ModelPolicy`, as the loop makes it, less the
     reporter of failed attempts) vs a bare `await model.request(request)`; the median
@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import Self
 
 import loopwise as lw
-from loopwise._execute import execute
-from loopwise._run import Run
+from loopwise._tools.execute import execute
+from loopwise._runtime.run import Run
 from loopwise.models import FunctionModel, ModelPolicy, ModelRequest, ModelResponse, ToolCall, Usage
 from loopwise.models._resilience import call_with_policy
 

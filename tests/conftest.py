@@ -48,7 +48,7 @@ def _close_control_planes_made_here():
     # A process keeps one control plane per database for its life (`control_for`); the
     # suite is one process that opens a thousand databases, so each test closes the local
     # ones it made (their SQLite connections and kill markers), or descriptors pile up.
-    from loopwise import _control_plane
+    from loopwise._control import plane as _control_plane
 
     before = set(_control_plane._controls)
     yield

@@ -22,7 +22,7 @@ NO_RUNAWAY = lw.RunawayDetector(enabled=False)
 def act_path(request, monkeypatch):
     """Both implementations of ACT: asyncio tasks, and the anyio task group (the reference)."""
     if request.param == "task-group":
-        monkeypatch.setattr("loopwise._act._asyncio_loop", lambda: None)
+        monkeypatch.setattr("loopwise._runtime.act._asyncio_loop", lambda: None)
     return request.param
 
 

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 import loopwise as lw
-from loopwise._infra_errors import is_infrastructure
+from loopwise._tools.infra_errors import is_infrastructure
 from loopwise.models import ScriptedModel, ToolCall
 
 from .test_loop import assert_valid_log

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loopwise._budget import Budget, BudgetExceeded, CallReservation, Overrun, reserve, reserve_call
+from loopwise._policies.budget import Budget, BudgetExceeded, CallReservation, Overrun, reserve, reserve_call
 from loopwise._errors import LoopwiseError, UserError
 from loopwise.models import Price, Usage
 

@@ -16,9 +16,9 @@ import pytest
 import redis
 
 import loopwise as lw
-from loopwise import _budget_redis
-from loopwise._budget import reserve, reserve_call
-from loopwise._budget_redis import keys_of
+from loopwise._policies import budget_redis as _budget_redis
+from loopwise._policies.budget import reserve, reserve_call
+from loopwise._policies.budget_redis import keys_of
 from loopwise.models import Price
 
 from .redis_server import RedisServer

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import asyncio, json, sys
 import loopwise as lw
-from loopwise import _budget_shared
+from loopwise._policies import budget_shared as _budget_shared
 from loopwise.models import FunctionModel, ModelResponse, Price, ToolCall, Usage
 
 mode, backend, name, limit, runs, db, ttl = sys.argv[1:8]

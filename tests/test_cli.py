@@ -19,7 +19,7 @@ from rich.console import Console
 
 import loopwise as lw
 from loopwise._events import event_to_dict
-from loopwise._render import render_run
+from loopwise._views.render import render_run
 from loopwise.cli import main
 from loopwise.models import ModelResponse, ScriptedModel, ToolCall, Usage
 
@@ -562,14 +562,14 @@ def test_help(capsys):
 
 def test_demo_calls_the_demo_module(monkeypatch, capsys, tmp_path):
     seen = []
-    fake = types.ModuleType("loopwise._demo")
+    fake = types.ModuleType("loopwise._demo.scenario")
 
     def fake_main(console, *, store):
         seen.append((console, store.path))
         console.print("the demo ran")
 
     fake.main = fake_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "loopwise._demo", fake)
+    monkeypatch.setitem(sys.modules, "loopwise._demo.scenario", fake)
     assert main(["demo", "--db", str(tmp_path / "demo.db")]) == 0
     assert isinstance(seen[0][0], Console) and seen[0][1] == tmp_path / "demo.db"
     assert "the demo ran" in capsys.readouterr().out
@@ -776,7 +776,7 @@ def recovery_db(tmp_path) -> Path:
 
 def tool_rows_visible(text: str, events, width: int) -> None:
     """Each tool call's outcome, latency and the start of its result are on screen."""
-    from loopwise._render import format_duration
+    from loopwise._views.render import format_duration
 
     lines_ = text.splitlines()
     assert all(len(line) <= width for line in lines_), [line for line in lines_ if len(line) > width]

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 import pytest
 
 import loopwise as lw
-from loopwise import _clock
+from loopwise._runtime import clock as _clock
 from loopwise.models import ModelRequest, ModelResponse, ModelPolicy, ToolCall
 from loopwise.testing import FakeClock, FunctionModel, MemoryStore, ScriptedModel
 

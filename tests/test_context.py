@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loopwise as lw
-from loopwise._context import (
+from loopwise._policies.context import (
     SUMMARY_PREFIX,
     ContextState,
     FullContext,

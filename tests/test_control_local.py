@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise import _control, _control_local, _control_plane
-from loopwise._control_local import LocalControl
-from loopwise._control_marker import marker_path
-from loopwise._control_plane import KillRequest, LiveRun
+from loopwise._control import kill as _control, _control_local, _control_plane
+from loopwise._control.local import LocalControl
+from loopwise._control.marker import marker_path
+from loopwise._control.plane import KillRequest, LiveRun
 
 
 def _db(tmp_path: Path) -> Path:
@@ -111,8 +111,8 @@ async def test_a_kill_from_another_process_is_delivered_through_the_marker(tmp_p
     db = _db(tmp_path)
     async with _attached(db, ["target"]) as (_, runs):
         await asyncio.sleep(0.1)
-        code = ("import sys, time; from loopwise._control_local import LocalControl; "
-                "from loopwise._control_plane import KillRequest; "
+        code = ("import sys, time; from loopwise._control.local import LocalControl; "
+                "from loopwise._control.plane import KillRequest; "
                 "p = LocalControl(sys.argv[1]); p.record_kills([KillRequest('target', 'r', 'b', time.time())]); "
                 "print(time.time())")
         proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, str(db),
@@ -125,7 +125,7 @@ async def test_a_kill_from_another_process_is_delivered_through_the_marker(tmp_p
 
 _KILLER = """
 import sys, time
-from loopwise._control_local import LocalControl; from loopwise._control_plane import KillRequest
+from loopwise._control.local import LocalControl; from loopwise._control.plane import KillRequest
 plane = LocalControl(sys.argv[1])
 for run_id in sys.argv[2:]:
     plane.record_kills([KillRequest(run_id, "race", "killer", time.time())])
@@ -411,9 +411,9 @@ TRUNCATING_CHILD = """
 import asyncio, os, sys, time
 from pathlib import Path
 import loopwise as lw
-from loopwise._control_local import LocalControl
-from loopwise._control_marker import marker_path
-from loopwise._control_plane import KillRequest
+from loopwise._control.local import LocalControl
+from loopwise._control.marker import marker_path
+from loopwise._control.plane import KillRequest
 from loopwise.models import ScriptedModel, ToolCall
 
 db = Path(sys.argv[1])

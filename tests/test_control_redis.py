@@ -23,9 +23,9 @@ import pytest
 import redis
 
 import loopwise as lw
-from loopwise import _control, _control_plane, _control_redis
-from loopwise._control_plane import HOST, KillRequest, LiveRun, _owner, local_runs, requester
-from loopwise._control_redis import RedisControl
+from loopwise._control import kill as _control, _control_plane, _control_redis
+from loopwise._control.plane import HOST, KillRequest, LiveRun, _owner, local_runs, requester
+from loopwise._control.redis import RedisControl
 from loopwise.cli import main
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ToolCall
 
@@ -138,8 +138,8 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 CHILD = r"""
 import json, os, sys, threading, time
 import loopwise as lw
-from loopwise._control_plane import LiveRun, KillRequest
-from loopwise._control_redis import RedisControl
+from loopwise._control.plane import LiveRun, KillRequest
+from loopwise._control.redis import RedisControl
 
 mode, url = sys.argv[1], sys.argv[2]
 if mode == "kill":
@@ -557,7 +557,7 @@ def test_a_password_is_not_shown_in_messages(server):
 
 def test_the_redis_package_missing_says_which_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` raises ImportError
-    monkeypatch.delitem(sys.modules, "loopwise._control_redis")
+    monkeypatch.delitem(sys.modules, "loopwise._control.redis")
     with pytest.raises(lw.UserError, match=r"pip install 'loopwise\[redis\]'"):
         _control._redis_control("redis://localhost:6379")
 

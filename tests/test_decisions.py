@@ -14,9 +14,9 @@ import anyio
 import pytest
 
 import loopwise as lw
-from loopwise._decisions import Decision, decisions, expectations_on
+from loopwise._views.decisions import Decision, decisions, expectations_on
 from loopwise._events import dump_events, event_to_dict, load_event
-from loopwise._expect import EXPECT_KEY, EXPECT_PROMPT, augment_spec, default_match, split_expectation
+from loopwise._tools.expect import EXPECT_KEY, EXPECT_PROMPT, augment_spec, default_match, split_expectation
 from loopwise.cli import main
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, Price, ScriptedModel, ToolCall
 

@@ -13,8 +13,8 @@ import pytest
 from rich.console import Console
 
 import loopwise as lw
-from loopwise import _demo
-from loopwise._decisions import decisions
+from loopwise._demo import scenario as _demo
+from loopwise._views.decisions import decisions
 from loopwise._events import (
     ModelCallFinished,
     RunFinished,

@@ -15,7 +15,7 @@ from pydantic_core import PydanticSerializationError
 from rich.console import Console
 
 import loopwise as lw
-from loopwise import _demo
+from loopwise._demo import scenario as _demo
 from loopwise._events import ErrorInfo, ModelCallFinished, dump_events, dump_lines, new_tool_call_started
 from loopwise.models import ModelResponse, ToolCall, Usage
 

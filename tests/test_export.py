@@ -10,7 +10,7 @@ import pytest
 
 import loopwise as lw
 from loopwise._events import LimitHit, ModelCallFinished, event_to_dict, load_event
-from loopwise._export import to_jsonl, to_perfetto
+from loopwise._views.export import to_jsonl, to_perfetto
 from loopwise.cli import main
 from loopwise.models import ModelResponse, Price, ScriptedModel, ToolCall, Usage
 

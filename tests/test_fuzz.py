@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import loopwise as lw
 from loopwise._events import STOP_REASONS, dump_lines, load_events
-from loopwise._journal import json_array
+from loopwise._stores.journal import json_array
 from loopwise.models import FunctionModel, ModelResponse, ToolCall, Usage
 
 from .test_loop import assert_valid_log, assert_valid_transcript

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 
 import loopwise as lw
-from loopwise._storable import MAX_DEPTH, REPLACEMENT
+from loopwise._stores.storable import MAX_DEPTH, REPLACEMENT
 from loopwise import ModelHTTPError
 from loopwise.models import FunctionModel, ModelPolicy, ModelRequest, ModelResponse, ToolCall, Usage
 
@@ -38,7 +38,7 @@ def sqlite(path):
 def _close_stores():
     """The stores a test opened, and their control planes (cached per file): closed, so ~40
     tests leave no connections or files open for the rest of the suite."""
-    from loopwise import _control_plane
+    from loopwise._control import plane as _control_plane
 
     yield
     while _opened:

@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 import loopwise as lw
-from loopwise._isolation import (
+from loopwise._tools.isolation import (
     ProcessCrashedError,
     ProcessStartError,
     ProcessTimeoutError,
@@ -281,7 +281,7 @@ def test_unguarded_main_script_is_not_rerun_and_main_functions_are_refused(tmp_p
             import sys
             sys.path.insert(0, {str(ROOT)!r})
             import anyio
-            from loopwise._isolation import run_in_subprocess
+            from loopwise._tools.isolation import run_in_subprocess
             from tests import isolation_helpers
 
             print("script started", flush=True)

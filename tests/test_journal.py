@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise import _journal, _sqlite_write
+from loopwise._stores import journal as _journal, _sqlite_write
 from loopwise._events import RunStarted, dump_events
-from loopwise._journal import journal_files
+from loopwise._stores.journal import journal_files
 from loopwise.models import ScriptedModel, ToolCall
 
 CHILD = """

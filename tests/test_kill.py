@@ -21,10 +21,10 @@ import anyio
 import pytest
 
 import loopwise as lw
-from loopwise._control import control_for
-from loopwise._control_local import LocalControl
-from loopwise._control_plane import local_runs
-from loopwise._journal import journal_events
+from loopwise._control.kill import control_for
+from loopwise._control.local import LocalControl
+from loopwise._control.plane import local_runs
+from loopwise._stores.journal import journal_events
 from loopwise.cli import main
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ScriptedModel, ToolCall
 
@@ -424,7 +424,7 @@ YOUNG_CHILD = """
 import asyncio, sys
 from pathlib import Path
 import loopwise as lw
-from loopwise import _control_local
+from loopwise._control import local as _control_local
 from loopwise.models import ScriptedModel, ToolCall
 
 # Its runs never get a lease: they stay as young as a run a poll old, for as long as the test needs.
@@ -432,7 +432,7 @@ _control_local.LocalControl._turn = lambda self, now: False
 
 db, flag = sys.argv[1], Path(sys.argv[2])
 if sys.argv[3:] == ["empty-journal"]:  # its journal emptied after every copy (as a busy process's is)
-    from loopwise import _sqlite, _sqlite_write
+    from loopwise._stores import sqlite as _sqlite, _sqlite_write
     _sqlite_write.TRUNCATE_AT = 1
 
 @lw.tool

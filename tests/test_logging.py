@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import loopwise as lw
-import loopwise._logging as lw_logging
+import loopwise._views.logging as lw_logging
 from loopwise.models import FunctionModel, ModelPolicy, ModelRequest, ModelResponse, ScriptedModel, ToolCall
 
 KEY = "sk-proj-" + "Zq8x2LmN4vB7cD1eF5gH9jK3pQ6rS0tU"

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 import loopwise as lw
-from loopwise._run import NOT_EXECUTED
+from loopwise._runtime.run import NOT_EXECUTED
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, Price, ScriptedModel, ToolCall, Usage
 from loopwise.testing import FakeClock
 

@@ -11,8 +11,8 @@ from datetime import datetime
 import pytest
 
 import loopwise as lw
-from loopwise._prices import price_for
-from loopwise._tokens import TokenEstimator, for_model
+from loopwise._policies.prices import price_for
+from loopwise._policies.tokens import TokenEstimator, for_model
 from loopwise.models import FunctionModel, Model, ModelRequest, ModelResponse, OpenAIModel, Price, Usage
 
 

@@ -12,7 +12,7 @@ import pytest
 import loopwise as lw
 from loopwise._events import ModelCallFinished, ModelCallStarted, RunFinished, RunStarted, ToolCallFinished
 from loopwise._events import ToolCallStarted
-from loopwise._otel import plan_spans, resolve_endpoint
+from loopwise._views.otel import plan_spans, resolve_endpoint
 from loopwise.cli import main
 from loopwise.models import FunctionModel, ModelPolicy, ModelRequest, ModelResponse, Price
 from loopwise.models import ScriptedModel, ToolCall, Usage

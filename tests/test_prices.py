@@ -10,7 +10,7 @@ from genai_prices import data_snapshot
 from genai_prices.types import TieredPrices
 
 from loopwise._errors import UserError
-from loopwise._prices import lookup_price, price_for, worst_price
+from loopwise._policies.prices import lookup_price, price_for, worst_price
 from loopwise.models import (
     FunctionModel,
     Model,

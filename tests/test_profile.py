@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 import loopwise as lw
-from loopwise import _demo
+from loopwise._demo import scenario as _demo
 from loopwise._events import (
     ErrorInfo,
     IterationStarted,
@@ -25,7 +25,7 @@ from loopwise._events import (
     ToolCallFinished,
     ToolCallStarted,
 )
-from loopwise._profile import percentile, phase_times, profile, render_profile
+from loopwise._views.profile import percentile, phase_times, profile, render_profile
 from loopwise.cli import main
 from loopwise.models import FunctionModel, ModelResponse, ToolCall
 

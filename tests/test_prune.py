@@ -23,7 +23,7 @@ DAY = 86400.0
 WRITER = """
     import os, sys, time
     import loopwise as lw
-    from loopwise._clock import Clock
+    from loopwise._runtime.clock import Clock
     from loopwise.models import ScriptedModel, ToolCall
 
     db, age_days, prefix, count, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]

@@ -8,9 +8,9 @@ import re
 import pytest
 
 import loopwise as lw
-from loopwise._agent import new_run_id
+from loopwise._runtime.agent import new_run_id
 from loopwise._events import dump_event
-from loopwise._redact import Redactor
+from loopwise._policies.redact import Redactor
 from loopwise.cli import main
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ScriptedModel, ToolCall, Usage
 

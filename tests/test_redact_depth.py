@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import loopwise as lw
 from loopwise._events import dump_event
-from loopwise._redact import Redactor
+from loopwise._policies.redact import Redactor
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ToolCall, Usage
 
 ALNUM = string.ascii_letters + string.digits

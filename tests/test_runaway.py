@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loopwise as lw
-from loopwise._runaway import RunawayDetector, canonical_call
+from loopwise._policies.runaway import RunawayDetector, canonical_call
 from loopwise.models import FunctionModel, ModelResponse, ToolCall, Usage
 
 ONLY_REPEATS = {"stale_iterations": None, "growth_factor": None}

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from loopwise import _hotpath
-from loopwise._scopes import cancel_scope, task_group, wait_within
+from loopwise._runtime.scopes import cancel_scope, task_group, wait_within
 
 # What the fast versions do beyond the plain ones (`_hotpath`): no timer for a call that does
 # not wait, its deadline set at its first wait, far deadlines armed by the sweeper. The

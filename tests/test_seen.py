@@ -16,9 +16,9 @@ import anyio
 import pytest
 
 import loopwise as lw
-from loopwise._context import ContextPolicy, ContextState
+from loopwise._policies.context import ContextPolicy, ContextState
 from loopwise import events as ev
-from loopwise._seen import seen_calls
+from loopwise._views.seen import seen_calls
 from loopwise.events import ModelCallStarted, messages_seen
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ToolCall
 
@@ -192,7 +192,7 @@ class LastTwo(ContextPolicy):
     """A policy of one's own: it shows the task and the last two messages, its own way."""
 
     def plan(self, transcript, state):
-        from loopwise._context import ContextPlan
+        from loopwise._policies.context import ContextPlan
 
         return ContextPlan()
 

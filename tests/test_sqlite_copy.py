@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise import _sqlite, _sqlite_schema, _sqlite_write
+from loopwise._stores import sqlite as _sqlite, _sqlite_schema, _sqlite_write
 from loopwise._events import IterationStarted, RunStarted
 from loopwise.models import ScriptedModel, ToolCall
 
@@ -34,7 +34,7 @@ def _agent(store: lw.EventStore) -> lw.Agent:
     return lw.Agent(ScriptedModel([ToolCall("step", {"n": 1}), "all done"]), tools=[step], store=store)
 
 
-# The events of `_agent`'s run: started; 2 x (iteration, model call started + finished);
+# The events of `_runtime.agent`'s run: started; 2 x (iteration, model call started + finished);
 # the tool call started + finished; finished.
 EVENTS = 10
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import loopwise as lw
-from loopwise._sqlite import SCHEMA_VERSION
+from loopwise._stores.sqlite import SCHEMA_VERSION
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ScriptedModel, ToolCall
 
 
@@ -191,7 +191,7 @@ def test_default_store_is_loopwise_db_or_env(tmp_path, monkeypatch):
 
 
 def test_a_version_1_database_is_migrated_in_place(tmp_path):
-    from loopwise._sqlite_schema import _MIGRATIONS
+    from loopwise._stores.sqlite_schema import _MIGRATIONS
 
     path = tmp_path / "v1.db"
     conn = sqlite3.connect(path)
@@ -208,7 +208,7 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
     # lw_* belong to the control plane (leases and kill requests), created beside the log.
     assert {i for i in indexes if not i.startswith("lw_")} == {"event_chunks_started"}
-    from loopwise._sqlite_read import _LIST_RUNS
+    from loopwise._stores.sqlite_read import _LIST_RUNS
 
     plan = " ".join(r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + _LIST_RUNS.format(where="", having=""), (5,)))
     # No sort of every run: the index gives the order, and only runs started at the same

@@ -11,10 +11,10 @@ import anyio
 import pytest
 
 import loopwise as lw
-from loopwise._control import control_for
-from loopwise._control_local import LocalControl
-from loopwise._control_plane import MemoryControl
-from loopwise._control_redis import RedisControl
+from loopwise._control.kill import control_for
+from loopwise._control.local import LocalControl
+from loopwise._control.plane import MemoryControl
+from loopwise._control.redis import RedisControl
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse
 
 from .redis_server import RedisServer
@@ -146,7 +146,7 @@ async def test_redis_overrides_what_the_store_declares(tmp_path, monkeypatch):
         assert result["r"].stop_reason == "killed"
         sqlite.close()
     finally:
-        from loopwise import _control_plane
+        from loopwise._control import plane as _control_plane
 
         with _control_plane._controls_lock:
             made = _control_plane._controls.pop(("redis", server.url), None)

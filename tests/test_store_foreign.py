@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise._sqlite import SCHEMA_VERSION
+from loopwise._stores.sqlite import SCHEMA_VERSION
 
 
 def _snapshot(directory: Path) -> dict[str, tuple[str, int]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise import _sqlite_tail
+from loopwise._stores import sqlite_tail as _sqlite_tail
 from loopwise._events import RunFinished, RunResumed, RunStarted
 from loopwise._messages import new_message
 from loopwise.models import ModelResponse, ScriptedModel, ToolCall

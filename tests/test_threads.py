@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import anyio
 import pytest
 
-from loopwise._threads import (
+from loopwise._tools.threads import (
     AbandonedThread,
     DaemonThreadPool,
     PoolExhaustedError,
@@ -255,7 +255,7 @@ def test_process_exits_promptly_with_an_abandoned_sixty_second_call() -> None:
     code = textwrap.dedent(
         """
         import time, anyio
-        from loopwise._threads import default_pool
+        from loopwise._tools.threads import default_pool
 
         async def main():
             t0 = time.monotonic()

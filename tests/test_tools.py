@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 import loopwise as lw
-from loopwise._tools import ToolArgumentsError
+from loopwise._tools.tool import ToolArgumentsError
 
 
 @lw.tool

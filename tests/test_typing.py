@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise._tool_policy import ToolPolicy
-from loopwise._tools import _DEFAULT, _OPTIONS
+from loopwise._tools.policy import ToolPolicy
+from loopwise._tools.tool import _DEFAULT, _OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ import time
 import anyio
 import pytest
 
-from loopwise._watchdog import start_watchdog
+from loopwise._runtime.watchdog import start_watchdog
 
 
 def stall_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

@@ -6,18 +6,18 @@ bounded, explains why it did what it did, and can be debugged after the fact.
 
 from __future__ import annotations
 
-from ._agent import Agent as Agent
-from ._breaker import CircuitBreaker as CircuitBreaker
-from ._budget import Budget as Budget
-from ._budget import BudgetExceeded as BudgetExceeded
-from ._budget import BudgetUnavailable as BudgetUnavailable
-from ._breaker import CircuitOpenError as CircuitOpenError
-from ._context import FullContext as FullContext
-from ._control import kill as kill
-from ._decisions import CallDecision as CallDecision
-from ._decisions import Decision as Decision
-from ._decisions import decisions as decisions
-from ._context import SlidingWindow as SlidingWindow
+from ._runtime.agent import Agent as Agent
+from ._tools.breaker import CircuitBreaker as CircuitBreaker
+from ._policies.budget import Budget as Budget
+from ._policies.budget import BudgetExceeded as BudgetExceeded
+from ._policies.budget import BudgetUnavailable as BudgetUnavailable
+from ._tools.breaker import CircuitOpenError as CircuitOpenError
+from ._policies.context import FullContext as FullContext
+from ._control.kill import kill as kill
+from ._views.decisions import CallDecision as CallDecision
+from ._views.decisions import Decision as Decision
+from ._views.decisions import decisions as decisions
+from ._policies.context import SlidingWindow as SlidingWindow
 from ._errors import LoopwiseError as LoopwiseError
 from ._errors import ModelBehaviorError as ModelBehaviorError
 from ._errors import ModelConnectionError as ModelConnectionError
@@ -28,21 +28,21 @@ from ._errors import StoreError as StoreError
 from ._errors import ToolRetry as ToolRetry
 from ._errors import UserError as UserError
 from ._events import Event as Event
-from ._limits import Limits as Limits
-from ._redact import Redactor as Redactor
+from ._policies.limits import Limits as Limits
+from ._policies.redact import Redactor as Redactor
 from ._messages import Message as Message
 from ._messages import ToolSpec as ToolSpec
-from ._result import RunResult as RunResult
-from ._runaway import RunawayDetector as RunawayDetector
-from ._signals import install_signal_handlers as install_signal_handlers
-from ._sqlite import SQLiteStore as SQLiteStore
-from ._store import EventStore as EventStore
-from ._store import MemoryStore as MemoryStore
-from ._tool_policy import Backoff as Backoff
-from ._tool_policy import Template as Template
-from ._tools import RunContext as RunContext
-from ._tools import Tool as Tool
-from ._tools import tool as tool
+from ._views.result import RunResult as RunResult
+from ._policies.runaway import RunawayDetector as RunawayDetector
+from ._runtime.signals import install_signal_handlers as install_signal_handlers
+from ._stores.sqlite import SQLiteStore as SQLiteStore
+from ._stores.base import EventStore as EventStore
+from ._stores.base import MemoryStore as MemoryStore
+from ._tools.policy import Backoff as Backoff
+from ._tools.policy import Template as Template
+from ._tools.tool import RunContext as RunContext
+from ._tools.tool import Tool as Tool
+from ._tools.tool import tool as tool
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,7 @@ Each event is a plain dataclass with a `kind` discriminator, the `run_id`, its
 position `seq` in the run (0, 1, 2, ...) and `ts`, the runtime clock's wall time
 (seconds since the epoch) when it happened. Results, the CLI and every other
 view are computed from these events. Each has a last field, `replaced`: None, or
-the fields whose value could not be stored as given and was replaced (`_storable`).
+the fields whose value could not be stored as given and was replaced (`_stores.storable`).
 
 ```
 run_started          task, instructions, agent, limits, tags
@@ -101,7 +101,7 @@ class RunStarted:
     agent: dict[str, Any] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -113,7 +113,7 @@ class IterationStarted:
     seq: int
     ts: float
     iteration: int
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -135,7 +135,7 @@ class ModelCallStarted:
     estimated_input_tokens: int | None = None
     #: Dollars reserved for this call's worst case before making it.
     reserved_usd: float | None = None
-    #: What the call was shown, compactly (`_seen`; `loopwise.events.messages_seen` rebuilds
+    #: What the call was shown, compactly (`_views.seen`; `loopwise.events.messages_seen` rebuilds
     #: it): the run's transcript gained `input_n` messages since the previous call, from
     #: position `input_at` (the first call: instructions and task). Those messages are already
     #: in the log (the events before this one), so they are referred to, not copied; folding
@@ -145,7 +145,7 @@ class ModelCallStarted:
     input_at: int | None = None
     input_n: int | None = None
     input_added: list[Message] | None = None
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -170,7 +170,7 @@ class ModelCallFinished:
     model: str | None = None
     #: Dollars billed above the call's reservation (a provider that ignored max_tokens...).
     overrun_usd: float = 0.0
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -192,7 +192,7 @@ class ModelAttemptFailed:
     retry_in_s: float | None = None
     will_fallback: bool = False
     reason: str = ""
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -210,7 +210,7 @@ class ToolCallStarted:
     arguments: dict[str, Any] | str | None = None
     #: What the model expected the call to return (`Agent(expectations=True)`); None: no expectation.
     expected: Any = None
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -241,7 +241,7 @@ class ToolCallFinished:
     match_by: Literal["check", "default"] | None = None
     #: Why `match` is unknown when a check failed ("check raised ValueError: ...").
     match_note: str | None = None
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -261,7 +261,7 @@ class ToolAttemptFailed:
     error: ErrorInfo
     latency_s: float
     retry_in_s: float | None = None
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -280,7 +280,7 @@ class ToolFallback:
     fallback: str
     ok: bool
     reason: str
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -298,7 +298,7 @@ class BreakerChanged:
     old: BreakerState
     new: BreakerState
     reason: str
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -315,7 +315,7 @@ class ThreadAbandoned:
     call_id: str
     name: str
     thread: str
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -331,7 +331,7 @@ class Nudge:
     iteration: int
     content: str
     reason: str
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -352,7 +352,7 @@ class ContextFolded:
     #: The running summary after this fold.
     summary: str | None = None
     reason: str = ""
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -366,7 +366,7 @@ class LimitHit:
     iteration: int
     limit: StopReason
     detail: str
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -385,7 +385,7 @@ class KillReceived:
     reason: str
     #: When the request was stored (wall-clock seconds): `ts - requested_ts` is the halt latency so far.
     requested_ts: float
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -417,7 +417,7 @@ class RunResumed:
     charged_tokens: int = 0
     #: Active time of the earlier segments (what the deadline counts).
     active_s: float = 0.0
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 
@@ -437,7 +437,7 @@ class RunFinished:
     duration_s: float = 0.0
     reason: str | None = None
     error: ErrorInfo | None = None
-    #: Fields whose value could not be stored as given and was replaced (`_storable`): text UTF-8
+    #: Fields whose value could not be stored as given and was replaced (`_stores.storable`): text UTF-8
     #: cannot encode (each such character became U+FFFD), arguments nested too deep. None: none.
     replaced: list[str] | None = None
 

@@ -13,7 +13,7 @@ compare the event logs of the same runs under both (tests/test_hotpath.py).
 | `scopes` | `cancel_scope`/`task_group` make anyio's asyncio classes directly | `anyio.CancelScope(deadline=...)`, `anyio.create_task_group()` |
 | `arm_on_wait` | `wait_within` drives the call's first step by hand and sets its deadline only if it waits | the deadline set at once: `move_on_after` |
 | `sweeper` | a far deadline waits in a dict, armed by a per-loop sweeper once within `ARM_HORIZON_S` | set on the scope when the call first waits |
-| `tool_tasks` | a response's tool calls in bare asyncio tasks (`Acting._call_tools_at_once` in `_act`) | an anyio task group |
+| `tool_tasks` | a response's tool calls in bare asyncio tasks (`Acting._call_tools_at_once` in `_runtime.act`) | an anyio task group |
 
 Select the plain versions with the environment variable `LOOPWISE_PLAIN`, read once, at
 import: `1` (or `all`) for all of them, or a comma-separated list of the names above

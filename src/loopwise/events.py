@@ -55,7 +55,7 @@ from ._events import (
     first_error,
     load_event,
 )
-from ._seen import messages_seen
+from ._views.seen import messages_seen
 
 __all__ = [
     "BreakerChanged",

@@ -72,8 +72,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._errors import LoopwiseError, UserError
 from ._messages import ToolSpec
-from ._tool_policy import ToolPolicy
-from ._tools import Tool, ToolArgumentsError, parse_arguments
+from ._tools.policy import ToolPolicy
+from ._tools.tool import Tool, ToolArgumentsError, parse_arguments
 
 __all__ = [
     "MCPConnectionError",

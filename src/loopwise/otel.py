@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 from ._errors import UserError
 from ._events import Event
-from ._otel import OTLPExportError, export_otel, resolve_endpoint, send_otlp
-from ._store import EventStore
+from ._views.otel import OTLPExportError, export_otel, resolve_endpoint, send_otlp
+from ._stores.base import EventStore
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -37,7 +37,7 @@ def _load(run_id: str, store: EventStore | None) -> list[Event]:
     if not isinstance(run_id, str) or not run_id:
         raise UserError(f"run_id must be a non-empty str, got {run_id!r}")
     if store is None:
-        from ._sqlite import default_store as _default_store
+        from ._stores.sqlite import default_store as _default_store
 
         store = _default_store()
     elif not isinstance(store, EventStore):

@@ -20,8 +20,8 @@ threads keep real time: see `FakeClock`). `FunctionModel` answers from a functio
 
 from __future__ import annotations
 
-from ._fakeclock import FakeClock as FakeClock
-from ._store import MemoryStore as MemoryStore
+from ._runtime.fakeclock import FakeClock as FakeClock
+from ._stores.base import MemoryStore as MemoryStore
 from .models._function import FunctionModel as FunctionModel
 from .models._function import ScriptedModel as ScriptedModel
 

@@ -38,14 +38,14 @@ from .._events import (
     new_tool_call_finished,
     new_tool_call_started,
 )
-from .._expect import judge, split_expectation
+from .._tools.expect import judge, split_expectation
 from .._messages import ToolCall
 from .evolve import RUNAWAY_REASON
 from .state import State
 
 if TYPE_CHECKING:
-    from .._limits import Limits
-    from .._tools import Tool
+    from .._policies.limits import Limits
+    from .._tools.tool import Tool
 
 __all__ = [
     "CONTINUE", "CallModel", "Check", "Rules", "RunTools", "Step", "Stop", "answered", "begin", "check",

@@ -41,8 +41,8 @@ from .._messages import ToolCall, new_message
 from .state import NO_CALLS, State
 
 if TYPE_CHECKING:
-    from .._context import ContextPolicy
-    from .._runaway import RunawayDetector
+    from .._policies.context import ContextPolicy
+    from .._policies.runaway import RunawayDetector
 
 __all__ = ["EVOLVE", "RUNAWAY_REASON", "assign_ids", "evolve", "fold"]
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from .._context import ContextState, Unit
+    from .._policies.context import ContextState, Unit
 
 __all__ = ["fold_outcome"]
 

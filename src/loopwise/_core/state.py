@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 from .._messages import Message, ToolCall, Usage, new_message
 
 if TYPE_CHECKING:
-    from .._context import ContextPolicy, ContextState
+    from .._policies.context import ContextPolicy, ContextState
     from .._events import LimitHit, ModelCallStarted, RunStarted
-    from .._runaway import RunawayDetector, RunawayMonitor, RunawayVerdict
+    from .._policies.runaway import RunawayDetector, RunawayMonitor, RunawayVerdict
 
 __all__ = ["NO_CALLS", "State"]
 

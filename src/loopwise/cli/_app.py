@@ -1,4 +1,4 @@
-"""The `loopwise` app: `run` (in `_run.py`), `runs` and `show` (which read the log), `demo`."""
+"""The `loopwise` app: `run` (in `_runtime.run.py`), `runs` and `show` (which read the log), `demo`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .._control import control_for
+from .._control.kill import control_for
 from .._events import STOP_REASONS, event_to_dict
-from .._resume import RESUMABLE
-from .._sqlite import SQLiteStore, default_db_path
-from .._store import RunSummary
-from .._render import STOP_STYLES, format_cost, format_duration, render_run
+from .._runtime.resume import RESUMABLE
+from .._stores.sqlite import SQLiteStore, default_db_path
+from .._stores.base import RunSummary
+from .._views.render import STOP_STYLES, format_cost, format_duration, render_run
 from ._common import CLIError, DbOption, open_existing_store, resolve_run_id, stdout_console, write_json
 from ._control import kill_command, resume_command
 from ._help import Command, Group
@@ -204,15 +204,15 @@ def show_command(
     finally:
         store.close()
     if iteration is not None:
-        from .._render_seen import render_seen, seen_json
+        from .._views.render_seen import render_seen, seen_json
 
         if as_json:
             write_json(seen_json(events, iteration))
         else:
             render_seen(events, iteration, stdout_console())
     elif decisions or mismatches:
-        from .._decisions import decisions as decision_log
-        from .._render_decisions import render_decisions
+        from .._views.decisions import decisions as decision_log
+        from .._views.render_decisions import render_decisions
 
         if as_json:  # --mismatches wins over --decisions: it is the narrower view
             write_json([d.to_dict() for d in decision_log(events) if not mismatches or d.match is False])
@@ -239,11 +239,11 @@ DEMO_HELP = "\n\n".join((
 
 @app.command("demo", cls=Command, help=DEMO_HELP)
 def demo_command(db: DbOption = None) -> int:
-    """Run `loopwise._demo` on the CLI's database (see `DEMO_HELP`)."""
+    """Run `loopwise._demo.scenario` on the CLI's database (see `DEMO_HELP`)."""
     try:
-        demo = importlib.import_module("loopwise._demo")
+        demo = importlib.import_module("loopwise._demo.scenario")
     except ImportError as exc:
-        if getattr(exc, "name", None) == "loopwise._demo":
+        if getattr(exc, "name", None) == "loopwise._demo.scenario":
             raise CLIError("the demo is not part of this build of loopwise", 1) from None
         raise CLIError(f"the demo could not be loaded: {type(exc).__name__}: {exc}", 1) from None
     store = SQLiteStore(db if db is not None else default_db_path())

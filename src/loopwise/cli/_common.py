@@ -15,9 +15,9 @@ import typer
 from rich.console import Console
 
 from .._errors import UserError
-from .._signals import install_signal_handlers, shutdown_requested
-from .._sqlite import SQLiteStore, default_db_path
-from .._store import EventStore
+from .._runtime.signals import install_signal_handlers, shutdown_requested
+from .._stores.sqlite import SQLiteStore, default_db_path
+from .._stores.base import EventStore
 
 __all__ = ["CLIError", "DbOption", "db_args", "open_existing_store", "shutdown_handlers", "stderr_console",
            "stdout_console", "write_json"]

@@ -8,10 +8,10 @@ from typing import Annotated
 import anyio
 import typer
 
-from .._control import control_for, kill, run_status
-from .._render import render_run
-from .._sqlite import default_db_path
-from .._store import EventStore, MemoryStore
+from .._control.kill import control_for, kill, run_status
+from .._views.render import render_run
+from .._stores.sqlite import default_db_path
+from .._stores.base import EventStore, MemoryStore
 from ._common import (
     CLIError,
     DbOption,

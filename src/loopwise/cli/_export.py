@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from .._export import to_jsonl, to_perfetto
+from .._views.export import to_jsonl, to_perfetto
 from ._common import CLIError, DbOption, open_existing_store, resolve_run_id
 
 __all__ = ["export_command"]
@@ -89,7 +89,7 @@ def export_command(
         raise CLIError("--output does not apply to --format otlp: the spans go to the collector (--endpoint)")
     headers = _headers(header or [])
     if fmt == "otlp":  # a missing extra or a bad or missing endpoint fails before the database is read
-        from .._otel import require_sdk, resolve_endpoint
+        from .._views.otel import require_sdk, resolve_endpoint
 
         require_sdk()
         url = resolve_endpoint(endpoint)
@@ -118,7 +118,7 @@ def export_command(
 
 
 def _send(events: list, url: str, headers: dict[str, str], timeout: float | None, include_content: bool) -> int:
-    from .._otel import OTLPExportError, post_otlp
+    from .._views.otel import OTLPExportError, post_otlp
 
     try:
         n = post_otlp(url, events, headers=headers, timeout_s=timeout, include_content=include_content)

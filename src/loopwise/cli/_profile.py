@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .._errors import UserError
-from .._profile import profile, render_profile
+from .._views.profile import profile, render_profile
 from ._common import CLIError, DbOption, open_existing_store, resolve_run_id, stdout_console, write_json
 
 __all__ = ["profile_command"]

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from .._store import PRUNE_STATUSES
+from .._stores.base import PRUNE_STATUSES
 from ._common import CLIError, DbOption, open_existing_store, stdout_console
 
 __all__ = ["parse_duration", "prune_command"]

@@ -20,7 +20,7 @@ from typing import IO, Annotated, Any
 
 import anyio
 
-from .._signals import shutdown_requested
+from .._runtime.signals import shutdown_requested
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -32,12 +32,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .._agent import Agent
+from .._runtime.agent import Agent
 from .._errors import UserError
-from .._render import format_cost, format_duration, render_run
-from .._result import RunResult
-from .._sqlite import SQLiteStore, _default_stores, default_db_path
-from .._store import MemoryStore
+from .._views.render import format_cost, format_duration, render_run
+from .._views.result import RunResult
+from .._stores.sqlite import SQLiteStore, _default_stores, default_db_path
+from .._stores.base import MemoryStore
 from ._common import CLIError, DbOption, db_args, shutdown_handlers, stderr_console, stdout_console
 
 __all__ = ["load_agent", "read_input", "run_command"]

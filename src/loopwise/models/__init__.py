@@ -21,7 +21,7 @@ from ._openai import OpenAIModel as OpenAIModel
 from ._resilience import AttemptRecord as AttemptRecord
 from ._resilience import ModelPolicy as ModelPolicy
 from ._resolve import resolve_model as resolve_model
-from ._simulator import SupportDeskSimulator as SupportDeskSimulator
+from .._demo.simulator import SupportDeskSimulator as SupportDeskSimulator
 
 __all__ = [
     "AttemptRecord",

@@ -14,10 +14,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Self
 
 from .._messages import Message, ToolCall, ToolSpec, Usage
-from .._prices import Price
+from .._policies.prices import Price
 
 if TYPE_CHECKING:
-    from .._tokens import TokenEstimator
+    from .._policies.tokens import TokenEstimator
 
 __all__ = ["Model", "ModelRequest", "ModelResponse", "Price"]
 
@@ -83,7 +83,7 @@ class Model(ABC):
         reports. Override it for a model whose tokenizer is at hand (`OpenAIModel`
         counts exactly for model names that map to a tiktoken encoding).
         """
-        from .._tokens import TokenEstimator
+        from .._policies.tokens import TokenEstimator
 
         return TokenEstimator()
 

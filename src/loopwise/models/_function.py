@@ -9,7 +9,7 @@ from typing import Any
 
 from .._errors import ModelBehaviorError, UserError
 from .._messages import ToolCall
-from .._scopes import current_run
+from .._runtime.scopes import current_run
 from ._base import Model, ModelRequest, ModelResponse, Price
 
 __all__ = ["FunctionModel", "ScriptedModel"]
@@ -66,7 +66,7 @@ class FunctionModel(Model):
         else:
             # In a worker thread, as a sync tool: a function that blocks is then abandoned
             # when `ModelPolicy.timeout` expires (or the run is killed), not waited for.
-            from .._threads import default_pool
+            from .._tools.threads import default_pool
 
             fn = self.fn
             value = await default_pool().run(lambda: fn(request), label=self.name)

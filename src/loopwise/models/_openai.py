@@ -40,7 +40,7 @@ from ._resilience import parse_retry_after
 if TYPE_CHECKING:
     import openai
 
-    from .._tokens import TokenEstimator
+    from .._policies.tokens import TokenEstimator
 
 __all__ = ["OpenAIModel"]
 
@@ -201,14 +201,14 @@ class OpenAIModel(Model):
 
     def default_price(self, *, input_tokens: int = 0, at: datetime | None = None) -> Price | None:
         """What `genai-prices` knows for this model name at this server (None: unknown)."""
-        from .._prices import lookup_price
+        from .._policies.prices import lookup_price
 
         return lookup_price(self.model, base_url=self.base_url, input_tokens=input_tokens, at=at)
 
     def token_estimator(self) -> TokenEstimator:
         """Exact counts when the model name maps to a tiktoken encoding (whatever server it
         talks to: the name says which tokenizer); else the default byte bound."""
-        from .._tokens import TokenEstimator, encoding_for_model
+        from .._policies.tokens import TokenEstimator, encoding_for_model
 
         encoding = encoding_for_model(self.model)
         return TokenEstimator() if encoding is None else TokenEstimator.for_encoding(encoding)

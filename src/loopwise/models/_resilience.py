@@ -46,11 +46,11 @@ from .._errors import (
     ModelTimeoutError,
     UserError,
 )
-from .._clock import current_clock
-from .._clock import driven as _driven
-from .._clock import loop_time as _loop_time
+from .._runtime.clock import current_clock
+from .._runtime.clock import driven as _driven
+from .._runtime.clock import loop_time as _loop_time
 from .._events import ErrorInfo
-from .._scopes import cancel_scope, wait_within
+from .._runtime.scopes import cancel_scope, wait_within
 from ._base import Model, ModelRequest, ModelResponse
 
 __all__ = ["AttemptRecord", "ModelPolicy", "call_with_policy", "parse_retry_after"]

@@ -1,0 +1,1 @@
+"""Control planes: where kill requests and leases live (in-process, SQLite, Redis), `kill` and run status."""

@@ -1,0 +1,1 @@
+"""The support-desk demo: the simulated model and the scenario `loopwise demo` runs."""

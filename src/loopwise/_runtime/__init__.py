@@ -1,0 +1,1 @@
+"""The driver: `Agent`, the asyncio run that performs the core's commands (model calls, tool calls, writes, the kill scope), resume's settlement, cancel scopes, the clock, signals and the loop-stall watchdog."""
