@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise._control import kill as _control, _control_local, _control_plane
+from loopwise._control import kill as _control
+from loopwise._control import local as _control_local
+from loopwise._control import plane as _control_plane
 from loopwise._control.local import LocalControl
 from loopwise._control.marker import marker_path
 from loopwise._control.plane import KillRequest, LiveRun

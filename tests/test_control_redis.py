@@ -23,7 +23,9 @@ import pytest
 import redis
 
 import loopwise as lw
-from loopwise._control import kill as _control, _control_plane, _control_redis
+from loopwise._control import kill as _control
+from loopwise._control import plane as _control_plane
+from loopwise._control import redis as _control_redis
 from loopwise._control.plane import HOST, KillRequest, LiveRun, _owner, local_runs, requester
 from loopwise._control.redis import RedisControl
 from loopwise.cli import main

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise._stores import journal as _journal, _sqlite_write
+from loopwise._stores import journal as _journal
+from loopwise._stores import sqlite_write as _sqlite_write
 from loopwise._events import RunStarted, dump_events
 from loopwise._stores.journal import journal_files
 from loopwise.models import ScriptedModel, ToolCall

@@ -432,7 +432,8 @@ _control_local.LocalControl._turn = lambda self, now: False
 
 db, flag = sys.argv[1], Path(sys.argv[2])
 if sys.argv[3:] == ["empty-journal"]:  # its journal emptied after every copy (as a busy process's is)
-    from loopwise._stores import sqlite as _sqlite, _sqlite_write
+    from loopwise._stores import sqlite as _sqlite
+    from loopwise._stores import sqlite_write as _sqlite_write
     _sqlite_write.TRUNCATE_AT = 1
 
 @lw.tool

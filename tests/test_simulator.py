@@ -15,8 +15,8 @@ from loopwise.models import (
     SupportDeskSimulator,
     ToolCall,
     ToolSpec,
-    _simulator,
 )
+from loopwise._demo import simulator as _simulator
 
 TASK = "I've been waiting 3 weeks for my order CUS-7777 and nobody answers. Ridiculous."
 HISTORY = {"customer_id": "CUS-7777", "tier": "gold", "orders": 3, "open_tickets": 1,

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loopwise as lw
-from loopwise._stores import sqlite as _sqlite, _sqlite_write
+from loopwise._stores import sqlite as _sqlite
+from loopwise._stores import sqlite_write as _sqlite_write
 from loopwise._events import dump_events, dump_lines
 from loopwise._stores.journal import chunk_rows, json_array, writer_lives
 from loopwise.models import ScriptedModel, ToolCall

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 import loopwise as lw
-from loopwise._stores import sqlite as _sqlite, _sqlite_schema, _sqlite_write
+from loopwise._stores import sqlite as _sqlite
+from loopwise._stores import sqlite_schema as _sqlite_schema
+from loopwise._stores import sqlite_write as _sqlite_write
 from loopwise._events import IterationStarted, RunStarted
 from loopwise.models import ScriptedModel, ToolCall
 
