@@ -535,7 +535,7 @@ def dump_lines(events: list[Event]) -> bytes:
             break
     else:
         try:
-            return encoder.encode_lines(events)  # type: ignore[no-any-return]
+            return encoder.encode_lines(events)
         except Exception:  # noqa: BLE001, S110 - pydantic below makes it, or raises its own error
             pass
     datas = dump_events(events)

@@ -97,7 +97,7 @@ def positional(cls: type[_E]) -> Callable[..., _E]:
               + "".join(f"    e.{n} = {n}\n" for n in names) + "    e.replaced = None\n    return e\n")
     namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_kind": fields(cls)[0].default}  # type: ignore[arg-type]
     exec(source, namespace)  # noqa: S102 - source made above from the class's own field names
-    return namespace[name]  # type: ignore[no-any-return]
+    return namespace[name]
 
 
 # --- message: the runtime's own messages, without `Message.__post_init__`'s checks -------
@@ -168,14 +168,14 @@ def _fast_cancel_scope(deadline: float = math.inf) -> anyio.CancelScope:
     """`anyio.CancelScope(deadline=deadline)`; `deadline` on the clock of `anyio.current_time()`."""
     if _running_asyncio_loop() is None:
         return anyio.CancelScope(deadline=deadline)
-    return (_asyncio_scope or _learn_scope_class())(deadline=deadline)  # type: ignore[no-any-return]
+    return (_asyncio_scope or _learn_scope_class())(deadline=deadline)
 
 
 def _fast_task_group() -> anyio.abc.TaskGroup:
     """`anyio.create_task_group()`."""
     if _running_asyncio_loop() is None:
         return anyio.create_task_group()
-    return (_asyncio_group or _learn_group_class())()  # type: ignore[no-any-return]
+    return (_asyncio_group or _learn_group_class())()
 
 
 def _plain_cancel_scope(deadline: float = math.inf) -> anyio.CancelScope:

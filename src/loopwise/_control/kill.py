@@ -216,7 +216,7 @@ def run_status(run_id: str, store: EventStore, plane: ControlPlane) -> str:
     events = store.load(run_id)
     last = events[-1] if events else None
     if last is not None and last.kind == "run_finished":
-        return f"finished:{last.stop_reason}"  # type: ignore[union-attr]
+        return f"finished:{last.stop_reason}"
     if lease is None and last is not None and time.time() - last.ts < LEASE_GRACE_S:
         return "running"  # its process writes leases at its next poll: a kill still reaches it
     return "orphaned"

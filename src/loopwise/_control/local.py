@@ -26,10 +26,10 @@ from .plane import (
     HEARTBEAT_S,
     HOST,
     LEASE_TTL_S,
+    Attachable,
     ControlPlane,
     KillRequest,
     Lease,
-    LiveRun,
     _local_runs,
     _log,
     _owner,
@@ -141,7 +141,7 @@ class LocalControl(ControlPlane):
         self._conn = conn
         # Everything below is under _lock (taken before _conn_lock when both are).
         self._lock = threading.Lock()
-        self._runs: dict[str, LiveRun] = {}
+        self._runs: dict[str, Attachable] = {}
         # When each run was attached (wall clock): a kill of all runs, or of a tag, stops
         # those attached before it was made.
         self._attached_at: dict[str, float] = {}
@@ -152,9 +152,9 @@ class LocalControl(ControlPlane):
         self._timers: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
         # Runs attached since the last turn; attached before it (leased at the next turn if
         # still attached); and due for a lease now (the watcher writes them).
-        self._fresh: list[LiveRun] = []
-        self._aging: list[LiveRun] = []
-        self._to_lease: list[LiveRun] = []
+        self._fresh: list[Attachable] = []
+        self._aging: list[Attachable] = []
+        self._to_lease: list[Attachable] = []
         self._turned = 0.0
         # Leases to delete: (run_id, acquired) of leases this process wrote whose run was
         # detached. The acquired time names one lease: a late delete never removes the
@@ -177,7 +177,7 @@ class LocalControl(ControlPlane):
 
     # -- the run's side: never blocks ---------------------------------------------
 
-    def _attach(self, run: LiveRun) -> None:
+    def _attach(self, run: Attachable) -> None:
         loop = getattr(run, "loop", None)
         if loop is not None and asyncio._get_running_loop() is not loop:
             loop = None  # not in its loop's thread: no timer there, the watcher polls for it
@@ -366,10 +366,10 @@ class LocalControl(ControlPlane):
                                  f"(VALUES {','.join(['(?,?)'] * len(part))})",
                                  [owner, *(v for pair in part for v in pair)])
                 for i in range(0, len(lease), 400):
-                    part = lease[i:i + 400]
+                    runs_part = lease[i:i + 400]
                     conn.execute("INSERT OR REPLACE INTO lw_leases (run_id, owner, host, pid, tags, acquired, "
-                                 f"heartbeat) VALUES {','.join(['(?,?,?,?,?,?,?)'] * len(part))}",
-                                 [v for r in part
+                                 f"heartbeat) VALUES {','.join(['(?,?,?,?,?,?,?)'] * len(runs_part))}",
+                                 [v for r in runs_part
                                   for v in (r.run_id, owner, HOST, pid, json.dumps(list(r.tags)), now, now)])
                 conn.execute("COMMIT")
             except BaseException:
@@ -390,7 +390,7 @@ class LocalControl(ControlPlane):
                             (self._last_kill_id,)).fetchall()
         if rows:
             self._last_kill_id = rows[-1][0]
-            targets: list[tuple[LiveRun | None, str, tuple]] = []
+            targets: list[tuple[Attachable | None, str, tuple]] = []
             with self._lock:
                 for r in rows:
                     if r[1] != _BROADCAST:

@@ -25,6 +25,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .._errors import UserError
 
@@ -34,6 +35,7 @@ __all__ = [
     "LEASE_GRACE_S",
     "LEASE_TTL_S",
     "ControlPlane",
+    "Attachable",
     "KillRequest",
     "Lease",
     "LiveRun",
@@ -114,13 +116,26 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-@dataclass(slots=True, eq=False)
-class LiveRun:
-    """A run executing in this process, as the control plane sees it.
+class Attachable(Protocol):
+    """A run executing in this process, as the control plane sees it: what `attach` takes.
 
     What a backend uses of it: `run_id`, `tags` and `deliver`. The loop's `Run` has the
-    same three (so it is attached as it is); this class is for anything else to attach.
+    same three (so it is attached as it is); `LiveRun` is one for anything else to attach.
     """
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def tags(self) -> tuple[str, ...]: ...
+
+    def deliver(self, request: KillRequest) -> None:
+        """Hand `request` to the run from any thread (once; later requests are ignored)."""
+
+
+@dataclass(slots=True, eq=False)
+class LiveRun:
+    """An `Attachable` for anything but the loop's `Run`: delivers a kill to `on_kill`, in `loop`."""
 
     run_id: str
     tags: tuple[str, ...]
@@ -154,11 +169,11 @@ def call_in_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[[KillReque
 
 # Runs executing in this process, by id, whatever their backend: the fast path for a
 # kill issued here, and what a shutdown signal stops.
-_local_runs: dict[str, LiveRun] = {}
+_local_runs: dict[str, Attachable] = {}
 _local_lock = threading.Lock()
 
 
-def local_runs() -> list[LiveRun]:
+def local_runs() -> list[Attachable]:
     with _local_lock:
         return list(_local_runs.values())
 
@@ -187,7 +202,7 @@ class ControlPlane(ABC):
     #: A short name for messages: ``"local"``, ``"memory"``, ``"redis"``.
     name: str = "?"
 
-    def attach(self, run: LiveRun) -> None:
+    def attach(self, run: Attachable) -> None:
         """Start delivering kills for `run` here and take its lease (without blocking)."""
         with _local_lock:
             _local_runs[run.run_id] = run
@@ -200,7 +215,7 @@ class ControlPlane(ABC):
         self._detach(run_id)
 
     @abstractmethod
-    def _attach(self, run: LiveRun) -> None: ...
+    def _attach(self, run: Attachable) -> None: ...
 
     @abstractmethod
     def _detach(self, run_id: str) -> None: ...
@@ -256,10 +271,10 @@ class MemoryControl(ControlPlane):
     def __init__(self) -> None:
         self._leases: dict[str, Lease] = {}
         self._kills: dict[str, KillRequest] = {}
-        self._runs: dict[str, LiveRun] = {}
+        self._runs: dict[str, Attachable] = {}
         self._lock = threading.Lock()
 
-    def _attach(self, run: LiveRun) -> None:
+    def _attach(self, run: Attachable) -> None:
         now = time.time()
         with self._lock:
             self._runs[run.run_id] = run

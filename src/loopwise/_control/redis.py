@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from . import plane as _control_plane
-from .plane import HOST, ControlPlane, KillRequest, Lease, LiveRun, _log, _owner
+from .plane import HOST, Attachable, ControlPlane, KillRequest, Lease, _log, _owner
 from .._errors import UserError
 
 try:
@@ -129,6 +129,11 @@ def _lease_json(run_id: str, tags: Iterable[str], acquired: float, heartbeat: fl
                        "acquired": acquired, "heartbeat": heartbeat}, separators=(",", ":"))
 
 
+def _text(reply: bytes | str) -> str:
+    """A reply of our clients: already str (they decode responses); bytes only if that changes."""
+    return reply if isinstance(reply, str) else reply.decode()
+
+
 def _parse_lease(run_id: str, raw: str) -> Lease | None:
     try:
         d = json.loads(raw)
@@ -183,7 +188,7 @@ class RedisControl(ControlPlane):
         self._cas = self._client.register_script(_CAS)
 
         self._lock = threading.Lock()
-        self._runs: dict[str, LiveRun] = {}
+        self._runs: dict[str, Attachable] = {}
         self._acquired: dict[str, float] = {}
         self._to_attach: list[str] = []
         self._to_detach: list[str] = []
@@ -224,7 +229,7 @@ class RedisControl(ControlPlane):
 
     # -- the run's side: never blocks -----------------------------------------------
 
-    def _attach(self, run: LiveRun) -> None:
+    def _attach(self, run: Attachable) -> None:
         now = time.time()
         with self._lock:
             self._runs[run.run_id] = run
@@ -336,9 +341,9 @@ class RedisControl(ControlPlane):
         finally:
             client.close()
 
-    def _write(self, client: redis.Redis, put: Any, drop: Any, runs: dict[str, LiveRun],
-               acquired: dict[str, float], write: dict[str, LiveRun], release: list[str],
-               check: dict[str, LiveRun]) -> None:
+    def _write(self, client: redis.Redis, put: Any, drop: Any, runs: dict[str, Attachable],
+               acquired: dict[str, float], write: dict[str, Attachable], release: list[str],
+               check: dict[str, Attachable]) -> None:
         """One round trip: release leases, write leases, read kill keys; then deliver."""
         if not (write or release or check):
             return
@@ -433,9 +438,9 @@ class RedisControl(ControlPlane):
                     run.deliver(KillRequest(run.run_id, request.reason, request.by, request.ts))
                 continue
             with self._lock:
-                run = self._runs.get(request.run_id)
-            if run is not None:
-                run.deliver(request)
+                target = self._runs.get(request.run_id)
+            if target is not None:
+                target.deliver(request)
 
     # -- blocking calls ---------------------------------------------------------------
 
@@ -446,7 +451,7 @@ class RedisControl(ControlPlane):
             raw = self._call(lambda: self._client.hget(self._leases_key, run_id), consequence)
             now = time.time()
             if raw is not None:
-                lease = _parse_lease(run_id, raw)
+                lease = _parse_lease(run_id, _text(raw))
                 with self._lock:
                     ours_released = lease is not None and lease.owner == _owner() and run_id not in self._runs
                 if lease is not None and lease.live(now) and not ours_released:
@@ -456,8 +461,8 @@ class RedisControl(ControlPlane):
                         f"it to end (a dead process's lease expires after {_control_plane.LEASE_TTL_S:g} s)"
                     )
             value = _lease_json(run_id, tags, now, now)
-            taken = self._call(lambda raw=raw, value=value: self._cas(keys=[self._leases_key],
-                                                                      args=[run_id, raw or "", value]),
+            # (called at once, in this iteration: the lambda sees this iteration's raw and value)
+            taken = self._call(lambda: self._cas(keys=[self._leases_key], args=[run_id, raw or "", value]),
                                consequence)
             if taken:
                 with self._lock:  # a release of our earlier lease, still queued, must not drop this one
@@ -471,15 +476,16 @@ class RedisControl(ControlPlane):
     def leases(self, run_ids: Iterable[str] | None = None) -> dict[str, Lease]:
         consequence = "could not read which runs are running (nothing was stored; no kill was sent)"
         if run_ids is None:
-            raw = self._call(lambda: self._client.hgetall(self._leases_key), consequence)
-            items = list(raw.items())
+            everything = self._call(lambda: self._client.hgetall(self._leases_key), consequence)
+            items = [(_text(r), _text(v)) for r, v in everything.items()]
         else:
             ids = list(dict.fromkeys(run_ids))
             items = []
             for i in range(0, len(ids), _CHUNK):
                 chunk = ids[i:i + _CHUNK]
-                values = self._call(lambda chunk=chunk: self._client.hmget(self._leases_key, chunk), consequence)
-                items += [(r, v) for r, v in zip(chunk, values, strict=True) if v is not None]
+                # (called at once, in this iteration: the lambda sees this iteration's chunk)
+                values = self._call(lambda: self._client.hmget(self._leases_key, chunk), consequence)
+                items += [(r, _text(v)) for r, v in zip(chunk, values, strict=True) if v is not None]
         out = {}
         for run_id, raw in items:
             lease = _parse_lease(run_id, raw)

@@ -14,6 +14,7 @@ kill, the deadline), every call still running is cancelled again at each await.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -97,7 +98,7 @@ class Acting:
             event.replaced = replaced
         self._emit(event)
 
-    async def _act(self, iteration: int, calls: list[ToolCall]) -> None:
+    async def _act(self, iteration: int, calls: Sequence[ToolCall]) -> None:
         """ACT + OBSERVE: run `calls`; each outcome is an event (`evolve` adds the tool messages)."""
         tools = self.agent.tools_by_name
         runnable: list[tuple[ToolCall, Tool, dict[str, Any]]] = []

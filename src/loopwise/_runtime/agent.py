@@ -379,9 +379,8 @@ class Agent:
             clock.install(loop)  # (a loop it cannot drive is refused here, before the run is attached)
         try:
             _active_run_ids.add(run.run_id)
-            # A Run is its own LiveRun (run_id, tags, deliver): one object fewer per run. (mypy
-            # cannot see it until `attach` takes a protocol.)
-            control.attach(run)  # type: ignore[arg-type]
+            # A Run is its own `Attachable` (run_id, tags, deliver): one object fewer per run.
+            control.attach(run)
             try:
                 finished = await run.execute()  # as logged: the result is read from the log, redacted as it is
             finally:

@@ -146,7 +146,7 @@ def check_list_args(status: object, stop_reason: object, tag: object, since: obj
         raise UserError(f"list_runs(since=...) must be a time in seconds since the epoch, got {since!r}")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise UserError(f"list_runs(limit=...) must be an int >= 1, got {limit!r}")
-    return RunQuery(status, stop_reason, tag, None if since is None else float(since), limit,  # type: ignore[arg-type]
+    return RunQuery(status, stop_reason, tag, None if since is None else float(since), limit,
                     None if cursor is None else _decode_cursor(cursor))
 
 

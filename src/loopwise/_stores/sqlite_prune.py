@@ -11,6 +11,7 @@ import json
 import sqlite3
 from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._control.local import _lease
 from .._errors import UserError
@@ -43,6 +44,10 @@ class _Pruner:
     """`SQLiteStore.prune` (a part of the class)."""
 
     path: Path
+
+    if TYPE_CHECKING:  # of the composed class: `_Writer`, `SQLiteStore`
+        def _sync(self, timeout: float = 30.0) -> None: ...
+        def _recover(self) -> None: ...
 
     def prune(self, *, before: float, statuses: Collection[str] | None = None, tags: Collection[str] = (),
               dry_run: bool = False, vacuum: bool = False) -> PruneResult:
@@ -81,10 +86,11 @@ class _Pruner:
 
     def _prune_candidates(self, conn: sqlite3.Connection, cutoff: float, wanted: frozenset[str],
                           tags: frozenset[str], among: list[str] | None) -> tuple[list[str], int, int]:
-        sql, args = _PRUNE_CANDIDATES, (cutoff,)
+        sql = _PRUNE_CANDIDATES
+        args: tuple[float | str, ...] = (cutoff,)
         if among is not None:
             sql += " AND s.run_id IN (SELECT value FROM json_each(?))"
-            args = (cutoff, json.dumps(among))  # type: ignore[assignment]
+            args = (cutoff, json.dumps(among))
         rows = conn.execute(sql, args).fetchall()
         busy = running_here() | self._leased(conn, [r[0] for r in rows if r[1] != "run_finished"])
         chosen: list[str] = []
@@ -118,9 +124,8 @@ class _Pruner:
         conn.execute("BEGIN IMMEDIATE")
         try:
             still, _, _ = self._prune_candidates(conn, cutoff, wanted, tags, ids)
-            ids = json.dumps(still)
             n = conn.execute("SELECT COALESCE(SUM(last_seq - seq + 1), 0) FROM event_chunks "
-                             "WHERE run_id IN (SELECT value FROM json_each(?))", (ids,)).fetchone()[0]
+                             "WHERE run_id IN (SELECT value FROM json_each(?))", (json.dumps(still),)).fetchone()[0]
             conn.executemany("DELETE FROM event_chunks WHERE run_id = ?", [(i,) for i in still])
             for table in _PRUNE_TABLES:
                 if _table_exists(conn, table):

@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._errors import UserError
 from .._events import Event, RunFinished, RunStarted, load_event, load_events
@@ -63,6 +64,12 @@ class _Reader:
     _writer: str
     _reader: sqlite3.Connection
     _read_lock: threading.Lock
+
+    if TYPE_CHECKING:  # of the composed class: `_Writer`, `SQLiteStore`, `EventStore`
+        def _sync(self, timeout: float = 30.0) -> None: ...
+        def _recover(self) -> None: ...
+        def _own_paths(self) -> set[Path]: ...
+        def _unknown(self, run_id: str) -> UserError: ...
 
     def _read(self, sql: str, args: tuple = (), *, sync: bool = True) -> list[tuple]:
         """A query of the database, once this process's journaled events are in it (unless not `sync`)."""
@@ -133,7 +140,8 @@ class _Reader:
     def list_runs(self, *, status: str | None = None, stop_reason: str | None = None, tag: str | None = None,
                   since: float | None = None, limit: int = 20, cursor: str | None = None) -> RunPage:
         q = check_list_args(status, stop_reason, tag, since, limit, cursor)
-        where, having, args = "", "", []
+        where, having = "", ""
+        args: list[float | str] = []
         if q.since is not None:
             where += _LIST_SINCE
             args.append(q.since)

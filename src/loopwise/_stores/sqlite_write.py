@@ -64,7 +64,7 @@ class _Janitor(threading.Thread):
     does not cost their event loop the GIL hand-offs a per-commit thread did.
     """
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: _Writer) -> None:
         super().__init__(name=f"loopwise-sqlite-janitor:{store.path.name}", daemon=True)
         self.store = store
 

@@ -162,7 +162,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
     started = now()
     total = policy.total_timeout
     # Only a total_timeout given bounds the parts by what is left of it (see below).
-    explicit = total is not None and policy.total_timeout_explicit
+    total_given = total if policy.total_timeout_explicit else None
     attempts = 0
     cost = 0.0
     failure: _Failure | None = None
@@ -176,9 +176,9 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
     # earlier attempts' timers (a few ms on a busy machine) must not shorten the last
     # attempt and make it "run out of a total_timeout" nobody set.
     deadline = None
-    if explicit:
+    if total_given is not None:
         reserve = (policy.fallback_reserve() or 0.0) if policy.fallback else 0.0
-        deadline = started + max(0.0, total - reserve)  # type: ignore[operator]
+        deadline = started + max(0.0, total_given - reserve)
     # A plain async tool is awaited here: what `Tool.call` does for it, less a frame.
     direct = tool.fn if tool.is_async and tool.context_param is None and type(tool).call is _tool_call else None
     last_attempt = policy.retries + 1
@@ -202,7 +202,7 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
         if spend is not None:
             spend.usd += policy.cost_usd
         t0 = now()
-        exc: BaseException | None = None
+        raised: BaseException | None = None
         timed_out = False
         try:
             if limit is None:  # no deadline: no scope (nothing but the caller's scopes could cancel it)
@@ -232,38 +232,38 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
                 breaker.on_abort()
             raise
         except Exception as e:  # the tool failed (cancellation is not an Exception on asyncio)
-            exc = e
+            raised = e
         latency = now() - t0
-        if exc is None and not timed_out:
+        if raised is None and not timed_out:
             try:
                 content = _truncate(tool_content(value), policy.max_result_chars)
             except UnusableResult as e:  # the tool's answer is unusable: a failure like any other
-                exc = e
+                raised = e
             else:
                 if breaker is not None and (change := breaker.on_success(name)) is not None:
                     events.breaker_changed(change)
                 return CallOutcome("ok", content, attempts, None, None, cost, value)  # (..., fallback, error, cost_usd, value)
-        if exc is None:
+        if raised is None:
             if cut_by_total:
                 summary = f"ran out of its total_timeout of {total:g} s after {_plural(attempts, 'attempt')}"
             else:
                 summary = f"timed out after {policy.timeout:g} s"
             error = ErrorInfo(type="TimeoutError", message=f"{name} {summary}")
             retryable = not cut_by_total
-        elif isinstance(exc, UnusableResult):
-            summary = redact(str(exc))
-            error = ErrorInfo(type="UnusableResult", message=redact(f"{name} {exc}"))
+        elif isinstance(raised, UnusableResult):
+            summary = redact(str(raised))
+            error = ErrorInfo(type="UnusableResult", message=redact(f"{name} {raised}"))
             retryable = False
         else:
-            summary = redact(f"raised {type(exc).__name__}: {exc}")
-            error = ErrorInfo(type=type(exc).__name__, message=redact(str(exc)))
-            retryable = isinstance(exc, (ToolRetry, *policy.retry_on))
+            summary = redact(f"raised {type(raised).__name__}: {raised}")
+            error = ErrorInfo(type=type(raised).__name__, message=redact(str(raised)))
+            retryable = isinstance(raised, (ToolRetry, *policy.retry_on))
         failure = _Failure(summary, error)
-        # The breaker counts timeouts (exc None), infrastructure errors, and the types the
+        # The breaker counts timeouts (`raised` None), infrastructure errors, and the types the
         # tool named in retry_on (its "transient"; not the default, which is any exception).
         if breaker is not None and (change := breaker.on_failure(
-                name, exc, transient=exc is not None and policy.retry_on != (Exception,)
-                and isinstance(exc, policy.retry_on))) is not None:
+                name, raised, transient=raised is not None and policy.retry_on != (Exception,)
+                and isinstance(raised, policy.retry_on))) is not None:
             events.breaker_changed(change)
         delay = policy.backoff.delay(attempt) if retryable and attempt < last_attempt else None
         if delay is not None and deadline is not None and now() + delay >= deadline:
@@ -276,9 +276,10 @@ async def execute(tool: Tool, kwargs: dict[str, Any], ctx: RunContext | None, ev
 
     # -- fallbacks -----------------------------------------------------------------------
     reason = f"{name} {failure.summary}"
+    remaining: float | None
     for step in policy.fallback:
-        if explicit:
-            remaining = total - (now() - started)  # type: ignore[operator]
+        if total_given is not None:
+            remaining = total_given - (now() - started)
         else:
             # No total, or a derived one: the sum of what each part may take, so each step
             # has its own share (a tool its own policy, a callable this tool's timeout), not

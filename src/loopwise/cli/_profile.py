@@ -33,9 +33,8 @@ def profile_command(
             runs = [store.load(resolve_run_id(store, run_id))]
         else:
             n = last if last is not None else DEFAULT_LAST
-            summaries = store.list_runs(limit=n if tag is None else 1_000_000)
-            if tag is not None:
-                summaries = [s for s in summaries if tag in s.tags][:n]
+            page = store.list_runs(limit=n if tag is None else 1_000_000)
+            summaries = page if tag is None else [s for s in page if tag in s.tags][:n]
             runs = []
             for summary in summaries:  # (one unreadable run is left out, not the whole profile)
                 try:
