@@ -40,6 +40,10 @@ from ._store import EventStore as EventStore
 from ._store import MemoryStore as MemoryStore
 from ._tool_policy import Backoff as Backoff
 from ._tool_policy import Template as Template
+from ._tool_caller import PolicyToolCaller as PolicyToolCaller
+from ._tool_caller import ToolCaller as ToolCaller
+from ._tool_caller import WrapperToolCaller as WrapperToolCaller
+from ._tool_result import ToolResult as ToolResult
 from ._tools import RunContext as RunContext
 from ._tools import Tool as Tool
 from ._tools import tool as tool
@@ -68,6 +72,7 @@ __all__ = [
     "ModelError",
     "ModelHTTPError",
     "ModelTimeoutError",
+    "PolicyToolCaller",
     "Redactor",
     "RunContext",
     "RunResult",
@@ -77,9 +82,12 @@ __all__ = [
     "StoreError",
     "Template",
     "Tool",
+    "ToolCaller",
+    "ToolResult",
     "ToolRetry",
     "ToolSpec",
     "UserError",
+    "WrapperToolCaller",
     "__version__",
     "decisions",
     "install_signal_handlers",
