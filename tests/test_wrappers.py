@@ -492,3 +492,59 @@ def test_a_wrapper_model_of_an_unpriced_model_is_refused_under_a_dollar_budget()
 
     with pytest.raises(lw.UserError, match="the price of mystery is unknown"):
         lw.Agent(CountingModel(Unpriced()), limits=lw.Limits(budget_usd=1.0)).run_sync("go")
+
+
+# -- the default, called directly or through a wrapper -----------------------------------------
+
+
+def test_a_run_through_a_plain_wrapper_logs_what_a_run_through_the_default_logs(act_path):
+    # The driver calls the default caller's `execute` directly (no RunContext for a tool
+    # that reads none): through a wrapper that only delegates, every event is the same.
+    def tools() -> list[lw.Tool]:
+        tries: list[int] = []
+
+        @lw.tool(cost_usd=0.05, breaker=False)
+        async def cached(q: str) -> str:
+            """The cache."""
+            return f"cached {q}"
+
+        @lw.tool(retries=1, backoff=lw.Backoff(initial_s=0.001, max_s=0.001), fallback=cached, cost_usd=0.10,
+                 breaker=False)
+        async def live(q: str) -> str:
+            """Down."""
+            raise ConnectionError("reset")
+
+        @lw.tool(retries=1, backoff=lw.Backoff(initial_s=0.001, max_s=0.001), breaker=False)
+        def flaky(n: int) -> int:
+            """Fails once (sync)."""
+            tries.append(n)
+            if len(tries) == 1:
+                raise ValueError("once")
+            return n + 1
+
+        @lw.tool
+        async def who(ctx: lw.RunContext) -> str:
+            """Reads its context."""
+            return f"{ctx.run_id} {ctx.call_id} {ctx.iteration} {ctx.tags}"
+
+        return [live, cached, flaky, who]
+
+    script = [[ToolCall("live", {"q": "a"}, id="l"), ToolCall("flaky", {"n": 1}, id="f"), ToolCall("who", {}, id="w"),
+               ToolCall("live", {"q": 7}, id="bad")], "done"]
+
+    def run(caller: lw.ToolCaller | None) -> list[tuple[Any, ...]]:
+        store = lw.MemoryStore()
+        agent = lw.Agent(ScriptedModel(script, price=Price(0, 0)), tools=tools(), store=store, runaway=NO_RUNAWAY,
+                         tool_caller=caller, limits=lw.Limits(budget_usd=1.0))
+        result = agent.run_sync("go", run_id="same", tags=["t"])
+        assert result.stop_reason == "done"
+        return [(e.kind, getattr(e, "call_id", None), getattr(e, "outcome", None), getattr(e, "content", None),
+                 getattr(e, "attempt", None), getattr(e, "attempts", None), getattr(e, "fallback", None),
+                 getattr(e, "cost_usd", None), getattr(getattr(e, "error", None), "type", None))
+                for e in store.load(result.run_id)]
+
+    direct, wrapped = run(None), run(lw.WrapperToolCaller())
+    assert direct == wrapped
+    contents = {row[1]: row[3] for row in direct if row[0] == "tool_call_finished"}
+    assert contents["w"] == "same w 1 ('t',)"
+    assert contents["l"].endswith("answered from cached: cached a")

@@ -19,6 +19,11 @@ tool_call_started ─ arguments validated ─ worst case reserved on the budgets
 timeout per attempt, retries with backoff, the fallback chain, inside `total_timeout`)
 and reports each attempt, fallback and breaker change to the run's log as it happens.
 
+An agent with the default caller has its calls made as what that caller does, `execute`,
+with no `RunContext` for a tool that reads none (`_act.Acting._call_tool`: making one
+costs ~3 µs a call); a subclass of `PolicyToolCaller`, or any other caller, is called
+through `call_tool` with a `RunContext` for every call.
+
 `WrapperToolCaller(wrapped)` delegates to `wrapped` (default: a `PolicyToolCaller`);
 subclass it and override `call_tool` to act before or after a call: deny it
 (`ToolResult.not_executed(...)`), change its arguments, record it, run it elsewhere (a
