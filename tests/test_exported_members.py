@@ -30,6 +30,7 @@ def test_top_level_exports():
         "ModelError",
         "ModelHTTPError",
         "ModelTimeoutError",
+        "PolicyToolCaller",
         "Redactor",
         "RunContext",
         "RunResult",
@@ -38,8 +39,11 @@ def test_top_level_exports():
         "SlidingWindow",
         "StoreError",
         "Tool",
+        "ToolCaller",
+        "ToolResult",
         "ToolSpec",
         "UserError",
+        "WrapperToolCaller",
         "__version__",
         "decisions",
         "install_signal_handlers",
@@ -66,6 +70,7 @@ def test_models_exports():
         "ToolCall",
         "ToolSpec",
         "Usage",
+        "WrapperModel",
         "resolve_model",
     }
     for name in loopwise.models.__all__:

@@ -40,6 +40,10 @@ from ._stores.base import EventStore as EventStore
 from ._stores.base import MemoryStore as MemoryStore
 from ._tools.policy import Backoff as Backoff
 from ._tools.policy import Template as Template
+from ._tools.caller import PolicyToolCaller as PolicyToolCaller
+from ._tools.caller import ToolCaller as ToolCaller
+from ._tools.caller import WrapperToolCaller as WrapperToolCaller
+from ._tools.result import ToolResult as ToolResult
 from ._tools.tool import RunContext as RunContext
 from ._tools.tool import Tool as Tool
 from ._tools.tool import tool as tool
@@ -68,6 +72,7 @@ __all__ = [
     "ModelError",
     "ModelHTTPError",
     "ModelTimeoutError",
+    "PolicyToolCaller",
     "Redactor",
     "RunContext",
     "RunResult",
@@ -77,9 +82,12 @@ __all__ = [
     "StoreError",
     "Template",
     "Tool",
+    "ToolCaller",
+    "ToolResult",
     "ToolRetry",
     "ToolSpec",
     "UserError",
+    "WrapperToolCaller",
     "__version__",
     "decisions",
     "install_signal_handlers",

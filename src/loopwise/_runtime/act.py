@@ -14,6 +14,7 @@ kill, the deadline), every call still running is cancelled again at each await.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,12 +31,14 @@ from .._events import (
     new_tool_call_finished,
     new_tool_call_started,
 )
-from .._tools.execute import Spend, execute
+from .._tools.caller import PolicyToolCaller
+from .._tools.execute import Spend, _redactor, execute
 from .._tools.expect import NO_VALUE, judge, split_expectation
 from .loggable import ascii_error
 from .._messages import ToolCall
 from .scopes import _asyncio_loop, task_group
 from .._stores.storable import clean
+from .._tools.result import caller_error, checked
 from .._tools.tool import RunContext, Tool, ToolArgumentsError
 
 if TYPE_CHECKING:
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
     from .._events import Event
 
 __all__ = ["Acting"]
+
+_log = logging.getLogger("loopwise")
 
 
 class Acting:
@@ -214,13 +219,12 @@ class Acting:
             limiter.release()
 
     async def _call_tool(self, iteration: int, call: ToolCall, tool: Tool, kwargs: dict[str, Any]) -> None:
-        """One tool call under its reservation and its policy (`execute`); its outcome is logged."""
+        """One tool call under its reservation, through the agent's tool caller; its outcome is logged.
+
+        The caller (`Agent(tool_caller=...)`, default `PolicyToolCaller`: the tool's policy)
+        runs inside the reservation: it cannot skip it, and what it returns settles it.
+        """
         policy = tool.policy
-        # Only a tool that takes a RunContext reads it (or a fallback tool, or a `call` of a
-        # subclass, that may): made for those only.
-        ctx = (RunContext(run_id=self.run_id, call_id=call.id, iteration=iteration,  # type: ignore[arg-type]
-                          tags=self.tags, deps=self.deps)
-               if tool.context_param is not None or policy.fallback or type(tool).call is not _tool_call else None)
         held = spend = None
         if (policy.cost_usd or policy.fallback) and (worst := policy.max_cost_usd()):
             spend = Spend()
@@ -234,10 +238,33 @@ class Acting:
                     self._tool_finished(iteration, call, "not_executed", content, 0.0,
                                         ErrorInfo(type="BudgetExceeded", message=str(exc)))
                     return
+        caller = self.agent.tool_caller
+        call_id: str = call.id  # type: ignore[assignment]  # (the core gave every call an id)
+        reporter = _CallReporter(self, iteration, call_id)
         started = self.clock.monotonic()
         try:
-            result = await execute(tool, kwargs, ctx, _CallReporter(self, iteration, call.id),  # type: ignore[arg-type]
-                                   spend=spend)
+            if type(caller) is PolicyToolCaller:
+                # The default caller, called as what it is (`execute`), with a RunContext
+                # only for a tool that reads one (or a fallback tool, or a `call` of a
+                # subclass, that may): a frozen RunContext costs ~3 µs to make, 3.8% of a
+                # run's instructions in overhead.py's (a). tests/test_wrappers.py checks
+                # that a run through a plain `WrapperToolCaller()` logs the same.
+                ctx = (RunContext(run_id=self.run_id, call_id=call_id, iteration=iteration, tags=self.tags,
+                                  deps=self.deps)
+                       if tool.context_param is not None or policy.fallback or type(tool).call is not _tool_call
+                       else None)
+                result = await execute(tool, kwargs, ctx, reporter, spend=spend)
+            else:
+                returned = await caller.call_tool(tool, kwargs, RunContext(
+                    run_id=self.run_id, call_id=call_id, iteration=iteration, tags=self.tags, deps=self.deps,
+                    _events=reporter, _spend=spend))
+                result = checked(returned, caller, tool.name)  # (malformed: a tool error saying so)
+                if result is not returned:
+                    result.cost_usd = 0.0 if spend is None else spend.usd
+        except Exception as exc:  # the caller itself failed (a wrapper): a tool error, as if the tool raised
+            result = caller_error(caller, tool.name, _redactor(policy, kwargs)(f"raised {type(exc).__name__}: {exc}"),
+                                  type(exc).__name__)
+            result.cost_usd = 0.0 if spend is None else spend.usd  # each attempt started may have been billed
         except BaseException as exc:
             spent = 0.0 if spend is None else spend.usd  # each attempt started may have been billed
             if held is not None:
@@ -247,8 +274,9 @@ class Acting:
             self._tool_finished(iteration, call, "cancelled", "cancelled", self.clock.monotonic() - started,
                                 ErrorInfo(type="Cancelled", message="the call was cancelled"), cost_usd=spent)
             raise
-        if held is not None:
-            held.settle(result.cost_usd, 0)
+        if held is not None and (overrun := held.settle(result.cost_usd, 0)) is not None:
+            _log.error("run %s: tool call %s (%s) cost more than its reservation: %s", self.run_id, call.id,
+                       tool.name, overrun)
         outcome = result.outcome
         # (positionally: ..., attempts, fallback, cost_usd, value)
         self._tool_finished(iteration, call, outcome, result.content, self.clock.monotonic() - started, result.error,

@@ -29,6 +29,7 @@ from .run import Run
 from .._policies.redact import EventRedactor, Redactor
 from .._stores.storable import clean_text
 from .._stores.base import EventStore
+from .._tools.caller import DEFAULT_TOOL_CALLER, ToolCaller
 from .._tools.tool import Tool, tool
 from .watchdog import start_watchdog
 from ..models._base import Model, Price
@@ -116,6 +117,11 @@ class Agent:
             system's). Tests pass `loopwise.testing.FakeClock()`, which also drives the
             event loop's time while a run is on it: waits jump ahead when nothing else
             can happen (sync tools in threads keep real time).
+        tool_caller: What makes each tool call of a run: a `ToolCaller`, usually a
+            `WrapperToolCaller` subclass around the default (an approval gate, a recorder,
+            a durable engine's activity). Default: `PolicyToolCaller()`, the tool under its
+            policy. The run validates the arguments, reserves the call's worst case and
+            logs the result around it (docs/tools.md, "Wrapping tool calls").
     """
 
     def __init__(
@@ -138,6 +144,7 @@ class Agent:
         redact: Redactor | None = None,
         expectations: bool = False,
         clock: Clock | None = None,
+        tool_caller: ToolCaller | None = None,
         **unsupported: Any,
     ) -> None:
         if unsupported:
@@ -220,6 +227,13 @@ class Agent:
             raise UserError(f"clock must be a loopwise.testing.FakeClock (or another Clock), got {type(clock).__name__}")
         #: Where runs read wall time, monotonic time, ids and random numbers.
         self.clock: Clock = clock
+        if tool_caller is None:
+            tool_caller = DEFAULT_TOOL_CALLER
+        elif not isinstance(tool_caller, ToolCaller):
+            raise UserError(f"tool_caller must be a loopwise.ToolCaller (subclass loopwise.WrapperToolCaller), "
+                            f"got {type(tool_caller).__name__}")
+        #: What makes each tool call (`ToolCaller.call_tool`), inside the run's reservation and log.
+        self.tool_caller: ToolCaller = tool_caller
         #: What the model is told about the tools (with `loopwise_expect` when expectations are on).
         self.tool_specs: list[ToolSpec] = (
             [augment_spec(t.spec) for t in self.tools] if expectations else [t.spec for t in self.tools]
@@ -334,6 +348,8 @@ class Agent:
             "max_tokens": self.max_tokens,
             "redact": self.redactor.describe(),
             "expectations": self.expectations,
+            # (only when not the default: the logs of runs with none stay as they were)
+            **({} if self.tool_caller is DEFAULT_TOOL_CALLER else {"tool_caller": self.tool_caller.describe()}),
         }
 
     def __repr__(self) -> str:

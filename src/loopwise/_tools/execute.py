@@ -1,10 +1,10 @@
 """One tool call under its policy: breaker → attempts (each under `timeout`, retried with
 backoff) → fallback chain, all inside `total_timeout`.
 
-The loop calls `execute` for each tool call of a response (concurrently) and writes
-what it reports through `CallEvents` to the event log as it happens: each failed
-attempt, each fallback tried, breaker state changes and abandoned threads. The
-returned `CallOutcome` is what the model reads.
+The default tool caller (`_tools.caller.PolicyToolCaller`) calls `execute` for each tool
+call of a response (concurrently); the loop writes what it reports through `CallEvents`
+to the event log as it happens: each failed attempt, each fallback tried, breaker state
+changes and abandoned threads. The returned `ToolResult` is what the model reads.
 
 Money: each attempt of the tool and of each fallback tool costs its `cost_usd` as it
 starts (it may be billed even if it fails or is cut off). The loop has reserved the
@@ -19,7 +19,6 @@ import inspect
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -31,6 +30,7 @@ from .._errors import LoopwiseError, ToolRetry
 from .._events import ErrorInfo
 from .._runtime.scopes import cancel_scope, wait_within
 from .policy import MAX_FALLBACK_DEPTH, Fallback, ToolPolicy
+from .result import ToolResult
 from .tool import Tool
 
 if TYPE_CHECKING:
@@ -67,16 +67,8 @@ class Spend:
         self.usd = 0.0
 
 
-@dataclass(slots=True)
-class CallOutcome:
-    outcome: str  # "ok" | "error" | "fallback"
-    content: str
-    attempts: int
-    fallback: str | None = None
-    error: ErrorInfo | None = None
-    cost_usd: float = 0.0
-    #: What the tool returned, when `outcome == "ok"` (for its `check`); the model reads `content`.
-    value: Any = None
+# What one call came to: the public `ToolResult` (`_tools.result`), by its old name here.
+CallOutcome = ToolResult
 
 
 def tool_content(value: Any) -> str:

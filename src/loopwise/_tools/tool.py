@@ -44,7 +44,8 @@ class RunContext:
     """What a tool receives when it declares a parameter of this type.
 
     `call_id` is stable across resume: use it as an idempotency key. The
-    parameter is not part of the tool's schema.
+    parameter is not part of the tool's schema. A tool caller (`ToolCaller.call_tool`)
+    gets one for every call.
     """
 
     run_id: str
@@ -52,6 +53,11 @@ class RunContext:
     iteration: int
     tags: tuple[str, ...] = ()
     deps: Any = None
+    # The run's side of the call, for the default tool caller: where the policy's reports
+    # go (`_execute.CallEvents`) and the meter its attempts' cost is added to as they start
+    # (`_execute.Spend`). None outside a run.
+    _events: Any = field(default=None, repr=False, compare=False)
+    _spend: Any = field(default=None, repr=False, compare=False)
 
 
 class ToolArgumentsError(LoopwiseError):

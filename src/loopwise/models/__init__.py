@@ -22,6 +22,7 @@ from ._resilience import AttemptRecord as AttemptRecord
 from ._resilience import ModelPolicy as ModelPolicy
 from ._resolve import resolve_model as resolve_model
 from .._demo.simulator import SupportDeskSimulator as SupportDeskSimulator
+from ._wrapper import WrapperModel as WrapperModel
 
 __all__ = [
     "AttemptRecord",
@@ -38,5 +39,6 @@ __all__ = [
     "ToolCall",
     "ToolSpec",
     "Usage",
+    "WrapperModel",
     "resolve_model",
 ]
