@@ -40,7 +40,7 @@ EPS = 1e-9
 def act_path(request, monkeypatch):
     """Both implementations of ACT: asyncio tasks, and the anyio task group (the reference)."""
     if request.param == "task-group":
-        monkeypatch.setattr("loopwise._act._asyncio_loop", lambda: None)
+        monkeypatch.setattr("loopwise._runtime.act._asyncio_loop", lambda: None)
     return request.param
 
 
@@ -538,10 +538,13 @@ def test_a_run_through_a_plain_wrapper_logs_what_a_run_through_the_default_logs(
                          tool_caller=caller, limits=lw.Limits(budget_usd=1.0))
         result = agent.run_sync("go", run_id="same", tags=["t"])
         assert result.stop_reason == "done"
-        return [(e.kind, getattr(e, "call_id", None), getattr(e, "outcome", None), getattr(e, "content", None),
+        rows = [(e.kind, getattr(e, "call_id", None), getattr(e, "outcome", None), getattr(e, "content", None),
                  getattr(e, "attempt", None), getattr(e, "attempts", None), getattr(e, "fallback", None),
                  getattr(e, "cost_usd", None), getattr(getattr(e, "error", None), "type", None))
                 for e in store.load(result.run_id)]
+        # The calls run concurrently (one in a thread): how their events interleave is not
+        # fixed. Each call's own events, in their order, are (a stable sort by call id).
+        return sorted(rows, key=lambda row: (row[1] is not None, str(row[1])))
 
     direct, wrapped = run(None), run(lw.WrapperToolCaller())
     assert direct == wrapped
