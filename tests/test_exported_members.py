@@ -66,7 +66,6 @@ def test_models_exports():
         "OpenAIModel",
         "Price",
         "ScriptedModel",
-        "SupportDeskSimulator",
         "ToolCall",
         "ToolSpec",
         "Usage",

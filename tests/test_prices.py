@@ -19,9 +19,9 @@ from loopwise.models import (
     OpenAIModel,
     Price,
     ScriptedModel,
-    SupportDeskSimulator,
     Usage,
 )
+from loopwise._demo.simulator import SupportDeskSimulator
 
 OPENAI_URL = "https://api.openai.com/v1"
 

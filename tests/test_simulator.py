@@ -12,10 +12,10 @@ from loopwise.models import (
     ModelRequest,
     ModelResponse,
     Price,
-    SupportDeskSimulator,
     ToolCall,
     ToolSpec,
 )
+from loopwise._demo.simulator import SupportDeskSimulator
 from loopwise._demo import simulator as _simulator
 
 TASK = "I've been waiting 3 weeks for my order CUS-7777 and nobody answers. Ridiculous."

@@ -1,7 +1,7 @@
 """`loopwise demo`: six scenarios from production agent loops, on a simulated model (no network, no keys).
 
 Each scenario runs a real `Agent` through the real loop; only the model
-(`loopwise.models.SupportDeskSimulator`) and the three tools are simulated, with
+(`SupportDeskSimulator`, in `_demo.simulator`) and the three tools are simulated, with
 latencies like a hosted model's (500–900 ms per THINK, a few hundred ms per tool).
 Everything printed about a run is read back from its event log.
 

@@ -21,7 +21,6 @@ from ._openai import OpenAIModel as OpenAIModel
 from ._resilience import AttemptRecord as AttemptRecord
 from ._resilience import ModelPolicy as ModelPolicy
 from ._resolve import resolve_model as resolve_model
-from .._demo.simulator import SupportDeskSimulator as SupportDeskSimulator
 from ._wrapper import WrapperModel as WrapperModel
 
 __all__ = [
@@ -35,7 +34,6 @@ __all__ = [
     "OpenAIModel",
     "Price",
     "ScriptedModel",
-    "SupportDeskSimulator",
     "ToolCall",
     "ToolSpec",
     "Usage",
