@@ -16,23 +16,23 @@ LoopwiseError
 │   ├── ModelTimeoutError      the provider did not answer in time
 │   ├── ModelConnectionError   the provider could not be reached
 │   └── ModelBehaviorError     the model returned something the runtime cannot use
-├── BudgetExceeded         (_budget) a reservation does not fit in a budget
-│   └── BudgetUnavailable      (_budget) a shared budget's backend did not answer
+├── BudgetExceeded         (_policies.budget) a reservation does not fit in a budget
+│   └── BudgetUnavailable      (_policies.budget) a shared budget's backend did not answer
 ├── ToolRetry              a signal a tool raises to ask for another attempt
-├── ToolArgumentsError     (_tools) a call's arguments do not fit the tool's schema
-├── UnusableResult         (_execute) a tool returned a value with no text for the model
-├── CircuitOpenError       (_breaker) the tool's breaker is open: it was not called
-├── PoolExhaustedError     (_threads) also a RuntimeError: too many abandoned sync calls
-├── ProcessStartError      (_isolation) also a RuntimeError: its process did not start
-├── ProcessCrashedError    (_isolation) also a RuntimeError: its process died unanswered
-├── ProcessTimeoutError    (_isolation) also a TimeoutError: its process ran past the timeout
+├── ToolArgumentsError     (_tools.tool) a call's arguments do not fit the tool's schema
+├── UnusableResult         (_tools.execute) a tool returned a value with no text for the model
+├── CircuitOpenError       (_tools.breaker) the tool's breaker is open: it was not called
+├── PoolExhaustedError     (_tools.threads) also a RuntimeError: too many abandoned sync calls
+├── ProcessStartError      (_tools.isolation) also a RuntimeError: its process did not start
+├── ProcessCrashedError    (_tools.isolation) also a RuntimeError: its process died unanswered
+├── ProcessTimeoutError    (_tools.isolation) also a TimeoutError: its process ran past the timeout
 ├── MCPServerError         (loopwise.mcp) an MCP server failed
 │   ├── MCPConnectionError     (loopwise.mcp) it could not be started or reached
 │   ├── MCPTimeoutError        (loopwise.mcp) also a TimeoutError: it did not answer in time
 │   └── MCPToolError           (loopwise.mcp) it answered a tool call with an error
 ├── EventSchemaError       (loopwise.events) also a ValueError: not an event this loopwise
 │                          reads (an unknown kind, a bad field, a newer schema's major version)
-└── OTLPExportError   (_otel_send) the OTLP collector was unreachable or refused
+└── OTLPExportError   (_views.otel_send) the OTLP collector was unreachable or refused
 ```
 
 A run stopped by a limit, a budget, a kill or a model failure is not an exception: it
@@ -48,10 +48,10 @@ have); the `MCPServerError`s of `loopwise.mcp`'s connection; `EventSchemaError` 
 
 Internal, not `LoopwiseError`s (each is caught inside loopwise and never reaches a
 caller; a comment at each class says so):
-- `_Stop` (_run): the loop has decided to stop
-- `TooDeep` (_storable): a value nests too deep to store (a task: raised as `UserError`)
-- `Refused` (_budget_shared): a shared budget said no (raised as `BudgetExceeded`)
-- `Unreachable` (_budget_shared): its backend did not answer (raised as `BudgetUnavailable`)
+- `_Stop` (_runtime.run): the loop has decided to stop
+- `TooDeep` (_stores.storable): a value nests too deep to store (a task: raised as `UserError`)
+- `Refused` (_policies.budget_shared): a shared budget said no (raised as `BudgetExceeded`)
+- `Unreachable` (_policies.budget_shared): its backend did not answer (raised as `BudgetUnavailable`)
 - `CLIError` (cli._common): printed by `loopwise.cli.main`, with its exit status
 
 tests/test_errors.py checks this docstring against the classes, both ways.
