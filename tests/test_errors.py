@@ -99,7 +99,7 @@ def test_the_tree_is_true():
         for other in others:
             assert f"also a {other}" in line, f"{name} is also a {other}: say so on its line"
         assert line.count("also a ") == len(others), f"{name}'s line names a base it does not have"
-        where = re.search(r"\((_\w+|loopwise\.\w+)\)", line)
+        where = re.search(r"\((_[\w.]+|loopwise\.\w+)\)", line)
         module = cls.__module__
         expected = None if module == "loopwise._errors" else module.removeprefix("loopwise.") \
             if module.split(".")[1].startswith("_") else module
