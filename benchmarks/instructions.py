@@ -55,17 +55,23 @@ import loopwise as lw
 # pushed out of the count. The SQLite store copies its journal into SQLite on timers
 # too (every GATHER_S on the loop, the janitor after JANITOR_S): instead, a copy every
 # COPY_EVERY runs, what the 20 ms timer makes of (a)'s runs on the CPU.
-try:
-    from loopwise import _control_local as _local_plane
-except ImportError:  # (a tree from before the control plane's split)
-    from loopwise import _control as _local_plane
-from loopwise._runtime.watchdog import start_watchdog
+# (Each private module by its place in this layout, then by its older places: the same
+# workload counts trees from before the layout by layer, and before the splits.)
+import importlib
+
+def _first(*names):
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            pass
+    raise ImportError("none of these in this tree: " + repr(names))
+
+_local_plane = _first("loopwise._control.local", "loopwise._control_local", "loopwise._control")
+start_watchdog = _first("loopwise._runtime.watchdog", "loopwise._watchdog").start_watchdog
 _local_plane.POLL_S = 3600.0
 if sys.argv[1] == "sqlite":
-    try:
-        from loopwise import _sqlite_write as _sqlite
-    except ImportError:  # (a tree from before the store's split)
-        from loopwise._stores import sqlite as _sqlite
+    _sqlite = _first("loopwise._stores.sqlite_write", "loopwise._sqlite_write", "loopwise._sqlite")
     _sqlite.GATHER_S = _sqlite.JANITOR_S = 3600.0
 
 async def main(kind, warmup, runs):
@@ -92,7 +98,10 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 _WAITING = """
 import asyncio, sys
 import loopwise as lw
-from loopwise._tools.execute import execute
+try:
+    from loopwise._tools.execute import execute
+except ImportError:  # (a tree from before the layout by layer)
+    from loopwise._execute import execute
 
 AT_ONCE = 1000
 

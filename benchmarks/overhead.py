@@ -54,15 +54,23 @@ from pathlib import Path
 from typing import Self
 
 import loopwise as lw
-from loopwise._tools.execute import execute
-from loopwise._runtime.run import Run
+
+try:
+    from loopwise._runtime.run import Run
+    from loopwise._tools.execute import execute
+except ImportError:  # (a tree from before the layout by layer: instructions.py counts old trees too)
+    from loopwise._execute import execute  # type: ignore[no-redef]
+    from loopwise._run import Run  # type: ignore[no-redef]
 from loopwise.models import FunctionModel, ModelPolicy, ModelRequest, ModelResponse, ToolCall, Usage
 from loopwise.models._resilience import call_with_policy
 
 # The targets the measurements are held to.
-TARGET_CPU_US = 250.0
-TARGET_LOOP_CPU_US = 200.0
-TARGET_WALL_RATIO = 1.5
+# Issue 15's bounds (they replace issue 2's 250/200 µs and 1.5x, which a single CPython
+# event loop cannot reach with the guarantees on): (a) ≤ 300 µs of process CPU per run
+# with the SQLite log; (b) wall ÷ critical path ≤ 2.0x at 1000 concurrent runs.
+TARGET_CPU_US = 300.0
+TARGET_LOOP_CPU_US = 300.0
+TARGET_WALL_RATIO = 2.0
 TARGET_KB_PER_RUN = 20.0
 TARGET_IMPORT_S = 0.3
 TARGET_TOOL_WRAPPER_US = 20.0
