@@ -551,13 +551,6 @@ def _make_lines_encoder() -> Any:
     return msgspec.json.Encoder(enc_hook=to_jsonable_python)
 
 
-def dump_event(event: Event) -> bytes:
-    to_json = (_serializers or _event_serializers()).get(type(event))
-    if to_json is None:
-        return _one_adapter().dump_json(event)
-    return to_json(event)
-
-
 def load_event(data: str | bytes) -> Event:
     """One event from its JSON form; raises pydantic's ValidationError if it is not one."""
     return _one_adapter().validate_json(data)

@@ -38,7 +38,7 @@ from .._events import (
     new_tool_call_finished,
     new_tool_call_started,
 )
-from .._tools.expect import judge, split_expectation
+from .._tools.expect import NO_VALUE, judge, split_expectation
 from .._messages import ToolCall
 from .evolve import RUNAWAY_REASON
 from .state import State
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTINUE", "CallModel", "Check", "Rules", "RunTools", "Step", "Stop", "answered", "begin", "check",
-    "deadline_reached", "kill_received", "model_failed", "start_iteration",
+    "deadline_reached", "kill_received", "model_failed", "start_iteration", "tool_finished", "tool_started",
 ]
 
 NOT_EXECUTED = "not executed: iteration limit reached"
@@ -184,8 +184,8 @@ def begin(state: State, rules: Rules, interrupted: Sequence[tuple[ToolCall, bool
                 rerun.append(call)
             else:
                 content = UNKNOWN_OUTCOME.format(name=call.name)
-                events.append(_tool_finished(state, rules, iteration, call, "unknown", content,
-                                             ErrorInfo(type="OutcomeUnknown", message=content)))
+                events.append(tool_finished(state.run_id, 0, 0.0, rules, iteration, call, "unknown", content,
+                                            ErrorInfo(type="OutcomeUnknown", message=content)))
         if rerun:
             return events, RunTools(iteration, rerun)
         # (these outcomes complete the iteration once applied: CHECK comes after)
@@ -296,28 +296,37 @@ def _skipped(state: State, rules: Rules, iteration: int, calls: Sequence[ToolCal
     """Tool calls asked for at the iteration cap: logged, each answered `NOT_EXECUTED`."""
     events: list[Event] = []
     for call in calls:
-        events.append(_tool_started(state, rules, iteration, call))
-        events.append(_tool_finished(state, rules, iteration, call, "not_executed", NOT_EXECUTED, None))
+        events.append(tool_started(state.run_id, 0, 0.0, rules, iteration, call)[0])
+        events.append(tool_finished(state.run_id, 0, 0.0, rules, iteration, call, "not_executed", NOT_EXECUTED, None))
     return events
 
 
-def _tool_started(state: State, rules: Rules, iteration: int, call: ToolCall) -> Event:
+def tool_started(run_id: str, seq: int, ts: float, rules: Rules, iteration: int,
+                 call: ToolCall) -> tuple[Event, dict[str, Any] | str | None]:
+    """A tool call's start, and the arguments for the tool (less the model's expectation).
+
+    The one place both are made: by the rules (calls not executed at the cap, with seq and
+    ts 0 for the driver to stamp) and by the driver's ACT (stamped as made).
+    """
     arguments: dict[str, Any] | str | None = call.arguments
     expected = None
     if rules.expectations:
         expected, arguments = split_expectation(arguments)
     # (run_id, seq, ts, iteration, call_id, name, arguments, expected)
-    return new_tool_call_started(state.run_id, 0, 0.0, iteration, call.id, str(call.name), arguments, expected)
+    return new_tool_call_started(run_id, seq, ts, iteration, call.id, str(call.name), arguments, expected), arguments
 
 
-def _tool_finished(state: State, rules: Rules, iteration: int, call: ToolCall, outcome: str, content: str,
-                   error: ErrorInfo | None) -> Event:
+def tool_finished(run_id: str, seq: int, ts: float, rules: Rules, iteration: int, call: ToolCall, outcome: str,
+                  content: str, error: ErrorInfo | None, latency: float = 0.0, attempts: int = 0,
+                  fallback: str | None = None, cost_usd: float = 0.0, value: Any = NO_VALUE) -> Event:
+    """A tool call's end with, when expectations are on, whether the result matched what the
+    model expected (the content and error as given: storable ones, `_runtime.act` sees to it)."""
     match = match_by = note = None
     if rules.expectations:  # did the result match the model's expectation?
         tool = rules.tools_by_name.get(call.name) if isinstance(call.name, str) else None
-        match, match_by, note = judge(tool, split_expectation(call.arguments)[0], outcome, content)
+        match, match_by, note = judge(tool, split_expectation(call.arguments)[0], outcome, content, fallback, value)
     # (run_id, seq, ts, iteration, call_id, name, outcome, content, latency_s, error, attempts,
     #  fallback, cost_usd, match, match_by, match_note)
-    return new_tool_call_finished(state.run_id, 0, 0.0, iteration, call.id, str(call.name), outcome, content,
-                                  0.0, error, 0, None, 0.0, match, match_by, note)
+    return new_tool_call_finished(run_id, seq, ts, iteration, call.id, str(call.name), outcome, content,
+                                  latency, error, attempts, fallback, cost_usd, match, match_by, note)
 

@@ -28,12 +28,11 @@ from .._events import (
     ThreadAbandoned,
     ToolAttemptFailed,
     ToolFallback,
-    new_tool_call_finished,
-    new_tool_call_started,
 )
+from .._core.decide import tool_finished, tool_started
 from .._tools.caller import PolicyToolCaller
 from .._tools.execute import Spend, _redactor, execute
-from .._tools.expect import NO_VALUE, judge, split_expectation
+from .._tools.expect import NO_VALUE
 from .loggable import ascii_error
 from .._messages import ToolCall
 from .scopes import _asyncio_loop, task_group
@@ -70,45 +69,31 @@ class Acting:
 
         def _write(self) -> Any: ...
 
-    def _tool_started(self, iteration: int, call: ToolCall) -> dict[str, Any] | str | None:
-        """Log the call's start; return the arguments for the tool (less the model's expectation)."""
-        arguments: dict[str, Any] | str | None = call.arguments
-        expected = None
-        if self.agent.expectations:
-            expected, arguments = split_expectation(arguments)
-        # (run_id, seq, ts, iteration, call_id, name, arguments, expected)
-        self._emit(new_tool_call_started(self.run_id, self.seq, self.clock.time(), iteration, call.id, str(call.name),
-                                         arguments, expected))
-        return arguments
-
     def _tool_finished(self, iteration: int, call: ToolCall, outcome: str, content: str,
                        latency: float, error: ErrorInfo | None, attempts: int = 0,
                        fallback: str | None = None, cost_usd: float = 0.0, value: Any = NO_VALUE) -> None:
+        """Log the call's end, its content and error made storable first (`_stores.storable`)."""
         replaced: list[str] | None = None
         if not content.isascii() or (error is not None and not ascii_error(error)):
             replaced = []
             content = clean(content, "content", replaced)
             error = clean(error, "error", replaced)
-        match = match_by = note = None
-        if self.agent.expectations:  # did the result match the model's expectation?
-            tool = self.agent.tools_by_name.get(call.name) if isinstance(call.name, str) else None
-            match, match_by, note = judge(tool, split_expectation(call.arguments)[0], outcome, content,
-                                          fallback, value)
-        # (run_id, seq, ts, iteration, call_id, name, outcome, content, latency_s, error, attempts,
-        #  fallback, cost_usd, match, match_by, match_note)
-        event = new_tool_call_finished(self.run_id, self.seq, self.clock.time(), iteration, call.id, str(call.name),
-                                       outcome, content, latency, error, attempts, fallback, cost_usd,
-                                       match, match_by, note)
+        event = tool_finished(self.run_id, self.seq, self.clock.time(), self.agent, iteration, call, outcome, content,
+                              error, latency, attempts, fallback, cost_usd, value)
         if replaced:
             event.replaced = replaced
         self._emit(event)
 
     async def _act(self, iteration: int, calls: Sequence[ToolCall]) -> None:
         """ACT + OBSERVE: run `calls`; each outcome is an event (`evolve` adds the tool messages)."""
-        tools = self.agent.tools_by_name
+        agent = self.agent
+        tools = agent.tools_by_name
+        clock = self.clock
         runnable: list[tuple[ToolCall, Tool, dict[str, Any]]] = []
         for call in calls:
-            arguments = self._tool_started(iteration, call)
+            # The call's start is logged; the tool gets the arguments less the model's expectation.
+            started, arguments = tool_started(self.run_id, self.seq, clock.time(), agent, iteration, call)
+            self._emit(started)
             tool = tools.get(call.name) if isinstance(call.name, str) else None
             if tool is None:
                 content = (f"error: unknown tool {call.name!r}; available tools: "

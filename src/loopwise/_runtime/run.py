@@ -612,8 +612,6 @@ class Run(Acting):
 _EVOLVE_get = EVOLVE.get
 
 
-
-
 class _ModelAttemptReporter:
     """Writes each failed attempt of a model call to the run's log, as it happens."""
 
