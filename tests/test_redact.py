@@ -9,7 +9,7 @@ import pytest
 
 import loopwise as lw
 from loopwise._runtime.agent import new_run_id
-from loopwise._events import dump_event
+from loopwise.events import dumps, dumps_lines
 from loopwise._policies.redact import Redactor
 from loopwise.cli import main
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ScriptedModel, ToolCall, Usage
@@ -115,11 +115,11 @@ def test_secrets_never_reach_the_stream(store):
             events.append(event)
 
     anyio.run(main_)
-    raw = b"".join(dump_event(e) for e in events)
+    raw = dumps_lines(events).encode()
     for secret in ALL_SECRETS:
         assert secret.encode() not in raw, secret
     # The stream and the log hold the same events.
-    assert [dump_event(e) for e in store.load(events[0].run_id)] == [dump_event(e) for e in events]
+    assert [dumps(e) for e in store.load(events[0].run_id)] == [dumps(e) for e in events]
 
 
 def test_secrets_never_reach_show_json(tmp_path, capsys):
@@ -167,7 +167,7 @@ def test_secret_arguments_are_replaced_at_any_depth_and_in_raw_json(store):
     assert response.tool_calls[0].arguments["token"] == "[redacted:secret]"
     # A value the run learnt is secret stays secret later in the run: the final answer.
     assert result.output == "paid; your token was [redacted:secret]"
-    raw = b"".join(dump_event(e) for e in events)
+    raw = dumps_lines(events).encode()
     assert SECRET_ARG.encode() not in raw and b"493817" not in raw
 
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loopwise as lw
-from loopwise._events import dump_event
+from loopwise.events import dumps, dumps_lines
 from loopwise._policies.redact import Redactor
 from loopwise.models import FunctionModel, ModelRequest, ModelResponse, ToolCall, Usage
 
@@ -392,7 +392,7 @@ async def _run(field: str, text: str, secret: Secret, store: lw.EventStore, run_
 
 
 def _dumped(events: list[lw.Event]) -> bytes:
-    return b"".join(dump_event(e) for e in events)
+    return dumps_lines(events).encode()
 
 
 @pytest.fixture
@@ -416,7 +416,7 @@ def test_every_secret_in_every_field_is_redacted(secret, levels, field, records)
     records.texts.clear()
     streamed = anyio.run(_run, field, text, secret, store, "r1")
     logged = store.load("r1")
-    assert [dump_event(e) for e in streamed] == [dump_event(e) for e in logged]
+    assert [dumps(e) for e in streamed] == [dumps(e) for e in logged]
     data = _dumped(logged)
     assert b"[redacted" in data, field  # the secret was there, and was replaced
     depth = len(levels) + 3  # the field's own string, the event's JSON, a raw-arguments string
@@ -502,7 +502,7 @@ def test_no_secret_reaches_any_file_the_store_writes_the_stream_or_the_logger(tm
         run_id = f"run-{i}"
         events = streamed[run_id]
         assert events[-1].kind == "run_finished"
-        assert [dump_event(e) for e in events] == [dump_event(e) for e in logged[run_id]]
+        assert [dumps(e) for e in events] == [dumps(e) for e in logged[run_id]]
         depth = len(levels) + 3
         where = f"{secret.kind} in {field} at depth {len(levels)}"
         assert_gone(secret, everything, depth, f"a file of the store ({where})")
